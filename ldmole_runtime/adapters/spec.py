@@ -1,0 +1,94 @@
+"""What an LD-MoLE adapter set is: its config, and where its projections sit in a decoder layer.
+
+Projections that read the same input are grouped (q/k/v, gate/up): the runtime computes their λ
+once and their router logits in one matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..routing import ROUTERS
+
+# group name -> projections that share one input, in the column order of the fused base weight
+PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+ALL_PROJECTIONS: tuple[str, ...] = tuple(p for group in PROJECTION_GROUPS.values() for p in group)
+GROUP_OF = {p: g for g, projs in PROJECTION_GROUPS.items() for p in projs}
+
+FORMAT_VERSION = 1
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) width of every projection of a decoder layer of this base."""
+    h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {
+        "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+        "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+    }
+
+
+@dataclass
+class AdapterConfig:
+    num_experts: int
+    rank: int
+    alpha: float
+    router: str  # a key of routing.ROUTERS
+    target_modules: list[str]
+    num_layers: int
+    projection_shapes: dict[str, list[int]]  # proj -> [in, out], for validation against a base
+    hidden_size: int
+    lambda_hidden: int | None = None  # λ-network width; None when the router needs no λ
+    lambda_widths: list[int] = field(default_factory=list)
+    num_labels: int | None = None  # set when the adapter carries its own classification head
+    base_model: str = ""  # informational: what it was trained on
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "adapter config") -> "AdapterConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown fields {unknown}")
+        try:
+            cfg = cls(**d)
+        except TypeError as exc:
+            raise CheckpointError(f"{source}: {exc}") from exc
+        cfg.check(source)
+        return cfg
+
+    def check(self, source: str = "adapter config") -> None:
+        """Internal consistency, independent of any base model."""
+        if self.format_version != FORMAT_VERSION:
+            raise CheckpointError(f"{source}: format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
+        if self.router not in ROUTERS:
+            raise CheckpointError(f"{source}: unknown router kind {self.router!r}; known: {sorted(ROUTERS)}")
+        if self.num_experts < 1 or self.rank < 1:
+            raise CheckpointError(f"{source}: num_experts and rank must be >= 1")
+        if (self.router == "none") != (self.num_experts == 1):
+            raise CheckpointError(f"{source}: router 'none' goes with num_experts == 1 exactly (got router "
+                                  f"{self.router!r}, num_experts {self.num_experts})")
+        bad = [m for m in self.target_modules if m not in ALL_PROJECTIONS]
+        if bad or not self.target_modules:
+            raise CheckpointError(f"{source}: target_modules {bad or '[]'} are not projections of a decoder layer "
+                                  f"({', '.join(ALL_PROJECTIONS)})")
+        if ROUTERS[self.router].needs_lambda:
+            if not self.lambda_hidden:
+                raise CheckpointError(f"{source}: router {self.router!r} needs lambda_hidden")
+            needed = sorted({self.projection_shapes[m][0] for m in self.target_modules})
+            missing = [w for w in needed if w not in self.lambda_widths]
+            if missing:
+                raise CheckpointError(f"{source}: no λ-network for input width(s) {missing}")

@@ -1,0 +1,95 @@
+"""`ldmole` command line: forward (verification), import (reference checkpoint -> native)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import LDMoleError
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from .runtime import LDMoleRuntime
+
+    try:
+        inputs = load_file(args.inputs)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LDMoleError(f"{args.inputs}: not a readable safetensors file ({exc})") from exc
+    if "input_ids" not in inputs:
+        raise LDMoleError(f"{args.inputs}: no 'input_ids' tensor (found {sorted(inputs)})")
+    input_ids = inputs["input_ids"]
+    if input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise LDMoleError(f"{args.inputs}: input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+
+    adapters = {"adapter": args.adapter} if args.adapter else {}
+    rt = LDMoleRuntime.from_pretrained(args.base, adapters=adapters, dtype=args.dtype, device=args.device)
+    out = rt.forward(input_ids, "adapter" if args.adapter else None, mode=args.mode, capture_routing=bool(args.adapter))
+    tensors = {"logits": out.logits.float()}
+    tensors |= {f"routing.{k}": v.float() for k, v in out.routing.items()}
+    router = rt.bank.slots[0].router if args.adapter else None
+    if router is not None and router.needs_lambda:
+        tensors |= {f"lambda.{k}": v.float() for k, v in out.lambdas.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, args.out)
+    print(f"wrote {len(tensors)} tensors to {args.out} (logits {tuple(out.logits.shape)})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .adapters.adapter_set import AdapterSet
+    from .adapters.reference import load_reference
+    from .config import ModelConfig
+
+    adapter = load_reference(args.reference)
+    if args.base:
+        adapter.validate_for(ModelConfig.from_dir(args.base), str(args.reference))
+    out = adapter.save(args.out)
+    AdapterSet.load_native(out)  # read it back: what was written must load
+    c = adapter.config
+    print(f"imported {args.reference} -> {out}: E={c.num_experts} r={c.rank} router={c.router} "
+          f"layers={c.num_layers} targets={','.join(c.target_modules)}"
+          + (f" score head ({c.num_labels} labels)" if c.num_labels else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldmole", description="Serving runtime for LD-MoLE adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("forward", help="run one full forward and write logits and routing (verification)")
+    f.add_argument("--base", required=True, help="HF model folder (config.json + safetensors)")
+    f.add_argument("--adapter", help="adapter folder, native or reference LD-MoLE format; omit for the bare base")
+    f.add_argument("--inputs", required=True, help="safetensors file with input_ids [B, T]")
+    f.add_argument("--out", required=True, help="safetensors file to write")
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--mode", default="sparse", choices=["sparse", "dense"],
+                   help="sparse: only experts with p > 0 (serving path); dense: all experts (reference)")
+    f.set_defaults(func=cmd_forward)
+
+    i = sub.add_parser("import", help="convert a reference LD-MoLE checkpoint to the native format")
+    i.add_argument("reference", help="folder with adapter_config.json + adapter_model.bin")
+    i.add_argument("--out", required=True, help="native adapter folder to write")
+    i.add_argument("--base", help="optional base model folder to validate the adapter against")
+    i.set_defaults(func=cmd_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.inference_mode():
+            return args.func(args)
+    except LDMoleError as exc:
+        print(f"ldmole {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Errors the runtime raises for bad user input.
+
+Everything a user can get wrong (a path, a file, a checkpoint that does not fit its base) is
+reported as one of these, with a message that names the file or field, so the CLI and the server
+can show it instead of a traceback from deep inside torch.
+"""
+
+
+class LDMoleError(Exception):
+    """Base class for every user-facing error of the runtime."""
+
+
+class CheckpointError(LDMoleError):
+    """A model or adapter folder is missing, unreadable, corrupt or inconsistent."""
+
+
+class AdapterMismatchError(LDMoleError):
+    """An adapter set does not fit the base model it is loaded on."""
+
+
+class UnsupportedModelError(LDMoleError):
+    """The base model's architecture or an option in its config is not supported."""

@@ -1,0 +1,168 @@
+"""All loaded adapter sets of one base model, stacked once for compute.
+
+For every decoder layer and projection group (q/k/v, o, gate/up, down) the experts of all sets are
+concatenated along one "global expert" axis G, so that set s owns experts [offset_s, offset_s + E_s):
+
+    A       [G, P, r_max, in]    P = projections in the group; smaller ranks are zero-padded
+    router  [G, P, in]
+    B[i]    [out_i, G, r_max]    one per projection (their widths differ under GQA)
+
+Zero padding contributes exact zeros, so a set's slice computes the same numbers as its own
+tensors. Stacking happens when a set is added or removed, never per forward, and a set's slice
+`[offset:offset + E]` is a view that reshapes to one matmul operand without a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..routing import ROUTERS, Router
+from ..adapters.adapter_set import AdapterSet, lambda_key
+from ..adapters.spec import PROJECTION_GROUPS, projection_shapes
+
+
+@dataclass
+class SetSlot:
+    """One adapter set's place in the bank and its small, unstacked parts."""
+    name: str
+    num_experts: int
+    rank: int
+    scaling: float  # alpha / r
+    router_kind: str
+    offset: int = 0
+    lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # in-width -> (w1, b1, w2, b2), fp32
+    group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # group -> [P, 1] targeted, None = all
+    score: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    num_labels: int | None = None
+
+    @property
+    def router(self) -> Router:
+        return ROUTERS[self.router_kind]
+
+
+@dataclass
+class GroupBank:
+    layer: int
+    group: str
+    projections: tuple[str, ...]
+    fan_in: int
+    fan_outs: tuple[int, ...]
+    A: torch.Tensor
+    router: torch.Tensor
+    B: list[torch.Tensor]
+
+    @property
+    def column_slices(self) -> list[slice]:
+        """Where each projection's output sits in the fused base output."""
+        bounds, start = [], 0
+        for width in self.fan_outs:
+            bounds.append(slice(start, start + width))
+            start += width
+        return bounds
+
+
+class AdapterBank:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.slots: list[SetSlot] = []
+        self.rank_max = 0
+        shapes = projection_shapes(cfg)
+        self.groups: dict[tuple[int, str], GroupBank] = {}
+        for layer in range(cfg.num_layers):
+            for group, projs in PROJECTION_GROUPS.items():
+                fan_in = shapes[projs[0]][0]
+                fan_outs = tuple(shapes[p][1] for p in projs)
+                P = len(projs)
+                self.groups[(layer, group)] = GroupBank(
+                    layer, group, projs, fan_in, fan_outs,
+                    A=self._empty(0, P, 0, fan_in), router=self._empty(0, P, fan_in),
+                    B=[self._empty(o, 0, 0) for o in fan_outs])
+
+    def _empty(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    # ---- lookup -------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    def index_of(self, name: str) -> int:
+        for i, slot in enumerate(self.slots):
+            if slot.name == name:
+                return i
+        raise KeyError(name)
+
+    def group(self, layer: int, group: str) -> GroupBank:
+        return self.groups[(layer, group)]
+
+    @property
+    def total_experts(self) -> int:
+        return sum(s.num_experts for s in self.slots)
+
+    # ---- adding and removing sets -------------------------------------------------------------
+    def add(self, name: str, adapter: AdapterSet) -> int:
+        if name in self.names:
+            raise ValueError(f"an adapter set named {name!r} is already loaded")
+        adapter.validate_for(self.cfg, name)
+        c = adapter.config
+        slot = SetSlot(name, c.num_experts, c.rank, c.scaling, c.router, offset=self.total_experts,
+                       num_labels=c.num_labels)
+        t = {k: v.to(self.device) for k, v in adapter.tensors.items()}
+        if slot.router.needs_lambda:
+            slot.lambda_nets = {w: tuple(t[lambda_key(w, part)].float() for part in ("0.weight", "0.bias", "2.weight", "2.bias"))
+                                for w in c.lambda_widths}
+        if "score.weight" in t:
+            bias = t.get("score.bias")
+            slot.score = (t["score.weight"].to(self.dtype), None if bias is None else bias.to(self.dtype))
+
+        self._grow_rank(c.rank)
+        for (layer, group), gb in self.groups.items():
+            targeted = [p in c.target_modules for p in gb.projections]
+            slot.group_masks[group] = (None if all(targeted) else
+                                       torch.tensor(targeted, device=self.device, dtype=torch.float32)[:, None])
+            A, R, Bs = self._stack_set(t, c, layer, gb, targeted)
+            gb.A = torch.cat([gb.A, A])
+            gb.router = torch.cat([gb.router, R])
+            gb.B = [torch.cat([b_all, b], dim=1) for b_all, b in zip(gb.B, Bs)]
+        self.slots.append(slot)
+        return len(self.slots) - 1
+
+    def remove(self, name: str) -> None:
+        index = self.index_of(name)
+        slot = self.slots.pop(index)
+        keep = torch.ones(slot.offset + slot.num_experts + sum(s.num_experts for s in self.slots[index:]),
+                          dtype=torch.bool, device=self.device)
+        keep[slot.offset:slot.offset + slot.num_experts] = False
+        for gb in self.groups.values():
+            gb.A, gb.router = gb.A[keep].contiguous(), gb.router[keep].contiguous()
+            gb.B = [b[:, keep].contiguous() for b in gb.B]
+        for later in self.slots[index:]:
+            later.offset -= slot.num_experts
+
+    def _grow_rank(self, rank: int) -> None:
+        if rank <= self.rank_max:
+            return
+        pad = rank - self.rank_max
+        for gb in self.groups.values():
+            gb.A = F.pad(gb.A, (0, 0, 0, pad))
+            gb.B = [F.pad(b, (0, pad)) for b in gb.B]
+        self.rank_max = rank
+
+    def _stack_set(self, t, c, layer: int, gb: GroupBank, targeted: list[bool]):
+        E, r, P = c.num_experts, c.rank, len(gb.projections)
+        A = self._empty(E, P, self.rank_max, gb.fan_in)
+        R = self._empty(E, P, gb.fan_in)
+        Bs = [self._empty(o, E, self.rank_max) for o in gb.fan_outs]
+        for i, (proj, on) in enumerate(zip(gb.projections, targeted)):
+            if not on:
+                continue
+            prefix = f"layers.{layer}.{proj}."
+            A[:, i, :r] = t[prefix + "lora_A"]
+            Bs[i][:, :, :r] = t[prefix + "lora_B"].permute(1, 0, 2)
+            if prefix + "router" in t:
+                R[:, i] = t[prefix + "router"]
+        return A, R, Bs

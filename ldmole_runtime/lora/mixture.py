@@ -1,0 +1,116 @@
+"""The LD-MoLE delta of one projection group: route every token, then add Σ_e p_e·B_e·A_e·x.
+
+    y[:, cols_i] += (alpha / r) * Σ_e p[t, i, e] * B_i,e (A_i,e x_t)
+
+Routing runs once per (adapter set present, group): λ once for the shared input, router logits
+for every projection of the group in one matmul. Two ways to compute the experts:
+
+* `dense`: every expert of the set, as the training code does (and the path autograd trains).
+* `sparse`: only (token, expert) pairs with p > 0, grouped by global expert across all sets; see
+  `sparse_expert_delta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..routing import lambda_from_mlp
+from .adapter_batch import AdapterBatch
+from .bank import AdapterBank, GroupBank, SetSlot
+
+MODES = ("sparse", "dense")
+
+
+@dataclass
+class RoutingCapture:
+    """Optional per-forward record of routing, for `ldmole forward` and reports."""
+    num_tokens: int
+    num_experts: int
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # "{layer}.{proj}" -> [N, E]
+    lambdas: dict[str, torch.Tensor] = field(default_factory=dict)  # "{layer}.{proj}" -> [N]
+
+    def record(self, key: str, index, p: torch.Tensor, lam: torch.Tensor | None) -> None:
+        if key not in self.routing:
+            self.routing[key] = torch.zeros(self.num_tokens, self.num_experts, device=p.device)
+            self.lambdas[key] = torch.full((self.num_tokens,), float("nan"), device=p.device)
+        rows = slice(None) if index is None else index
+        self.routing[key][rows, :p.shape[-1]] = p
+        if lam is not None:
+            self.lambdas[key][rows] = lam
+
+
+def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert weights p [n, P, E] (fp32) and λ [n] (or None) for the tokens xs of one set."""
+    E, P = slot.num_experts, len(gb.projections)
+    router = slot.router
+    lam = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in]) if router.needs_lambda else None
+    if router.needs_logits:
+        weights = gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in)
+        u = (xs @ weights.T).view(-1, E, P).transpose(1, 2)
+    else:
+        u = xs.new_zeros(xs.shape[0], P, 1)
+    p = router.route(u, None if lam is None else lam[:, None])
+    mask = slot.group_masks[gb.group]
+    return (p if mask is None else p * mask), lam
+
+
+def _add_rows(y: torch.Tensor, cols: slice, index, delta: torch.Tensor) -> None:
+    if index is None:
+        y[:, cols] += delta
+    else:
+        y[:, cols].index_add_(0, index, delta)
+
+
+def dense_delta(y: torch.Tensor, xs: torch.Tensor, index, slot: SetSlot, gb: GroupBank, p: torch.Tensor) -> None:
+    """Every expert of the set, weighted by p (zeros included), as the reference training code."""
+    E, P, r = slot.num_experts, len(gb.projections), gb.A.shape[2]
+    A = gb.A[slot.offset:slot.offset + E].reshape(E * P * r, gb.fan_in)
+    h = (xs @ A.T).view(-1, E, P, r) * (p.transpose(1, 2) * slot.scaling).to(xs.dtype)[..., None]
+    for i, cols in enumerate(gb.column_slices):
+        B = gb.B[i][:, slot.offset:slot.offset + E].reshape(gb.fan_outs[i], E * r)
+        _add_rows(y, cols, index, h[:, :, i].reshape(-1, E * r) @ B.T)
+
+
+def sparse_expert_delta(y: torch.Tensor, x: torch.Tensor, gb: GroupBank, token: torch.Tensor,
+                        expert: torch.Tensor, proj: torch.Tensor, weight: torch.Tensor) -> None:
+    """Torch reference of the sparse dispatch: y[t, cols_i] += w · B_i[g] (A[g, i] x_t) per pair.
+
+    Pairs (token, global expert g, projection i, weight) are grouped by (g, i), i.e. by adapter set
+    and expert, and each group is one pair of small matmuls. Only experts with p > 0 appear.
+    """
+    P = len(gb.projections)
+    key = expert * P + proj
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=gb.A.shape[0] * P).tolist()
+    A = gb.A.reshape(-1, *gb.A.shape[2:])  # [G * P, r, in]
+    slices = gb.column_slices
+    tokens, weights = token[order].split(counts), weight[order].to(x.dtype).split(counts)
+    for k, (t, w) in enumerate(zip(tokens, weights)):
+        if t.numel() == 0:
+            continue
+        g, i = divmod(k, P)
+        h = (x[t] @ A[k].T) * w[:, None]
+        y[:, slices[i]].index_add_(0, t, h @ gb.B[i][:, g].T)
+
+
+def apply_group(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
+                mode: str = "sparse", capture: RoutingCapture | None = None) -> None:
+    """Add the adapters' delta of one group to the fused base output y [N, Σ out] in place."""
+    pairs = []
+    for seg in batch.segments:
+        slot = bank.slots[seg.set_index]
+        xs = x if seg.index is None else x[seg.index]
+        p, lam = route(slot, gb, xs)
+        if capture is not None:
+            for i, proj in enumerate(gb.projections):
+                capture.record(f"{gb.layer}.{proj}", seg.index, p[:, i], lam)
+        if mode == "dense":
+            dense_delta(y, xs, seg.index, slot, gb, p)
+        else:
+            t, i, e = torch.nonzero(p, as_tuple=True)
+            pairs.append(((t if seg.index is None else seg.index[t]), e + slot.offset, i, p[t, i, e] * slot.scaling))
+    if pairs:
+        token, expert, proj, weight = (torch.cat(parts) for parts in zip(*pairs))
+        sparse_expert_delta(y, x, gb, token, expert, proj, weight)

@@ -1,0 +1,61 @@
+"""Routers: from router logits u (and the learned λ) to expert weights p, in fp32.
+
+The formulas are the contract of shared/docs/LDMOLE.md. A router kind is a name in an adapter's
+config; `ROUTERS` maps it to the function, so new kinds (top-k, AdaMoLE's threshold) are one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SPARSEGEN_EPS = 0.01  # the reference code's eps: λ < 1 - eps and 1 - λ is floored at eps
+
+
+def lambda_from_mlp(x: torch.Tensor, w1, b1, w2, b2, eps: float = SPARSEGEN_EPS) -> torch.Tensor:
+    """λ = logsigmoid(Linear(h,1)(ReLU(Linear(in,h)(x)))) + (1 - eps), one value per row, in fp32."""
+    hidden = F.relu(F.linear(x.float(), w1, b1))
+    return F.logsigmoid(F.linear(hidden, w2, b2)).squeeze(-1) + (1.0 - eps)
+
+
+def sparsegen_lin(u: torch.Tensor, lam: torch.Tensor, eps: float = SPARSEGEN_EPS) -> torch.Tensor:
+    """Sparsemax of u / (1 - λ) over the last axis; λ broadcasts over it. Returns p >= 0.
+
+    The number of non-zero entries k(u) varies per row: that is the learned, per-token expert count
+    of LD-MoLE. (p sums to 1 whenever 1 - λ >= eps; the floor only matters for λ within eps of 1.)
+    """
+    u = u.float()
+    lam = lam.float().unsqueeze(-1)
+    s, _ = torch.sort(u, dim=-1, descending=True)
+    c = torch.cumsum(s, dim=-1)
+    k = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
+    support = (1.0 - lam + k * s) > c
+    k_u = support.sum(dim=-1, keepdim=True).clamp(min=1)
+    tau = (torch.gather(c, -1, k_u - 1) - 1.0 + lam) / k_u.to(u.dtype)
+    return torch.clamp(u - tau, min=0.0) / torch.clamp(1.0 - lam, min=eps)
+
+
+def softmax_router(u: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.softmax(u.float(), dim=-1)
+
+
+def single_expert(u: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+    """E = 1 is plain LoRA: the one expert always has weight 1."""
+    return torch.ones_like(u, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Router:
+    route: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    needs_lambda: bool  # whether the adapter carries λ-networks for this router
+    needs_logits: bool  # whether the adapter carries router weights
+
+
+ROUTERS: dict[str, Router] = {
+    "sparsegen": Router(sparsegen_lin, needs_lambda=True, needs_logits=True),
+    "softmax": Router(softmax_router, needs_lambda=False, needs_logits=True),
+    "none": Router(single_expert, needs_lambda=False, needs_logits=False),
+}
