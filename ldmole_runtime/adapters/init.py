@@ -1,0 +1,61 @@
+"""Fresh adapter sets for a base: the starting point of training, and random sets for tests/benchmarks.
+
+A follows LoRA's kaiming-uniform init and B starts at zero (so a fresh set leaves the base
+unchanged), unless `b_std` asks for random B, which tests and benchmarks use so that every part
+of the math moves the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import ModelConfig
+from ..routing import ROUTERS
+from .adapter_set import AdapterSet, lambda_key
+from .spec import ALL_PROJECTIONS, AdapterConfig, projection_shapes
+
+
+def _kaiming_uniform(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:
+    # nn.Linear's default (kaiming_uniform with a = sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+def new_adapter_set(base: ModelConfig, num_experts: int = 8, rank: int = 8, alpha: float = 16.0,
+                    router: str | None = None, target_modules: list[str] | None = None, lambda_hidden: int = 256,
+                    num_labels: int | None = None, seed: int = 0, b_std: float = 0.0,
+                    lambda_bias: float = 0.0) -> AdapterSet:
+    """A new LD-MoLE set shaped for `base`. `lambda_bias` shifts λ's pre-activation (negative: denser)."""
+    router = router or ("none" if num_experts == 1 else "sparsegen")
+    targets = [m for m in ALL_PROJECTIONS if m in (target_modules or ALL_PROJECTIONS)]
+    shapes = projection_shapes(base)
+    widths = sorted({shapes[m][0] for m in targets}) if ROUTERS[router].needs_lambda else []
+    config = AdapterConfig(
+        num_experts=num_experts, rank=rank, alpha=alpha, router=router, target_modules=targets,
+        num_layers=base.num_layers, projection_shapes={m: list(shapes[m]) for m in targets},
+        hidden_size=base.hidden_size, lambda_hidden=lambda_hidden if widths else None, lambda_widths=widths,
+        num_labels=num_labels)
+    config.check()
+
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(base.num_layers):
+        for proj in targets:
+            fan_in, fan_out = shapes[proj]
+            prefix = f"layers.{layer}.{proj}."
+            tensors[prefix + "lora_A"] = _kaiming_uniform((num_experts, rank, fan_in), fan_in, g)
+            tensors[prefix + "lora_B"] = torch.randn((num_experts, fan_out, rank), generator=g) * b_std
+            if ROUTERS[router].needs_logits:
+                tensors[prefix + "router"] = _kaiming_uniform((num_experts, fan_in), fan_in, g)
+    for w in widths:
+        tensors[lambda_key(w, "0.weight")] = _kaiming_uniform((lambda_hidden, w), w, g)
+        tensors[lambda_key(w, "0.bias")] = _kaiming_uniform((lambda_hidden,), w, g)
+        tensors[lambda_key(w, "2.weight")] = _kaiming_uniform((1, lambda_hidden), lambda_hidden, g)
+        tensors[lambda_key(w, "2.bias")] = _kaiming_uniform((1,), lambda_hidden, g) + lambda_bias
+    if num_labels is not None:
+        tensors["score.weight"] = torch.randn((num_labels, base.hidden_size), generator=g) * base.hidden_size ** -0.5
+    adapter = AdapterSet(config, tensors)
+    adapter.check_tensors("new adapter set")
+    return adapter

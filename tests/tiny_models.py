@@ -1,0 +1,35 @@
+"""Tiny random Llama / Qwen3 checkpoints written with transformers' own classes, for fidelity tests."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, Qwen3Config
+
+
+def tiny_config(arch: str = "qwen3", *, tie: bool = False, kv_heads: int = 2, **extra):
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=kv_heads, max_position_embeddings=256, tie_word_embeddings=tie,
+                  rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2) | extra
+    if arch == "llama":
+        return LlamaConfig(**common)
+    return Qwen3Config(**({"head_dim": 16} | common))
+
+
+def write_tiny_model(path: Path, config, *, classifier: bool = False, seed: int = 0, shard_size: str | None = None) -> Path:
+    """transformers' model with random weights (norms perturbed too, so they matter), saved as an HF folder."""
+    torch.manual_seed(seed)
+    cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = cls.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, **({"max_shard_size": shard_size} if shard_size else {}))
+    return path
+
+
+def hf_logits(path: Path, input_ids: torch.Tensor, *, classifier: bool = False) -> torch.Tensor:
+    cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = cls.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids).logits
