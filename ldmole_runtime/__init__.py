@@ -1,0 +1,13 @@
+"""ldmole: serving runtime for LD-MoLE adapters (mixtures of LoRA experts with learned dynamic routing)."""
+
+from .adapters.adapter_set import AdapterSet
+from .adapters.init import new_adapter_set
+from .adapters.reference import load_reference
+from .config import ModelConfig
+from .errors import AdapterMismatchError, CheckpointError, LDMoleError, UnsupportedModelError
+from .runtime import ForwardOutput, LDMoleRuntime
+
+__all__ = [
+    "AdapterSet", "new_adapter_set", "load_reference", "ModelConfig", "LDMoleRuntime", "ForwardOutput",
+    "LDMoleError", "CheckpointError", "AdapterMismatchError", "UnsupportedModelError",
+]
