@@ -26,6 +26,7 @@ class ForwardContext:
     """What every adapted projection needs to know about the current forward."""
     batch: AdapterBatch
     bank: AdapterBank | None
+    attention: object  # any backend with attend(layer, q, k, v); see attention.py
     mode: str = "sparse"  # "sparse" (serving) or "dense" (all experts, the training-code reference)
     capture: RoutingCapture | None = None
 
@@ -75,7 +76,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    """x [N, H, D]; cos/sin [N, D]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
 
@@ -99,25 +100,23 @@ class AdaptedLinear(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv = AdaptedLinear(layer, "qkv", cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.attention_bias)
         self.o = AdaptedLinear(layer, "o", cfg.q_size, (cfg.hidden_size,), cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int],
-                ctx: ForwardContext) -> torch.Tensor:
-        B, T = shape
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        N = x.shape[0]
         q, k, v = self.qkv(x, ctx).split(self.qkv.fan_outs, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        q = q.view(N, self.num_heads, self.head_dim)
+        k = k.view(N, self.num_kv_heads, self.head_dim)
+        v = v.view(N, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o(out.transpose(1, 2).reshape(B * T, -1), ctx)
+        return self.o(ctx.attention.attend(self.layer, q, k, v), ctx)
 
 
 class MLP(nn.Module):
@@ -140,8 +139,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, x, rope, shape, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), rope, shape, ctx)
+    def forward(self, x, rope, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), rope, ctx)
         return x + self.mlp(self.post_attention_norm(x), ctx)
 
 
@@ -163,13 +162,10 @@ class DecoderModel(nn.Module):
             return None
         return self.embed.weight if self.lm_head is None else self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] (unpadded rows) -> final hidden states [B, T, hidden]."""
-        B, T = input_ids.shape
-        if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids).reshape(B * T, -1)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Flat tokens: input_ids [N] at positions [N] -> final hidden states [N, hidden]."""
+        x = self.embed(input_ids)
         rope = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, (B, T), ctx)
-        return self.norm(x).view(B, T, -1)
+            x = layer(x, rope, ctx)
+        return self.norm(x)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapters.adapter_set import AdapterSet
+from .attention import DenseCausalAttention
+from .default_base import resolve_base
 from .errors import LDMoleError
 from .lora.adapter_batch import BASE, AdapterBatch
 from .lora.bank import AdapterBank
@@ -51,7 +53,7 @@ class LDMoleRuntime:
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path | AdapterSet] | None = None,
                         dtype: str | torch.dtype = "float32", device: str = "cpu") -> "LDMoleRuntime":
-        rt = cls(load_base_model(base, resolve_dtype(dtype), device))
+        rt = cls(load_base_model(resolve_base(base), resolve_dtype(dtype), device))
         for name, source in (adapters or {}).items():
             rt.load_adapter(name, source)
         return rt
@@ -109,7 +111,9 @@ class LDMoleRuntime:
         if capture_routing:
             E = max((self.bank.slots[s.set_index].num_experts for s in batch.segments), default=1)
             capture = RoutingCapture(B * T, E)
-        hidden = self.model(input_ids, ForwardContext(batch, self.bank, mode, capture))
+        positions = torch.arange(T, device=self.device).repeat(B)
+        ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), mode, capture)
+        hidden = self.model(input_ids.reshape(-1), positions, ctx).view(B, T, -1)
         out = ForwardOutput(hidden, self._logits(hidden, input_ids, set_ids[:, -1]))
         if capture is not None:
             out.routing = {k: v.view(B, T, -1) for k, v in capture.routing.items()}
