@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             return args.func(args)
     except LDMoleError as exc:
-        print(f"ldmole {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
+        print(f"ldmole {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

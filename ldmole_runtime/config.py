@@ -87,8 +87,19 @@ class ModelConfig:
         if not cfg_file.is_file():
             raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model folder)")
         try:
-            json.loads(cfg_file.read_text())
-            hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (ValueError, KeyError, OSError) as exc:
+            raw = json.loads(cfg_file.read_text())
+        except (ValueError, OSError) as exc:
             raise CheckpointError(f"{cfg_file}: not a readable model config ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type")
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            # checked before transformers sees it: its message for unknown types is long and multi-line
+            raise UnsupportedModelError(
+                f"{cfg_file}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        try:
+            hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (ValueError, KeyError, OSError, TypeError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise CheckpointError(f"{cfg_file}: not a readable model config ({reason})") from exc
         return cls.from_hf(hf)

@@ -33,7 +33,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch state dict ({str(exc).splitlines()[0]})") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # EOFError() has no message
+        raise CheckpointError(f"{path}: not a readable torch state dict ({reason})") from exc
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a flat dict of tensors")
     return sd

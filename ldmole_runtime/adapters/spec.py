@@ -34,6 +34,14 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_width_pair(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(w) and w > 0 for w in v)
+
+
 @dataclass
 class AdapterConfig:
     num_experts: int
@@ -70,8 +78,29 @@ class AdapterConfig:
         cfg.check(source)
         return cfg
 
+    def _check_types(self, source: str) -> None:
+        """Field types, so that a hand-edited config fails here and not deep inside torch."""
+        ints = ["num_experts", "rank", "num_layers", "hidden_size", "format_version"]
+        bad = [f for f in ints if not _is_int(getattr(self, f))]
+        bad += [f for f in ("lambda_hidden", "num_labels") if getattr(self, f) is not None and not _is_int(getattr(self, f))]
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            bad.append("alpha")
+        if not isinstance(self.router, str):
+            bad.append("router")
+        if not isinstance(self.target_modules, list) or not all(isinstance(m, str) for m in self.target_modules):
+            bad.append("target_modules")
+        if not isinstance(self.projection_shapes, dict):
+            bad.append("projection_shapes")
+        if not isinstance(self.lambda_widths, list) or not all(_is_int(w) for w in self.lambda_widths):
+            bad.append("lambda_widths")
+        if bad:
+            raise CheckpointError(f"{source}: field(s) {bad} have the wrong type "
+                                  "(num_experts, rank, num_layers, hidden_size: int; alpha: number; "
+                                  "router: str; target_modules: list of str; lambda_widths: list of int)")
+
     def check(self, source: str = "adapter config") -> None:
         """Internal consistency, independent of any base model."""
+        self._check_types(source)
         if self.format_version != FORMAT_VERSION:
             raise CheckpointError(f"{source}: format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
         if self.router not in ROUTERS:
@@ -85,6 +114,9 @@ class AdapterConfig:
         if bad or not self.target_modules:
             raise CheckpointError(f"{source}: target_modules {bad or '[]'} are not projections of a decoder layer "
                                   f"({', '.join(ALL_PROJECTIONS)})")
+        no_shape = [m for m in self.target_modules if not _is_width_pair(self.projection_shapes.get(m))]
+        if no_shape:
+            raise CheckpointError(f"{source}: projection_shapes has no [in, out] for target module(s) {no_shape}")
         if ROUTERS[self.router].needs_lambda:
             if not self.lambda_hidden:
                 raise CheckpointError(f"{source}: router {self.router!r} needs lambda_hidden")

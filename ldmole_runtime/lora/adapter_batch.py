@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LDMoleError
+
 BASE = -1  # the adapter-set index of tokens that run on the bare base model
 
 
@@ -38,7 +40,7 @@ class AdapterBatch:
             return cls(0, ())
         lo, hi = int(set_ids.min()), int(set_ids.max())
         if lo < BASE or hi >= num_sets:
-            raise ValueError(f"adapter-set index out of range [{BASE}, {num_sets - 1}]: found {lo if lo < BASE else hi}")
+            raise LDMoleError(f"adapter-set index out of range [{BASE}, {num_sets - 1}]: found {lo if lo < BASE else hi}")
         if lo == hi:
             return cls(n, () if lo == BASE else (Segment(lo, None, n),))
         order = torch.argsort(set_ids, stable=True)

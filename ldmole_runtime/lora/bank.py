@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import LDMoleError
 from ..routing import ROUTERS, Router
 from ..adapters.adapter_set import AdapterSet, lambda_key
 from ..adapters.spec import PROJECTION_GROUPS, projection_shapes
@@ -106,7 +107,7 @@ class AdapterBank:
     # ---- adding and removing sets -------------------------------------------------------------
     def add(self, name: str, adapter: AdapterSet) -> int:
         if name in self.names:
-            raise ValueError(f"an adapter set named {name!r} is already loaded")
+            raise LDMoleError(f"an adapter set named {name!r} is already loaded")
         adapter.validate_for(self.cfg, name)
         c = adapter.config
         slot = SetSlot(name, c.num_experts, c.rank, c.scaling, c.router, offset=self.total_experts,
