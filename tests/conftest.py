@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "official-ldmole"
+FIXTURES = Path(os.environ.get("LDMOLE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official-ldmole"))
 
 
 def pytest_collection_modifyitems(config, items):
