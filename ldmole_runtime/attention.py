@@ -25,3 +25,66 @@ class DenseCausalAttention:
         q, k, v = (t.view(B, T, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2).reshape(B * T, -1)
+
+
+@dataclass
+class PagedAttention:
+    """Rows are chunks of sequences whose earlier tokens are already in a paged KV cache.
+
+    kv_cache is [layers, 2, num_blocks, block_size, H_kv, head_dim]. Each step first writes the new
+    k/v at `slot_mapping`, then every query attends over its sequence's cached keys. Decodes (one
+    query each) are batched into one padded SDPA call; prompt chunks run one call each.
+    """
+    kv_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # [N] flat cache slot of every new token
+    decode_rows: torch.Tensor | None  # [Bd] token rows of single-token sequences
+    decode_blocks: torch.Tensor | None  # [Bd, max_blocks] their block tables (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] valid keys
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, query len, block ids, context len)
+
+    @classmethod
+    def build(cls, kv_cache: torch.Tensor, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
+              slot_mapping: torch.Tensor) -> "PagedAttention":
+        device, block_size = kv_cache.device, kv_cache.shape[3]
+        starts = [0]
+        for n in q_lens[:-1]:
+            starts.append(starts[-1] + n)
+        decodes = [i for i, n in enumerate(q_lens) if n == 1]
+        prefills = [(starts[i], q_lens[i], torch.tensor(block_tables[i], device=device), ctx_lens[i])
+                    for i, n in enumerate(q_lens) if n > 1]
+        rows = blocks = mask = None
+        if decodes:
+            width = max(len(block_tables[i]) for i in decodes)
+            rows = torch.tensor([starts[i] for i in decodes], device=device)
+            blocks = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i])) for i in decodes], device=device)
+            lens = torch.tensor([ctx_lens[i] for i in decodes], device=device)
+            mask = (torch.arange(width * block_size, device=device) < lens[:, None])[:, None, None, :]
+        return cls(kv_cache, slot_mapping, rows, blocks, mask, prefills)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        N, H, D = q.shape
+        k_cache, v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]  # [blocks, block_size, H_kv, D]
+        H_kv = k_cache.shape[2]
+        k_cache.view(-1, H_kv, D).index_copy_(0, self.slot_mapping, k)
+        v_cache.view(-1, H_kv, D).index_copy_(0, self.slot_mapping, v)
+        gqa = H_kv != H
+        out = q.new_empty(N, H, D)
+        if self.decode_rows is not None:
+            B = self.decode_rows.shape[0]
+            keys = k_cache[self.decode_blocks].view(B, -1, H_kv, D).transpose(1, 2)
+            values = v_cache[self.decode_blocks].view(B, -1, H_kv, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[self.decode_rows].unsqueeze(2), keys, values,
+                                               attn_mask=self.decode_mask, enable_gqa=gqa)
+            out[self.decode_rows] = o.squeeze(2)
+        for start, q_len, blocks, ctx_len in self.prefills:
+            keys = k_cache[blocks].view(-1, H_kv, D)[:ctx_len].transpose(0, 1)
+            values = v_cache[blocks].view(-1, H_kv, D)[:ctx_len].transpose(0, 1)
+            queries = q[start:start + q_len].transpose(0, 1)
+            if ctx_len == q_len:
+                o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=gqa)
+            else:  # a later chunk: query i sits at position ctx_len - q_len + i
+                allowed = (torch.arange(ctx_len, device=q.device)[None, :]
+                           <= torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None])
+                o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, enable_gqa=gqa)
+            out[start:start + q_len] = o.transpose(0, 1)
+        return out.view(N, H * D)

@@ -1,0 +1,112 @@
+"""The synchronous offline API.
+
+    llm = LLM("default", adapters={"math": "adapters/math"})
+    outs = llm.generate(["2 + 2 ="], SamplingParams(max_tokens=8, temperature=0), adapter="math")
+    llm.score("Question ... Answer:", [" yes", " no"], adapter="math")
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence as Seq
+
+from ..default_base import resolve_base
+from ..errors import LDMoleError
+from ..runtime import LDMoleRuntime
+from .llm_engine import EngineConfig, LLMEngine, RequestOutput
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class ChoiceScore:
+    sum_logprob: float
+    mean_logprob: float  # per token of the choice
+    is_greedy: bool  # every choice token is the argmax at its position
+    num_tokens: int
+
+
+@dataclass
+class ScoreResult:
+    choices: list[ChoiceScore]
+    best: int  # argmax of sum_logprob
+    best_normalized: int  # argmax of mean_logprob
+
+
+def load_tokenizer(base: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None  # token ids only (e.g. a test model without tokenizer files)
+
+
+class LLM:
+    def __init__(self, base: str | Path | LDMoleRuntime, adapters: dict | None = None, dtype: str = "float32",
+                 device: str = "cpu", tokenizer=None, **engine_kwargs):
+        if isinstance(base, LDMoleRuntime):
+            runtime = base
+        else:
+            base = resolve_base(base)
+            runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=dtype, device=device)
+            tokenizer = tokenizer or load_tokenizer(base)
+        self.engine = LLMEngine(runtime, tokenizer, EngineConfig(**engine_kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def runtime(self) -> LDMoleRuntime:
+        return self.engine.runtime
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 adapter: str | None | Seq[str | None] = None) -> list[RequestOutput]:
+        """Generate for every prompt (each may use its own params and adapter set); outputs in prompt order."""
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        n = len(prompts)
+        params = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * n
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        if len(params) != n or len(adapters) != n:
+            raise LDMoleError(f"got {n} prompts, {len(params)} sampling params and {len(adapters)} adapters")
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p, a in zip(ids, prompts, params, adapters):
+            self.engine.add_request(rid, prompt, p, a)
+        return self._run(ids)
+
+    def _run(self, ids: list[str]) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        while wanted - done.keys():
+            for out in self.engine.step():
+                if out.finished and out.request_id in wanted:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def score(self, context: str | list[int], choices: Seq[str | list[int]], adapter: str | None = None) -> ScoreResult:
+        """Log-likelihood of each choice after the context (multiple choice).
+
+        The context runs first, alone, so its full KV blocks enter the prefix cache; every choice
+        then reuses them and computes only its own tokens (plus the context's last partial block).
+        """
+        ctx_ids = self.engine._encode(context)
+        choice_ids = [self.engine._encode(c) for c in choices]
+        if not ctx_ids or any(not c for c in choice_ids):
+            raise LDMoleError("score needs a non-empty context and non-empty choices")
+        warm = f"score-ctx-{next(self._ids)}"
+        self.engine.add_request(warm, ctx_ids, SamplingParams(max_tokens=0), adapter)
+        self._run([warm])
+        ids = []
+        for c in choice_ids:
+            rid = f"score-{next(self._ids)}"
+            self.engine.add_request(rid, ctx_ids + c, SamplingParams(max_tokens=0, prompt_logprobs=None), adapter,
+                                    prompt_logprobs_from=len(ctx_ids))
+            ids.append(rid)
+        scores = []
+        for out, c in zip(self._run(ids), choice_ids):
+            lps = out.prompt_logprobs[len(ctx_ids):]
+            total = sum(lp.logprob for lp in lps)
+            scores.append(ChoiceScore(total, total / len(c), all(lp.is_greedy for lp in lps), len(c)))
+        best = max(range(len(scores)), key=lambda i: scores[i].sum_logprob)
+        best_norm = max(range(len(scores)), key=lambda i: scores[i].mean_logprob)
+        return ScoreResult(scores, best, best_norm)

@@ -1,0 +1,272 @@
+"""The engine loop: requests in, one scheduled forward per step, tokens out.
+
+Requests for different adapter sets (and the bare base) share every step. `step()` runs one
+forward over the sequences the scheduler picked, samples the ones that reached their last token,
+checks stop conditions, and reports every request that made progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LDMoleError
+from ..runtime import LDMoleRuntime
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .sampler import gather_logprobs, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # the top-N alternatives (token id -> logprob)
+    is_greedy: bool | None = None  # the token is the argmax at its position (known for prompt tokens)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    adapter: str | None
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None  # position 0 has none
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: enough for max_num_seqs sequences of max_model_len / 4 tokens
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # None: the base model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    mode: str = "sparse"  # adapters' expert path: "sparse" (serving) or "dense" (reference)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    adapter: str | None
+    seqs: list[Sequence]
+    params: SamplingParams
+    finished_reported: bool = False
+
+
+class LLMEngine:
+    def __init__(self, runtime: LDMoleRuntime, tokenizer=None, config: EngineConfig | None = None):
+        self.runtime, self.tokenizer = runtime, tokenizer
+        self.config = config = config or EngineConfig()
+        self.max_model_len = min(config.max_model_len or runtime.cfg.max_position_embeddings,
+                                 runtime.cfg.max_position_embeddings)
+        num_blocks = config.num_blocks or max(config.max_num_seqs * -(-self.max_model_len // 4) // config.block_size, 1)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise LDMoleError(f"the KV cache ({num_blocks} blocks of {config.block_size}) cannot hold one sequence "
+                              f"of max_model_len={self.max_model_len} tokens")
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(runtime, num_blocks, config.block_size, config.mode)
+        self.requests: dict[str, _Request] = {}
+        self.eos_token_ids = self._eos_ids()
+        self.generated_tokens = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = getattr(self.runtime.cfg.hf_config, "eos_token_id", None)
+        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    adapter: str | None = None, prompt_logprobs_from: int | None = None) -> None:
+        """Queue a request. `prompt_logprobs_from` asks for prompt logprobs from that position on
+        (scoring); `params.prompt_logprobs` asks for all of them."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise LDMoleError(f"request id {request_id!r} is already in use")
+        adapter_index = self.runtime.adapter_index(adapter)
+        token_ids = self._encode(prompt)
+        if not token_ids:
+            raise LDMoleError("the prompt is empty")
+        vocab = self.runtime.cfg.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise LDMoleError(f"prompt token ids must lie in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise LDMoleError(f"the prompt has {len(token_ids)} tokens; the maximum is {self.max_model_len - 1}")
+        if params.stop and self.tokenizer is None:
+            raise LDMoleError("stop strings need a tokenizer; this base model has none (use stop_token_ids)")
+        if params.prompt_logprobs is not None:
+            prompt_logprobs_from = 1
+        if prompt_logprobs_from is not None:
+            prompt_logprobs_from = min(max(prompt_logprobs_from, 1), len(token_ids))
+        adapter_key = "" if adapter is None else f"{adapter}#{id(self.runtime.bank.slots[adapter_index])}"
+        seqs = []
+        for i in range(params.n):
+            seed = params.sample_seed(i)
+            seqs.append(Sequence(
+                request_id, i, list(token_ids), len(token_ids), adapter_index, adapter_key, params,
+                generator=None if seed is None else torch.Generator(self.runtime.device).manual_seed(seed),
+                prompt_logprobs_start=prompt_logprobs_from if i == 0 else None))
+        self.requests[request_id] = _Request(request_id, adapter, seqs, params)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LDMoleError("text prompts need a tokenizer; this base model has none (pass token ids)")
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise LDMoleError("a prompt is a string or a list of token ids")
+        return list(prompt)
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return any(not r.finished_reported for r in self.requests.values())
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        touched: dict[str, _Request] = {}
+        if batch:
+            step = self.runner.run(batch)
+            for seq, n in batch:
+                seq.num_computed_tokens += n
+                self.block_manager.commit(seq)
+                touched[seq.request_id] = self.requests[seq.request_id]
+            self._record_prompt_logprobs(step)
+            if step.sample_seqs:
+                self._sample(step.sample_seqs, step.sample_logits)
+        # aborted / finished requests are reported once, even when nothing ran for them
+        for request in self.requests.values():
+            if all(s.is_finished for s in request.seqs) and not request.finished_reported:
+                touched[request.request_id] = request
+        outputs = [self._output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self.requests[out.request_id].finished_reported = True
+                del self.requests[out.request_id]
+        return outputs
+
+    def _record_prompt_logprobs(self, step) -> None:
+        if not step.prompt_rows:
+            return
+        k = max(s.params.prompt_logprobs or 0 for s, _ in step.prompt_rows)
+        targets = torch.tensor([s.token_ids[j] for s, j in step.prompt_rows], device=step.prompt_logits.device)
+        chosen, top_ids, top_lp = gather_logprobs(torch.log_softmax(step.prompt_logits, -1), targets, k)
+        greedy = (step.prompt_logits.argmax(-1) == targets).tolist()
+        chosen = chosen.tolist()
+        top_ids = top_ids.tolist() if top_ids is not None else None
+        top_lp = top_lp.tolist() if top_lp is not None else None
+        for r, (seq, j) in enumerate(step.prompt_rows):
+            n = seq.params.prompt_logprobs or 0
+            top = dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}
+            seq.prompt_logprobs.append(TokenLogprob(seq.token_ids[j], chosen[r], top, greedy[r]))
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        keep = [i for i, s in enumerate(seqs) if s.params.max_tokens != 0]
+        for seq in seqs:
+            if seq.params.max_tokens == 0:  # prompt only: scoring
+                self.scheduler.finish(seq, "length")
+        if not keep:
+            return
+        sampled = [seqs[i] for i in keep]
+        if len(keep) != len(seqs):
+            logits = logits[keep]
+        out = sample(logits, [s.params for s in sampled], [s.prompt_ids for s in sampled],
+                     [s.output_ids for s in sampled], [s.generator for s in sampled], self.eos_token_ids)
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for r, seq in enumerate(sampled):
+            token = token_ids[r]
+            seq.token_ids.append(token)
+            self.generated_tokens += 1
+            if seq.params.logprobs is not None:
+                n = seq.params.logprobs
+                seq.output_logprobs.append(TokenLogprob(token, logprobs[r], dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}))
+            reason = self._stop_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        n_out = seq.num_tokens - seq.num_prompt_tokens
+        if n_out >= p.min_tokens:
+            if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+                return "stop"
+            if p.stop and self._hit_stop_string(seq):
+                return "stop"
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        text = self._detokenize(seq)
+        for stop in seq.params.stop:
+            if stop in text:
+                seq.stop_text = stop
+                return True
+        return False
+
+    def _detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        ids = seq.output_ids
+        if ids and (not seq.params.ignore_eos) and ids[-1] in self.eos_token_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outs = []
+        for seq in request.seqs:
+            text = self._detokenize(seq)
+            if seq.stop_text:
+                text = text[:text.index(seq.stop_text)]
+            outs.append(CompletionOutput(seq.index, seq.output_ids, text,
+                                         seq.output_logprobs if seq.params.logprobs is not None else None,
+                                         seq.finish_reason))
+        first = request.seqs[0]
+        prompt_lp = None
+        if first.prompt_logprobs_start is not None:
+            prompt_lp = [None] * first.prompt_logprobs_start + list(first.prompt_logprobs)
+        return RequestOutput(request.request_id, first.prompt_ids, request.adapter, outs, prompt_lp,
+                             all(s.is_finished for s in request.seqs), first.num_cached_tokens)
+
+    # ---- introspection --------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm, cache = self.block_manager, self.block_manager.stats
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks, "kv_blocks_free": bm.num_free_blocks,
+            "prefix_cache_queried_tokens": cache.queried_tokens, "prefix_cache_hit_tokens": cache.hit_tokens,
+            "prefix_cache_evictions": cache.evictions, "preemptions": self.scheduler.stats.preemptions,
+            "steps": self.scheduler.stats.steps, "generated_tokens": self.generated_tokens,
+        }

@@ -1,0 +1,89 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each computes.
+
+Every step has a token budget. Running sequences come first (a decode costs one token, an
+unfinished prompt continues in chunks), then waiting ones are admitted in arrival order. When the
+KV cache runs out, the newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the queue, to be recomputed from its tokens later. Nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next step's batch: (sequence, tokens to compute) pairs."""
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.remaining_prefill, budget)
+            while not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                batch.append((seq, n))
+                budget -= n
+                i += 1
+        # admitting new work right after a preemption would only thrash the cache
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.bm.match_prefix(seq)
+            n = min(seq.remaining_prefill, budget)
+            if not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                self.bm.release(seq)  # do not hold cache blocks while waiting
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        self.stats.steps += 1
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.bm.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,73 @@
+"""One sequence being generated (or scored): its tokens, its KV blocks, and where it stands."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    num_prompt_tokens: int
+    adapter: int  # adapter-set index, -1 = bare base
+    adapter_key: str  # identifies the adapter set's weights in prefix-cache hashes
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_cached_tokens: int = 0  # of those, how many came from the prefix cache at admission
+    block_table: list[int] = field(default_factory=list)
+    # prompt logprobs are wanted for the prompt tokens from this position on (None: not wanted)
+    prompt_logprobs_start: int | None = None
+    prompt_logprobs: list = field(default_factory=list)  # one entry per scored prompt token, in order
+    output_logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_text: str | None = None  # the stop string that ended it, if one did
+    arrival: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def next_prompt_logprob(self) -> int | None:
+        """The next prompt position whose logprob is still to be computed, or None."""
+        if self.prompt_logprobs_start is None:
+            return None
+        position = self.prompt_logprobs_start + len(self.prompt_logprobs)
+        return position if position < self.num_prompt_tokens else None
+
+    @property
+    def remaining_prefill(self) -> int:
+        """Tokens not yet in the KV cache (1 for a sequence in decode)."""
+        return self.num_tokens - self.num_computed_tokens
