@@ -36,7 +36,9 @@ class SetSlot:
     router_kind: str
     offset: int = 0
     lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # in-width -> (w1, b1, w2, b2), fp32
-    group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)  # group -> [P, 1] targeted, None = all
+    # group -> [P, 1] mask of the projections this set adapts (None: all of them);
+    # groups it adapts nothing in are absent, and skipped
+    group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     score: tuple[torch.Tensor, torch.Tensor | None] | None = None
     num_labels: int | None = None
 
@@ -123,8 +125,10 @@ class AdapterBank:
         self._grow_rank(c.rank)
         for (layer, group), gb in self.groups.items():
             targeted = [p in c.target_modules for p in gb.projections]
-            slot.group_masks[group] = (None if all(targeted) else
-                                       torch.tensor(targeted, device=self.device, dtype=torch.float32)[:, None])
+            if all(targeted):
+                slot.group_masks[group] = None
+            elif any(targeted):
+                slot.group_masks[group] = torch.tensor(targeted, device=self.device, dtype=torch.float32)[:, None]
             A, R, Bs = self._stack_set(t, c, layer, gb, targeted)
             gb.A = torch.cat([gb.A, A])
             gb.router = torch.cat([gb.router, R])

@@ -101,6 +101,8 @@ def apply_group(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBa
     pairs = []
     for seg in batch.segments:
         slot = bank.slots[seg.set_index]
+        if gb.group not in slot.group_masks:
+            continue
         xs = x if seg.index is None else x[seg.index]
         p, lam = route(slot, gb, xs)
         if capture is not None:
