@@ -98,9 +98,19 @@ class LLMEngine:
                     adapter: str | None = None, prompt_logprobs_from: int | None = None) -> None:
         """Queue a request. `prompt_logprobs_from` asks for prompt logprobs from that position on
         (scoring); `params.prompt_logprobs` asks for all of them."""
+        self.admit(self.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from))
+
+    def admit(self, request: "_Request") -> None:
+        if request.request_id in self.requests:
+            raise LDMoleError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                        adapter: str | None = None, prompt_logprobs_from: int | None = None) -> "_Request":
+        """Validate a request and build its sequences, without touching the running batch."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise LDMoleError(f"request id {request_id!r} is already in use")
         adapter_index = self.runtime.adapter_index(adapter)
         token_ids = self._encode(prompt)
         if not token_ids:
@@ -124,9 +134,7 @@ class LLMEngine:
                 request_id, i, list(token_ids), len(token_ids), adapter_index, adapter_key, params,
                 generator=None if seed is None else torch.Generator(self.runtime.device).manual_seed(seed),
                 prompt_logprobs_start=prompt_logprobs_from if i == 0 else None))
-        self.requests[request_id] = _Request(request_id, adapter, seqs, params)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        return _Request(request_id, adapter, seqs, params)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -1,0 +1,217 @@
+"""Acceptance tests of the engine: continuous batching over many adapter sets with a paged KV cache."""
+
+import random
+
+import pytest
+import torch
+
+from ldmole_runtime import LDMoleRuntime, new_adapter_set
+from ldmole_runtime.engine.llm import LLM
+from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.engine.sampling_params import SamplingParams
+from tiny_models import tiny_config, write_tiny_model
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("base") / "qwen3", tiny_config("qwen3", kv_heads=2))
+    rt = LDMoleRuntime.from_pretrained(path)
+    rt.load_adapter("math", new_adapter_set(rt.cfg, num_experts=8, rank=4, lambda_hidden=16, seed=1, b_std=0.08))
+    rt.load_adapter("code", new_adapter_set(rt.cfg, num_experts=3, rank=2, lambda_hidden=16, seed=2, b_std=0.08,
+                                            target_modules=["k_proj", "v_proj", "up_proj"]))
+    return rt
+
+
+def random_prompts(n, seed, lo=2, hi=30):
+    g = random.Random(seed)
+    return [[g.randrange(3, VOCAB) for _ in range(g.randrange(lo, hi))] for _ in range(n)]
+
+
+def greedy_reference(rt, prompt, adapter, max_tokens):
+    """The full, non-cached forward of the runtime core, one request alone, token by token."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(rt.forward(torch.tensor([ids]), adapter).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def drain(engine):
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finished, "a request finished twice"
+                finished[out.request_id] = out
+    return finished
+
+
+def test_staggered_greedy_batching_matches_requests_run_alone(runtime):
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=96, max_num_batched_tokens=40))
+    prompts = random_prompts(18, seed=0)
+    adapters = [("math", "code", None)[i % 3] for i in range(18)]
+    max_tokens = [3 + i % 6 for i in range(18)]
+    finished, next_request = {}, 0
+    while next_request < len(prompts) or engine.has_unfinished_requests():
+        for _ in range(2 if next_request < len(prompts) else 0):  # two arrivals per step, while the batch runs
+            i = next_request
+            engine.add_request(f"r{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i], temperature=0,
+                                                                   ignore_eos=True), adapter=adapters[i])
+            next_request += 1
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert len(finished) == 18
+    assert max(s for s in [engine.stats()["steps"]]) > 10
+    for i in range(18):
+        expected = greedy_reference(runtime, prompts[i], adapters[i], max_tokens[i])
+        assert finished[f"r{i}"].outputs[0].token_ids == expected, f"request {i} ({adapters[i]})"
+
+
+def test_prompt_logprobs_match_full_forward(runtime):
+    llm = LLM(runtime, block_size=4, num_blocks=64, max_num_batched_tokens=16)  # long prompts are chunked
+    prompts = random_prompts(6, seed=1, lo=5, hi=40)
+    adapters = ["math", None, "code", "math", "code", None]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3), adapter=adapters)
+    for prompt, adapter, out in zip(prompts, adapters, outs):
+        logprobs = torch.log_softmax(runtime.forward(torch.tensor([prompt]), adapter).logits[0], -1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        for j in range(1, len(prompt)):
+            entry = out.prompt_logprobs[j]
+            assert entry.token_id == prompt[j]
+            assert abs(entry.logprob - logprobs[j - 1, prompt[j]].item()) <= 1e-4
+            top = torch.topk(logprobs[j - 1], 3)
+            assert list(entry.top) == top.indices.tolist()
+
+
+def test_score_ranks_like_brute_force(runtime):
+    llm = LLM(runtime, block_size=4, num_blocks=64)
+    g = random.Random(2)
+    for adapter in ("math", "code", None):
+        context = [g.randrange(3, VOCAB) for _ in range(11)]
+        choices = [[g.randrange(3, VOCAB) for _ in range(g.randrange(1, 5))] for _ in range(4)]
+        result = llm.score(context, choices, adapter=adapter)
+        brute = []
+        for c in choices:
+            lp = torch.log_softmax(runtime.forward(torch.tensor([context + c]), adapter).logits[0], -1)
+            brute.append(sum(lp[len(context) - 1 + t, tok].item() for t, tok in enumerate(c)))
+        assert [abs(s.sum_logprob - b) <= 1e-4 for s, b in zip(result.choices, brute)] == [True] * 4
+        assert result.best == max(range(4), key=lambda i: brute[i])
+
+
+def test_prefix_cache_hits_only_under_the_same_adapter_set(runtime):
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=64))
+    prompt = random_prompts(1, seed=3, lo=21, hi=22)[0]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2)
+
+    def run(rid, adapter):
+        engine.add_request(rid, prompt, params, adapter=adapter)
+        return drain(engine)[rid]
+
+    first = run("a", "math")
+    hits0 = engine.stats()["prefix_cache_hit_tokens"]
+    second = run("b", "math")
+    hits1 = engine.stats()["prefix_cache_hit_tokens"]
+    assert hits1 - hits0 == 20 and second.num_cached_tokens == 20  # every full block but the last token's
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    for a, b in zip(first.outputs[0].logprobs, second.outputs[0].logprobs):
+        assert abs(a.logprob - b.logprob) <= 1e-5
+    third = run("c", "code")
+    fourth = run("d", None)
+    assert engine.stats()["prefix_cache_hit_tokens"] == hits1
+    assert third.num_cached_tokens == 0 and fourth.num_cached_tokens == 0
+    assert third.outputs[0].token_ids == greedy_reference(runtime, prompt, "code", 4)
+
+
+def test_no_leaks_under_random_load_with_aborts_and_preemptions(runtime):
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=24, max_num_seqs=12,
+                                                    max_num_batched_tokens=48, max_model_len=64))
+    g = random.Random(4)
+    total_blocks = engine.block_manager.num_blocks
+    cache_ptr = engine.runner.kv_cache.data_ptr()
+    submitted, aborted, finished = set(), set(), {}
+    step = 0
+    while len(submitted) < 300 or engine.has_unfinished_requests():
+        for _ in range(g.randrange(0, 4)):
+            if len(submitted) < 300:
+                rid = f"q{len(submitted)}"
+                prompt = [g.randrange(3, VOCAB) for _ in range(g.randrange(1, 30))]
+                params = SamplingParams(max_tokens=g.randrange(1, 20), temperature=g.choice([0, 0.8]), seed=g.randrange(99))
+                engine.add_request(rid, prompt, params, adapter=g.choice(["math", "code", None]))
+                submitted.add(rid)
+        if submitted and g.random() < 0.1:
+            rid = g.choice(sorted(submitted))
+            engine.abort(rid)
+            aborted.add(rid)
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finished
+                finished[out.request_id] = out
+        bm = engine.block_manager
+        in_use = sum(1 for b in bm.blocks if b.ref_count > 0)
+        assert in_use + bm.num_free_blocks == total_blocks
+        step += 1
+        assert step < 20000
+    assert set(finished) == submitted  # nothing lost, nothing twice
+    assert engine.stats()["preemptions"] > 0
+    assert engine.block_manager.num_free_blocks == total_blocks
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+    assert engine.runner.kv_cache.data_ptr() == cache_ptr and engine.block_manager.num_blocks == total_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
+    for rid, out in finished.items():
+        reason = out.outputs[0].finish_reason
+        assert reason in ("stop", "length", "abort")
+        if rid not in aborted:
+            assert reason != "abort"
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(runtime):
+    prompt = random_prompts(1, seed=5)[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = LLM(runtime, block_size=4, num_blocks=96).generate([prompt], params, adapter="math")[0]
+    others = random_prompts(7, seed=6)
+    batch = LLM(runtime, block_size=4, num_blocks=96).generate(
+        others[:3] + [prompt] + others[3:],
+        [SamplingParams(max_tokens=9, temperature=0.7, ignore_eos=True)] * 3 + [params]
+        + [SamplingParams(max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)] * 4,
+        adapter=["code", None, "math", "math", None, "code", "math", None])
+    assert batch[3].outputs[0].token_ids == alone.outputs[0].token_ids
+    different = LLM(runtime, block_size=4, num_blocks=96).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True), adapter="math")[0]
+    assert different.outputs[0].token_ids != alone.outputs[0].token_ids
+
+
+def test_async_engine_streams_and_aborts_on_cancel(runtime):
+    import asyncio
+
+    from ldmole_runtime.engine.async_engine import AsyncLLMEngine
+
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=64))
+    aengine = AsyncLLMEngine(engine)
+    prompts = random_prompts(4, seed=7)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def stream(i):
+        seen = []
+        async for out in aengine.generate(f"s{i}", prompts[i], params, adapter=["math", None, "code", "math"][i]):
+            seen.append(list(out.outputs[0].token_ids))
+            if i == 3 and len(seen) == 2:
+                break  # the client goes away: the request must be aborted
+        return seen
+
+    async def main():
+        results = await asyncio.gather(*(stream(i) for i in range(4)))
+        for _ in range(100):  # let the loop apply the abort
+            if not engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        await aengine.shutdown()
+        return results
+
+    results = asyncio.run(main())
+    for i in range(3):
+        assert [len(s) for s in results[i]] == [1, 2, 3, 4, 5, 6]  # one new token per streamed output
+        assert results[i][-1] == greedy_reference(runtime, prompts[i], ["math", None, "code"][i], 6)
+    assert len(results[3]) == 2
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
