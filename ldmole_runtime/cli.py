@@ -58,6 +58,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import SHAPES, BenchSettings, run
+
+    if args.shape not in SHAPES:
+        raise LDMoleError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
+    settings = BenchSettings(shape=args.shape, dtype=args.dtype, device=args.device)
+    if args.quick:
+        settings.decode_steps, settings.prefill_prompts, settings.prefill_len = 4, 2, 128
+    if args.batch_sizes:
+        settings.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    result = run(settings)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmole", description="Serving runtime for LD-MoLE adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="native adapter folder to write")
     i.add_argument("--base", help="optional base model folder to validate the adapter against")
     i.set_defaults(func=cmd_import)
+    b = sub.add_parser("bench", help="decode/prefill throughput: bare base vs LD-MoLE sparse vs dense all-experts")
+    b.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    b.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
+    b.add_argument("--shape", default="smollm2-135m", help="model shape with random weights: smollm2-135m, qwen3-0.6b, tiny")
+    b.add_argument("--batch-sizes", help="decode batch sizes, comma-separated (default 1,8,32)")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -25,7 +25,17 @@ def runtime(tmp_path_factory):
     return rt
 
 
-def test_mixed_batch_sparse_equals_dense(runtime):
+@pytest.fixture(params=["cpu-kernel", "torch-grouped"])
+def sparse_impl(request, monkeypatch):
+    """The sparse path has two implementations on CPU: the fused C kernel (few tokens) and torch."""
+    from ldmole_runtime.lora import mixture
+
+    if request.param == "torch-grouped":
+        monkeypatch.setattr(mixture, "CPU_KERNEL_MAX_TOKENS", -1)
+    return request.param
+
+
+def test_mixed_batch_sparse_equals_dense(runtime, sparse_impl):
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 300, (7, 13), generator=g)
     rows = ["wide", "narrow", None, "lora", "all", "soft", "wide"]

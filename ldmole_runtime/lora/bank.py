@@ -36,6 +36,7 @@ class SetSlot:
     router_kind: str
     offset: int = 0
     lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # in-width -> (w1, b1, w2, b2), fp32
+    lambda_out_bias: dict[int, float] = field(default_factory=dict)  # in-width -> b2 as a Python float (for kernels)
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
     # groups it adapts nothing in are absent, and skipped
     group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
@@ -116,8 +117,10 @@ class AdapterBank:
                        num_labels=c.num_labels)
         t = {k: v.to(self.device) for k, v in adapter.tensors.items()}
         if slot.router.needs_lambda:
-            slot.lambda_nets = {w: tuple(t[lambda_key(w, part)].float() for part in ("0.weight", "0.bias", "2.weight", "2.bias"))
+            slot.lambda_nets = {w: tuple(t[lambda_key(w, part)].float().contiguous()
+                                         for part in ("0.weight", "0.bias", "2.weight", "2.bias"))
                                 for w in c.lambda_widths}
+            slot.lambda_out_bias = {w: float(net[3]) for w, net in slot.lambda_nets.items()}
         if "score.weight" in t:
             bias = t.get("score.bias")
             slot.score = (t["score.weight"].to(self.dtype), None if bias is None else bias.to(self.dtype))

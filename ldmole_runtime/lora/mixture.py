@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ctypes
+
 import torch
 
-from ..routing import lambda_from_mlp
+from kernels.cpu_kernels import cpu_kernels, ptr
+
+from ..routing import SPARSEGEN_EPS, lambda_from_mlp
 from .adapter_batch import AdapterBatch
 from .bank import AdapterBank, GroupBank, SetSlot
 
@@ -85,14 +89,70 @@ def sparse_expert_delta(y: torch.Tensor, x: torch.Tensor, gb: GroupBank, token: 
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=gb.A.shape[0] * P).tolist()
     A = gb.A.reshape(-1, *gb.A.shape[2:])  # [G * P, r, in]
-    slices = gb.column_slices
+    deltas: list[torch.Tensor | None] = [None] * P  # contiguous accumulators: index_add_ into y's column views is slow
     tokens, weights = token[order].split(counts), weight[order].to(x.dtype).split(counts)
     for k, (t, w) in enumerate(zip(tokens, weights)):
         if t.numel() == 0:
             continue
         g, i = divmod(k, P)
+        if deltas[i] is None:
+            deltas[i] = y.new_zeros(y.shape[0], gb.fan_outs[i])
         h = (x[t] @ A[k].T) * w[:, None]
-        y[:, slices[i]].index_add_(0, t, h @ gb.B[i][:, g].T)
+        deltas[i].index_add_(0, t, h @ gb.B[i][:, g].T)
+    for delta, cols in zip(deltas, gb.column_slices):
+        if delta is not None:
+            y[:, cols] += delta
+
+
+def fused_cpu_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: GroupBank,
+                      capture: RoutingCapture | None) -> bool:
+    """The whole sparse mixture of one set's few tokens in one C call (kernels/cpu/ldmole_cpu.c).
+
+    Only the three matmuls that BLAS does best (λ hidden layer, router logits) stay in torch; λ,
+    routing and the active experts' LoRA run fused, writing into y. Returns False when the kernel
+    does not apply (GPU, not fp32, many tokens, unusual strides), and the torch path runs instead.
+    """
+    lib = cpu_kernels() if _use_cpu_kernel(y, x, seg, slot, gb) else None
+    if lib is None:
+        return False
+    E, P, n = slot.num_experts, len(gb.projections), seg.num_tokens
+    xs = x if seg.index is None else x[seg.index]
+    router = slot.router
+    hid = w2 = None
+    b2 = 0.0
+    if router.needs_lambda:
+        w1, b1, w2, _ = slot.lambda_nets[gb.fan_in]
+        hid = torch.addmm(b1, xs, w1.T)
+        b2 = slot.lambda_out_bias[gb.fan_in]
+    logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).T if router.needs_logits else None
+    p_out = x.new_empty(n, P, E) if capture is not None else None
+    lam_out = x.new_full((n,), float("nan")) if capture is not None else None
+    mask = slot.group_masks[gb.group]
+    B_ptrs = (ctypes.c_void_p * P)(*(b.data_ptr() for b in gb.B))
+    outs = (ctypes.c_int * P)(*gb.fan_outs)
+    cols = (ctypes.c_int * P)(*(s.start for s in gb.column_slices))
+    lib.ldmole_group_decode(
+        n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
+        ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
+        ptr(logits), KERNEL_ROUTER[slot.router_kind], E, P,
+        gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
+        outs, cols, ptr(mask), slot.scaling,
+        y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out))
+    if capture is not None:
+        for i, proj in enumerate(gb.projections):
+            capture.record(f"{gb.layer}.{proj}", seg.index, p_out[:, i], lam_out if router.needs_lambda else None)
+    return True
+
+
+CPU_KERNEL_MAX_TOKENS = 64  # beyond this, BLAS matmuls grouped per expert (the torch path) win
+KERNEL_ROUTER = {"sparsegen": 0, "softmax": 1, "none": 2}
+
+
+def _use_cpu_kernel(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and seg.num_tokens <= CPU_KERNEL_MAX_TOKENS
+            and x.is_contiguous() and y.is_contiguous() and not torch.is_grad_enabled()
+            and slot.num_experts <= 64 and gb.A.shape[2] <= 256 and slot.router_kind in KERNEL_ROUTER
+            and (seg.index is None or seg.index.dtype == torch.int64))
 
 
 def apply_group(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
@@ -102,6 +162,8 @@ def apply_group(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBa
     for seg in batch.segments:
         slot = bank.slots[seg.set_index]
         if gb.group not in slot.group_masks:
+            continue
+        if mode == "sparse" and fused_cpu_segment(y, x, seg, slot, gb, capture):
             continue
         xs = x if seg.index is None else x[seg.index]
         p, lam = route(slot, gb, xs)

@@ -1,0 +1,67 @@
+"""The fused CPU kernel (kernels/cpu/ldmole_cpu.c) against its torch reference (route + sparse dispatch)."""
+
+import pytest
+import torch
+
+from kernels.cpu_kernels import cpu_kernels
+from ldmole_runtime.adapters.init import new_adapter_set
+from ldmole_runtime.config import ModelConfig
+from ldmole_runtime.lora import mixture
+from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.bank import AdapterBank
+from tiny_models import tiny_config
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no C compiler: the CPU kernel cannot be built here")
+
+
+@pytest.fixture(scope="module")
+def bank():
+    cfg = ModelConfig.from_hf(tiny_config("qwen3", kv_heads=2))
+    bank = AdapterBank(cfg)
+    bank.add("big", new_adapter_set(cfg, num_experts=8, rank=4, lambda_hidden=16, seed=1, b_std=0.1))
+    bank.add("part", new_adapter_set(cfg, num_experts=3, rank=6, lambda_hidden=8, seed=2, b_std=0.1,
+                                     target_modules=["q_proj", "v_proj", "gate_proj"]))
+    bank.add("soft", new_adapter_set(cfg, num_experts=4, rank=2, router="softmax", seed=3, b_std=0.1))
+    bank.add("lora", new_adapter_set(cfg, num_experts=1, rank=3, seed=4, b_std=0.1))
+    bank.add("dense", new_adapter_set(cfg, num_experts=5, rank=4, lambda_hidden=8, seed=5, b_std=0.1, lambda_bias=-30))
+    return bank
+
+
+def run_group(bank, gb, x, set_ids, use_kernel):
+    saved = mixture.CPU_KERNEL_MAX_TOKENS
+    mixture.CPU_KERNEL_MAX_TOKENS = 10**9 if use_kernel else -1
+    try:
+        y = torch.randn(x.shape[0], sum(gb.fan_outs), generator=torch.Generator().manual_seed(9))
+        capture = mixture.RoutingCapture(x.shape[0], 8)
+        with torch.inference_mode():
+            mixture.apply_group(y, x, bank, gb, AdapterBatch.build(set_ids, len(bank.slots)), "sparse", capture)
+        return y, capture
+    finally:
+        mixture.CPU_KERNEL_MAX_TOKENS = saved
+
+
+@pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_kernel_matches_torch_reference(bank, group, n):
+    gb = bank.group(1, group)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, gb.fan_in, generator=g)
+    set_ids = torch.randint(-1, len(bank.slots), (n,), generator=g)
+    y_kernel, cap_kernel = run_group(bank, gb, x, set_ids, use_kernel=True)
+    y_torch, cap_torch = run_group(bank, gb, x, set_ids, use_kernel=False)
+    assert (y_kernel - y_torch).abs().max() <= 1e-5
+    assert cap_kernel.routing.keys() == cap_torch.routing.keys()
+    for key in cap_torch.routing:
+        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
+        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
+        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)
+
+
+def test_kernel_changes_only_adapted_rows(bank):
+    gb = bank.group(0, "qkv")
+    x = torch.randn(6, gb.fan_in)
+    set_ids = torch.tensor([-1, 0, -1, 1, 2, -1])
+    y_kernel, _ = run_group(bank, gb, x, set_ids, use_kernel=True)
+    y_base = torch.randn(6, sum(gb.fan_outs), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(y_kernel[set_ids == -1], y_base[set_ids == -1])
+    assert (y_kernel[set_ids >= 0] - y_base[set_ids >= 0]).abs().max() > 1e-3
