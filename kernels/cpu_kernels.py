@@ -53,7 +53,7 @@ def _build() -> ctypes.CDLL:
         p, i32, i32, i32,  # logits, kind, E, P
         p, i32, i32, p, i32, i32,  # A, r_max, r, B, G, g_offset
         p, p, p, f32,  # outs, cols, mask, scale
-        p, i32, p, p,  # y, y_stride, p_out, lam_out
+        p, i32, p, p,  # y, y_stride, p (scratch and output), lam_out
     ]
     return lib
 

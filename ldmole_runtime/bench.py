@@ -8,6 +8,7 @@ dense all-experts reference. The adapter follows the paper: E = 8, r = 8, all se
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -79,19 +80,28 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
-def decode_tokens_per_s(rt: LDMoleRuntime, adapter: str | None, mode: str, batch: int, s: BenchSettings) -> float:
-    engine = _engine(rt, mode, batch, s)
-    params = SamplingParams(max_tokens=s.decode_steps + 2, temperature=0, ignore_eos=True)
-    for i, prompt in enumerate(_prompts(batch, s.prompt_len, rt.cfg.vocab_size, s.seed)):
-        engine.add_request(f"d{i}", prompt, params, adapter)
-    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
-            or engine.scheduler.waiting:
-        engine.step()  # prefill (and the first sampled token) is not part of decode throughput
-    engine.step()  # warm-up decode step
-    start = time.perf_counter()
+def decode_tokens_per_s(rt: LDMoleRuntime, variants: dict[str, tuple[str | None, str]], batch: int,
+                        s: BenchSettings) -> dict[str, float]:
+    """Decode throughput of every variant, their steps interleaved round-robin so that machine noise
+    hits all of them alike; each variant's median step time gives its tokens/s."""
+    engines = {}
+    for name, (adapter, mode) in variants.items():
+        engine = _engine(rt, mode, batch, s)
+        params = SamplingParams(max_tokens=s.decode_steps + 2, temperature=0, ignore_eos=True)
+        for i, prompt in enumerate(_prompts(batch, s.prompt_len, rt.cfg.vocab_size, s.seed)):
+            engine.add_request(f"d{i}", prompt, params, adapter)
+        while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
+                or engine.scheduler.waiting:
+            engine.step()  # prefill (and the first sampled token) is not part of decode throughput
+        engine.step()  # warm-up decode step
+        engines[name] = engine
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(s.decode_steps):
-        engine.step()
-    return batch * s.decode_steps / (time.perf_counter() - start)
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
 def prefill_tokens_per_s(rt: LDMoleRuntime, adapter: str | None, mode: str, s: BenchSettings) -> float:
@@ -121,6 +131,8 @@ def run(s: BenchSettings) -> dict:
     rt.load_adapter("bench", new_adapter_set(rt.cfg, num_experts=s.experts, rank=s.rank, alpha=2.0 * s.rank,
                                              lambda_hidden=s.lambda_hidden, seed=s.seed, b_std=0.02))
     variants = {"base": (None, "sparse"), "ldmole_sparse": ("bench", "sparse"), "ldmole_dense": ("bench", "dense")}
+    warm = BenchSettings(**{**s.__dict__, "decode_steps": 2, "prefill_prompts": 1, "prefill_len": 32})
+    decode_tokens_per_s(rt, variants, max(s.batch_sizes), warm)  # first calls pay for allocator growth, kernel builds
     result: dict = {
         "shape": s.shape, "device": s.device, "dtype": s.dtype, "threads": torch.get_num_threads(),
         "adapter": {"experts": s.experts, "rank": s.rank, "lambda_hidden": s.lambda_hidden,
@@ -128,9 +140,12 @@ def run(s: BenchSettings) -> dict:
         "prompt_len": s.prompt_len, "decode_steps": s.decode_steps,
         "decode_tokens_per_s": {}, "prefill_tokens_per_s": {},
     }
+    for name in variants:
+        result["decode_tokens_per_s"][name] = {}
+    for b in s.batch_sizes:
+        for name, tps in decode_tokens_per_s(rt, variants, b, s).items():
+            result["decode_tokens_per_s"][name][str(b)] = round(tps, 2)
     for name, (adapter, mode) in variants.items():
-        result["decode_tokens_per_s"][name] = {
-            str(b): round(decode_tokens_per_s(rt, adapter, mode, b, s), 2) for b in s.batch_sizes}
         result["prefill_tokens_per_s"][name] = round(prefill_tokens_per_s(rt, adapter, mode, s), 2)
     dec = result["decode_tokens_per_s"]
     result["ratios"] = {

@@ -67,7 +67,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise LDMoleError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
     settings = BenchSettings(shape=args.shape, dtype=args.dtype, device=args.device)
     if args.quick:
-        settings.decode_steps, settings.prefill_prompts, settings.prefill_len = 4, 2, 128
+        settings.prompt_len, settings.decode_steps, settings.prefill_prompts, settings.prefill_len = 16, 4, 1, 128
     if args.batch_sizes:
         settings.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     result = run(settings)

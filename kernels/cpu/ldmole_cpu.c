@@ -11,6 +11,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_E 64
 #define MAX_R 256
@@ -64,55 +67,69 @@ static void softmax(const float *u, int stride, int E, float *p) {
  * w2, b2       λ-network output layer
  * logits       router logits [n, E * P], expert-major ([E][P]) as the bank stores routers
  * A            the bank's A [G, P, r_max, in]; this set's experts are g_offset .. g_offset + E - 1
- * B            P pointers to the bank's B_i [out_i, G, r_max]
+ * B            P pointers to the bank's B_i [G, r_max, out_i]
  * outs, cols   output width and first column of each projection in y
  * mask         [P] 1 for projections this set adapts (NULL: all)
  * y            fused base output [*, y_stride], updated in place
- * p_out, lam_out  optional captures: p [n, P, E] and λ [n]
+ * p            scratch and output: expert weights [n, P, E]
+ * lam_out      optional output: λ [n]
  */
 void ldmole_group_decode(int n, const int64_t *rows, const float *x, int x_stride, int in,
                          const float *hid, int h, const float *w2, float b2, float eps,
                          const float *logits, int kind, int E, int P,
                          const float *A, int r_max, int r, const float *const *B, int G, int g_offset,
                          const int *outs, const int *cols, const float *mask, float scale,
-                         float *y, int y_stride, float *p_out, float *lam_out) {
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (int t = 0; t < n; t++) {
-        const int64_t row = rows ? rows[t] : t;
-        const float *xr = x + row * (int64_t)x_stride;
-        float *yr = y + row * (int64_t)y_stride;
-        float lam = 0.0f;
-        if (h > 0) {
-            const float *hr = hid + (int64_t)t * h;
-            float v = b2;
-            for (int j = 0; j < h; j++) v += (hr[j] > 0.0f ? hr[j] : 0.0f) * w2[j];
-            /* logsigmoid(v) = min(v, 0) - log1p(exp(-|v|)) */
-            lam = (v < 0.0f ? v : 0.0f) - log1pf(expf(-fabsf(v))) + (1.0f - eps);
-            if (lam_out) lam_out[t] = lam;
+                         float *y, int y_stride, float *p, float *lam_out) {
+#pragma omp parallel if (n > 1)
+    {
+        /* Routing, one token at a time. */
+#pragma omp for schedule(static)
+        for (int t = 0; t < n; t++) {
+            float lam = 0.0f;
+            if (h > 0) {
+                const float *hr = hid + (int64_t)t * h;
+                float v = b2;
+                for (int j = 0; j < h; j++) v += (hr[j] > 0.0f ? hr[j] : 0.0f) * w2[j];
+                /* logsigmoid(v) = min(v, 0) - log1p(exp(-|v|)) */
+                lam = (v < 0.0f ? v : 0.0f) - log1pf(expf(-fabsf(v))) + (1.0f - eps);
+                if (lam_out) lam_out[t] = lam;
+            }
+            for (int i = 0; i < P; i++) {
+                float *pt = p + ((int64_t)t * P + i) * E;
+                const float *u = logits + (int64_t)t * E * P + i;
+                if (kind == ROUTER_SPARSEGEN) sparsegen(u, P, lam, eps, E, pt);
+                else if (kind == ROUTER_SOFTMAX) softmax(u, P, E, pt);
+                else for (int e = 0; e < E; e++) pt[e] = 1.0f;
+                if (mask && mask[i] == 0.0f) for (int e = 0; e < E; e++) pt[e] = 0.0f;
+            }
         }
+        /* Experts, expert-major within each thread's tokens: an expert's A and B are read once
+         * for all the tokens that chose it. Threads own disjoint token rows of y. */
+        int nthreads = 1, tid = 0;
+#ifdef _OPENMP
+        nthreads = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        const int t0 = (int)((int64_t)n * tid / nthreads), t1 = (int)((int64_t)n * (tid + 1) / nthreads);
         for (int i = 0; i < P; i++) {
-            float p[MAX_E];
-            const float *u = logits + (int64_t)t * E * P + i;
-            if (kind == ROUTER_SPARSEGEN) sparsegen(u, P, lam, eps, E, p);
-            else if (kind == ROUTER_SOFTMAX) softmax(u, P, E, p);
-            else for (int e = 0; e < E; e++) p[e] = 1.0f;
-            if (mask && mask[i] == 0.0f) for (int e = 0; e < E; e++) p[e] = 0.0f;
-            if (p_out) for (int e = 0; e < E; e++) p_out[((int64_t)t * P + i) * E + e] = p[e];
+            const int out = outs[i];
             for (int e = 0; e < E; e++) {
-                if (p[e] <= 0.0f) continue;
                 const int g = g_offset + e;
                 const float *Ae = A + (((int64_t)g * P + i) * r_max) * in;
-                float hk[MAX_R];
-                const float w = p[e] * scale;
-                for (int k = 0; k < r; k++) hk[k] = dot(Ae + (int64_t)k * in, xr, in) * w;
-                const float *Bi = B[i] + (int64_t)g * r_max;
-                const int64_t b_stride = (int64_t)G * r_max;
-                float *yo = yr + cols[i];
-                for (int o = 0; o < outs[i]; o++) {
-                    const float *Bo = Bi + o * b_stride;
-                    float acc = 0.0f;
-                    for (int k = 0; k < r; k++) acc += Bo[k] * hk[k];
-                    yo[o] += acc;
+                const float *Be = B[i] + (int64_t)g * r_max * out;
+                for (int t = t0; t < t1; t++) {
+                    const float pe = p[((int64_t)t * P + i) * E + e];
+                    if (pe <= 0.0f) continue;
+                    const int64_t row = rows ? rows[t] : t;
+                    const float *xr = x + row * (int64_t)x_stride;
+                    float *yo = y + row * (int64_t)y_stride + cols[i];
+                    const float w = pe * scale;
+                    for (int k = 0; k < r; k++) {
+                        const float hk = dot(Ae + (int64_t)k * in, xr, in) * w;
+                        const float *Bk = Be + (int64_t)k * out;
+#pragma omp simd
+                        for (int o = 0; o < out; o++) yo[o] += hk * Bk[o];
+                    }
                 }
             }
         }

@@ -5,7 +5,9 @@ concatenated along one "global expert" axis G, so that set s owns experts [offse
 
     A       [G, P, r_max, in]    P = projections in the group; smaller ranks are zero-padded
     router  [G, P, in]
-    B[i]    [out_i, G, r_max]    one per projection (their widths differ under GQA)
+    B[i]    [G, r_max, out_i]    one per projection (their widths differ under GQA); stored
+                                 transposed, so a set's slice is one [E * r, out] matmul operand
+                                 and a kernel's expand step is a contiguous axpy per rank
 
 Zero padding contributes exact zeros, so a set's slice computes the same numbers as its own
 tensors. Stacking happens when a set is added or removed, never per forward, and a set's slice
@@ -84,7 +86,7 @@ class AdapterBank:
                 self.groups[(layer, group)] = GroupBank(
                     layer, group, projs, fan_in, fan_outs,
                     A=self._empty(0, P, 0, fan_in), router=self._empty(0, P, fan_in),
-                    B=[self._empty(o, 0, 0) for o in fan_outs])
+                    B=[self._empty(0, 0, o) for o in fan_outs])
 
     def _empty(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -135,7 +137,7 @@ class AdapterBank:
             A, R, Bs = self._stack_set(t, c, layer, gb, targeted)
             gb.A = torch.cat([gb.A, A])
             gb.router = torch.cat([gb.router, R])
-            gb.B = [torch.cat([b_all, b], dim=1) for b_all, b in zip(gb.B, Bs)]
+            gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs)]
         self.slots.append(slot)
         return len(self.slots) - 1
 
@@ -147,7 +149,7 @@ class AdapterBank:
         keep[slot.offset:slot.offset + slot.num_experts] = False
         for gb in self.groups.values():
             gb.A, gb.router = gb.A[keep].contiguous(), gb.router[keep].contiguous()
-            gb.B = [b[:, keep].contiguous() for b in gb.B]
+            gb.B = [b[keep].contiguous() for b in gb.B]
         for later in self.slots[index:]:
             later.offset -= slot.num_experts
 
@@ -157,20 +159,20 @@ class AdapterBank:
         pad = rank - self.rank_max
         for gb in self.groups.values():
             gb.A = F.pad(gb.A, (0, 0, 0, pad))
-            gb.B = [F.pad(b, (0, pad)) for b in gb.B]
+            gb.B = [F.pad(b, (0, 0, 0, pad)) for b in gb.B]
         self.rank_max = rank
 
     def _stack_set(self, t, c, layer: int, gb: GroupBank, targeted: list[bool]):
         E, r, P = c.num_experts, c.rank, len(gb.projections)
         A = self._empty(E, P, self.rank_max, gb.fan_in)
         R = self._empty(E, P, gb.fan_in)
-        Bs = [self._empty(o, E, self.rank_max) for o in gb.fan_outs]
+        Bs = [self._empty(E, self.rank_max, o) for o in gb.fan_outs]
         for i, (proj, on) in enumerate(zip(gb.projections, targeted)):
             if not on:
                 continue
             prefix = f"layers.{layer}.{proj}."
             A[:, i, :r] = t[prefix + "lora_A"]
-            Bs[i][:, :, :r] = t[prefix + "lora_B"].permute(1, 0, 2)
+            Bs[i][:, :r] = t[prefix + "lora_B"].transpose(1, 2)
             if prefix + "router" in t:
                 R[:, i] = t[prefix + "router"]
         return A, R, Bs

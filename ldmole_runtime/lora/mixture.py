@@ -73,8 +73,8 @@ def dense_delta(y: torch.Tensor, xs: torch.Tensor, index, slot: SetSlot, gb: Gro
     A = gb.A[slot.offset:slot.offset + E].reshape(E * P * r, gb.fan_in)
     h = (xs @ A.T).view(-1, E, P, r) * (p.transpose(1, 2) * slot.scaling).to(xs.dtype)[..., None]
     for i, cols in enumerate(gb.column_slices):
-        B = gb.B[i][:, slot.offset:slot.offset + E].reshape(gb.fan_outs[i], E * r)
-        _add_rows(y, cols, index, h[:, :, i].reshape(-1, E * r) @ B.T)
+        B = gb.B[i][slot.offset:slot.offset + E].reshape(E * r, gb.fan_outs[i])
+        _add_rows(y, cols, index, h[:, :, i].reshape(-1, E * r) @ B)
 
 
 def sparse_expert_delta(y: torch.Tensor, x: torch.Tensor, gb: GroupBank, token: torch.Tensor,
@@ -98,7 +98,7 @@ def sparse_expert_delta(y: torch.Tensor, x: torch.Tensor, gb: GroupBank, token: 
         if deltas[i] is None:
             deltas[i] = y.new_zeros(y.shape[0], gb.fan_outs[i])
         h = (x[t] @ A[k].T) * w[:, None]
-        deltas[i].index_add_(0, t, h @ gb.B[i][:, g].T)
+        deltas[i].index_add_(0, t, h @ gb.B[i][g])
     for delta, cols in zip(deltas, gb.column_slices):
         if delta is not None:
             y[:, cols] += delta
@@ -125,7 +125,7 @@ def fused_cpu_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: 
         hid = torch.addmm(b1, xs, w1.T)
         b2 = slot.lambda_out_bias[gb.fan_in]
     logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).T if router.needs_logits else None
-    p_out = x.new_empty(n, P, E) if capture is not None else None
+    p_out = x.new_empty(n, P, E)
     lam_out = x.new_full((n,), float("nan")) if capture is not None else None
     mask = slot.group_masks[gb.group]
     B_ptrs = (ctypes.c_void_p * P)(*(b.data_ptr() for b in gb.B))
@@ -137,7 +137,7 @@ def fused_cpu_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: 
         ptr(logits), KERNEL_ROUTER[slot.router_kind], E, P,
         gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
         outs, cols, ptr(mask), slot.scaling,
-        y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out))
+        y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lam_out))
     if capture is not None:
         for i, proj in enumerate(gb.projections):
             capture.record(f"{gb.layer}.{proj}", seg.index, p_out[:, i], lam_out if router.needs_lambda else None)
