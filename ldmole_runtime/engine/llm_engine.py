@@ -52,7 +52,8 @@ class RequestOutput:
 @dataclass
 class EngineConfig:
     block_size: int = 16
-    num_blocks: int | None = None  # None: enough for max_num_seqs sequences of max_model_len / 4 tokens
+    num_blocks: int | None = None  # None: as many as kv_cache_gib holds (at least one max_model_len sequence)
+    kv_cache_gib: float = 1.0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the base model's max_position_embeddings
@@ -75,7 +76,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.max_model_len = min(config.max_model_len or runtime.cfg.max_position_embeddings,
                                  runtime.cfg.max_position_embeddings)
-        num_blocks = config.num_blocks or max(config.max_num_seqs * -(-self.max_model_len // 4) // config.block_size, 1)
+        cfg = runtime.cfg
+        block_bytes = (2 * cfg.num_layers * config.block_size * cfg.num_kv_heads * cfg.head_dim
+                       * torch.empty((), dtype=runtime.dtype).element_size())
+        num_blocks = config.num_blocks or max(int(config.kv_cache_gib * 2**30) // block_bytes,
+                                              -(-self.max_model_len // config.block_size))
         if num_blocks * config.block_size < self.max_model_len:
             raise LDMoleError(f"the KV cache ({num_blocks} blocks of {config.block_size}) cannot hold one sequence "
                               f"of max_model_len={self.max_model_len} tokens")
