@@ -215,3 +215,81 @@ def test_async_engine_streams_and_aborts_on_cancel(runtime):
         assert results[i][-1] == greedy_reference(runtime, prompts[i], ["math", None, "code"][i], 6)
     assert len(results[3]) == 2
     assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+class LetterTokenizer:
+    """Token id t is one letter; enough to exercise stop strings and text output without a real tokenizer."""
+    eos_token_id = 2
+
+    def encode(self, text):
+        return [3 + ord(ch) - ord("a") for ch in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + (t - 3) % 26) for t in ids if not (skip_special_tokens and t < 3))
+
+
+def test_stop_strings_stop_ids_min_tokens_and_generated_logprobs(runtime):
+    engine = LLMEngine(runtime, LetterTokenizer(), EngineConfig(block_size=4, num_blocks=64))
+    prompt = random_prompts(1, seed=8)[0]
+    free = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+    engine.add_request("free", prompt, free, adapter="math")
+    full = drain(engine)["free"].outputs[0]
+    tokens = full.token_ids
+    assert full.finish_reason == "length" and len(tokens) == 12
+    assert full.text == LetterTokenizer().decode(tokens)
+
+    # generated-token logprobs equal log_softmax of the full forward at each step
+    for step, entry in enumerate(full.logprobs):
+        lp = torch.log_softmax(runtime.forward(torch.tensor([prompt + tokens[:step]]), "math").logits[0, -1], -1)
+        assert entry.token_id == tokens[step]
+        assert abs(entry.logprob - lp[tokens[step]].item()) <= 1e-4
+        assert list(entry.top) == torch.topk(lp, 3).indices.tolist()
+
+    # a stop string made of generated letters ends the output just before it
+    stop = full.text[5:7]
+    engine.add_request("stop", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]),
+                       adapter="math")
+    out = drain(engine)["stop"].outputs[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:full.text.index(stop)]
+
+    # a stop token id ends generation with that token; min_tokens holds it off
+    engine.add_request("ids", prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[tokens[4]]),
+                       adapter="math")
+    out = drain(engine)["ids"].outputs[0]
+    first = tokens.index(tokens[4])
+    assert out.finish_reason == "stop" and out.token_ids == tokens[:first + 1]
+
+
+def test_n_samples_share_the_prompt_and_are_reproducible(runtime):
+    prompt = random_prompts(1, seed=9)[0]
+    params = SamplingParams(n=3, max_tokens=10, temperature=1.0, seed=42, ignore_eos=True)
+    a = LLM(runtime, block_size=4, num_blocks=96).generate([prompt], params, adapter="code")[0]
+    b = LLM(runtime, block_size=4, num_blocks=96).generate([prompt], params, adapter="code")[0]
+    assert [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) == 3  # three different samples
+    single = LLM(runtime, block_size=4, num_blocks=96).generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=1.0, seed=42, ignore_eos=True), adapter="code")[0]
+    assert single.outputs[0].token_ids == a.outputs[0].token_ids  # sample 0 uses the request's own seed
+
+
+def test_bad_requests_are_refused_without_disturbing_the_batch(runtime):
+    from ldmole_runtime.errors import LDMoleError
+
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=64, max_model_len=40))
+    engine.add_request("ok", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), adapter="math")
+    engine.step()
+    for kwargs, message in [
+        (dict(prompt=[5] * 40), "maximum is 39"),
+        (dict(prompt=[]), "empty"),
+        (dict(prompt=[5, VOCAB]), r"token ids must lie in \[0, 300\)"),
+        (dict(prompt="text"), "need a tokenizer"),
+        (dict(prompt=[5], adapter="nope"), "unknown adapter set 'nope'"),
+        (dict(prompt=[5], request_id="ok"), "already in use"),
+        (dict(prompt=[5], params=SamplingParams(stop=["x"])), "stop strings need a tokenizer"),
+    ]:
+        args = dict(request_id="bad", params=None, adapter=None) | kwargs
+        with pytest.raises(LDMoleError, match=message):
+            engine.add_request(args["request_id"], args["prompt"], args["params"], args["adapter"])
+    done = drain(engine)
+    assert list(done) == ["ok"] and len(done["ok"].outputs[0].token_ids) == 3
