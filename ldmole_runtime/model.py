@@ -29,6 +29,7 @@ class ForwardContext:
     attention: object  # any backend with attend(layer, q, k, v); see attention.py
     mode: str = "sparse"  # "sparse" (serving) or "dense" (all experts, the training-code reference)
     capture: RoutingCapture | None = None
+    dropout: float = 0.0  # adapters' input dropout, training only
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -93,7 +94,8 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if ctx.bank is not None and not ctx.batch.is_bare:
-            apply_group(y, x, ctx.bank, ctx.bank.group(self.layer, self.group), ctx.batch, ctx.mode, ctx.capture)
+            apply_group(y, x, ctx.bank, ctx.bank.group(self.layer, self.group), ctx.batch, ctx.mode, ctx.capture,
+                        ctx.dropout)
         return y
 
 

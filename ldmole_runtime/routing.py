@@ -21,7 +21,7 @@ def lambda_from_mlp(x: torch.Tensor, w1, b1, w2, b2, eps: float = SPARSEGEN_EPS)
     return F.logsigmoid(F.linear(hidden, w2, b2)).squeeze(-1) + (1.0 - eps)
 
 
-def sparsegen_lin(u: torch.Tensor, lam: torch.Tensor, eps: float = SPARSEGEN_EPS) -> torch.Tensor:
+def sparsegen_lin(u: torch.Tensor, lam: torch.Tensor, eps: float = SPARSEGEN_EPS, **_) -> torch.Tensor:
     """Sparsemax of u / (1 - λ) over the last axis; λ broadcasts over it. Returns p >= 0.
 
     The number of non-zero entries k(u) varies per row: that is the learned, per-token expert count
@@ -38,18 +38,25 @@ def sparsegen_lin(u: torch.Tensor, lam: torch.Tensor, eps: float = SPARSEGEN_EPS
     return torch.clamp(u - tau, min=0.0) / torch.clamp(1.0 - lam, min=eps)
 
 
-def softmax_router(u: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+def softmax_router(u: torch.Tensor, lam: torch.Tensor | None = None, **_) -> torch.Tensor:
     return torch.softmax(u.float(), dim=-1)
 
 
-def single_expert(u: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+def top_k_router(u: torch.Tensor, lam: torch.Tensor | None = None, k: int = 2, **_) -> torch.Tensor:
+    """Softmax over the k largest logits, zero elsewhere: the fixed-k MoE-LoRA baseline."""
+    u = u.float()
+    top, index = torch.topk(u, min(k, u.shape[-1]), dim=-1)
+    return torch.zeros_like(u).scatter(-1, index, torch.softmax(top, dim=-1))
+
+
+def single_expert(u: torch.Tensor, lam: torch.Tensor | None = None, **_) -> torch.Tensor:
     """E = 1 is plain LoRA: the one expert always has weight 1."""
     return torch.ones_like(u, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
 class Router:
-    route: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    route: Callable[..., torch.Tensor]  # (u, λ or None, **options) -> p
     needs_lambda: bool  # whether the adapter carries λ-networks for this router
     needs_logits: bool  # whether the adapter carries router weights
 
@@ -57,5 +64,6 @@ class Router:
 ROUTERS: dict[str, Router] = {
     "sparsegen": Router(sparsegen_lin, needs_lambda=True, needs_logits=True),
     "softmax": Router(softmax_router, needs_lambda=False, needs_logits=True),
+    "topk": Router(top_k_router, needs_lambda=False, needs_logits=True),
     "none": Router(single_expert, needs_lambda=False, needs_logits=False),
 }

@@ -55,6 +55,7 @@ class AdapterConfig:
     lambda_hidden: int | None = None  # λ-network width; None when the router needs no λ
     lambda_widths: list[int] = field(default_factory=list)
     num_labels: int | None = None  # set when the adapter carries its own classification head
+    top_k: int | None = None  # experts per token for router "topk"
     base_model: str = ""  # informational: what it was trained on
     format_version: int = FORMAT_VERSION
 
@@ -117,6 +118,8 @@ class AdapterConfig:
         no_shape = [m for m in self.target_modules if not _is_width_pair(self.projection_shapes.get(m))]
         if no_shape:
             raise CheckpointError(f"{source}: projection_shapes has no [in, out] for target module(s) {no_shape}")
+        if self.router == "topk" and not (_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts):
+            raise CheckpointError(f"{source}: router 'topk' needs top_k in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         if ROUTERS[self.router].needs_lambda:
             if not self.lambda_hidden:
                 raise CheckpointError(f"{source}: router {self.router!r} needs lambda_hidden")

@@ -25,7 +25,7 @@ from ..config import ModelConfig
 from ..errors import LDMoleError
 from ..routing import ROUTERS, Router
 from ..adapters.adapter_set import AdapterSet, lambda_key
-from ..adapters.spec import PROJECTION_GROUPS, projection_shapes
+from ..adapters.spec import PROJECTION_GROUPS, AdapterConfig, projection_shapes
 
 
 @dataclass
@@ -44,6 +44,8 @@ class SetSlot:
     group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     score: tuple[torch.Tensor, torch.Tensor | None] | None = None
     num_labels: int | None = None
+    config: AdapterConfig | None = None
+    router_options: dict = field(default_factory=dict)
 
     @property
     def router(self) -> Router:
@@ -116,7 +118,7 @@ class AdapterBank:
         adapter.validate_for(self.cfg, name)
         c = adapter.config
         slot = SetSlot(name, c.num_experts, c.rank, c.scaling, c.router, offset=self.total_experts,
-                       num_labels=c.num_labels)
+                       num_labels=c.num_labels, config=c, router_options={"k": c.top_k} if c.top_k else {})
         t = {k: v.to(self.device) for k, v in adapter.tensors.items()}
         if slot.router.needs_lambda:
             slot.lambda_nets = {w: tuple(t[lambda_key(w, part)].float().contiguous()
@@ -152,6 +154,32 @@ class AdapterBank:
             gb.B = [b[keep].contiguous() for b in gb.B]
         for later in self.slots[index:]:
             later.offset -= slot.num_experts
+
+    def export(self, name: str) -> AdapterSet:
+        """The set's current weights in the native layout (after training, for saving)."""
+        slot = self.slots[self.index_of(name)]
+        c = slot.config
+        E, r, lo = slot.num_experts, slot.rank, slot.offset
+        tensors: dict[str, torch.Tensor] = {}
+        for (layer, _), gb in self.groups.items():
+            for i, proj in enumerate(gb.projections):
+                if proj not in c.target_modules:
+                    continue
+                prefix = f"layers.{layer}.{proj}."
+                tensors[prefix + "lora_A"] = gb.A[lo:lo + E, i, :r].detach().clone()
+                tensors[prefix + "lora_B"] = gb.B[i][lo:lo + E, :r].transpose(1, 2).detach().clone()
+                if slot.router.needs_logits:
+                    tensors[prefix + "router"] = gb.router[lo:lo + E, i].detach().clone()
+        for w, net in slot.lambda_nets.items():
+            for part, t in zip(("0.weight", "0.bias", "2.weight", "2.bias"), net):
+                tensors[lambda_key(w, part)] = t.detach().clone()
+        if slot.score is not None:
+            tensors["score.weight"] = slot.score[0].detach().clone()
+            if slot.score[1] is not None:
+                tensors["score.bias"] = slot.score[1].detach().clone()
+        adapter = AdapterSet(c, {k: v.float().cpu().contiguous() for k, v in tensors.items()})
+        adapter.check_tensors(f"adapter set {name!r}")
+        return adapter
 
     def _grow_rank(self, rank: int) -> None:
         if rank <= self.rank_max:

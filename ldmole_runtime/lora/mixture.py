@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import ctypes
 
 import torch
+import torch.nn.functional as F
 
 from kernels.cpu_kernels import cpu_kernels, ptr
 
@@ -35,7 +36,7 @@ class RoutingCapture:
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # "{layer}.{proj}" -> [N, E]
     lambdas: dict[str, torch.Tensor] = field(default_factory=dict)  # "{layer}.{proj}" -> [N]
 
-    def record(self, key: str, index, p: torch.Tensor, lam: torch.Tensor | None) -> None:
+    def record(self, key: str, index, p: torch.Tensor, lam: torch.Tensor | None, u: torch.Tensor | None = None) -> None:
         if key not in self.routing:
             self.routing[key] = torch.zeros(self.num_tokens, self.num_experts, device=p.device)
             self.lambdas[key] = torch.full((self.num_tokens,), float("nan"), device=p.device)
@@ -45,8 +46,9 @@ class RoutingCapture:
             self.lambdas[key][rows] = lam
 
 
-def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Expert weights p [n, P, E] (fp32) and λ [n] (or None) for the tokens xs of one set."""
+def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor):
+    """Expert weights p [n, P, E] (fp32), λ [n] (or None) and router logits u [n, P, E] for the
+    tokens xs of one set."""
     E, P = slot.num_experts, len(gb.projections)
     router = slot.router
     lam = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in]) if router.needs_lambda else None
@@ -55,9 +57,9 @@ def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor) -> tuple[torch.Tensor,
         u = (xs @ weights.T).view(-1, E, P).transpose(1, 2)
     else:
         u = xs.new_zeros(xs.shape[0], P, 1)
-    p = router.route(u, None if lam is None else lam[:, None])
+    p = router.route(u, None if lam is None else lam[:, None], **slot.router_options)
     mask = slot.group_masks[gb.group]
-    return (p if mask is None else p * mask), lam
+    return (p if mask is None else p * mask), lam, u
 
 
 def _add_rows(y: torch.Tensor, cols: slice, index, delta: torch.Tensor) -> None:
@@ -158,20 +160,25 @@ def _use_cpu_kernel(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
 
 
 def apply_group(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
-                mode: str = "sparse", capture: RoutingCapture | None = None) -> None:
-    """Add the adapters' delta of one group to the fused base output y [N, Σ out] in place."""
+                mode: str = "sparse", capture=None, dropout: float = 0.0) -> None:
+    """Add the adapters' delta of one group to the fused base output y [N, Σ out] in place.
+
+    `dropout` (training) drops the input of the adapters only (A, router and λ-network), as the
+    reference code does; the base projection has already seen the clean x."""
     pairs = []
     for seg in batch.segments:
         slot = bank.slots[seg.set_index]
         if gb.group not in slot.group_masks:
             continue
-        if mode == "sparse" and fused_cpu_segment(y, x, seg, slot, gb, capture):
+        if mode == "sparse" and dropout == 0.0 and fused_cpu_segment(y, x, seg, slot, gb, capture):
             continue
         xs = x if seg.index is None else x[seg.index]
-        p, lam = route(slot, gb, xs)
+        if dropout > 0.0:
+            xs = F.dropout(xs, dropout, training=True)
+        p, lam, u = route(slot, gb, xs)
         if capture is not None:
             for i, proj in enumerate(gb.projections):
-                capture.record(f"{gb.layer}.{proj}", seg.index, p[:, i], lam)
+                capture.record(f"{gb.layer}.{proj}", seg.index, p[:, i], lam, u[:, i])
         if mode == "dense":
             dense_delta(y, xs, seg.index, slot, gb, p)
         else:

@@ -1,0 +1,118 @@
+"""`ldmole train` settings: one dataclass, filled from an optional YAML file and then CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..adapters.spec import ALL_PROJECTIONS
+from ..errors import LDMoleError
+from ..routing import ROUTERS
+
+SCHEDULES = ("multistep", "cosine", "linear", "constant")
+ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "lora")  # "lora": E = 1, plain LoRA
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "arc_easy"  # a built-in dataset name or a JSONL file
+    task: str | None = None  # mc, completion, classification (built-ins imply it)
+    val_data: str | None = None  # default: the same built-in's validation split
+    train_split: str = "train"
+    val_split: str = "validation"
+    limit_train: int | None = None
+    limit_val: int | None = None
+    num_labels: int | None = None  # classification
+    max_length: int = 1024
+    # model and adapter
+    base: str = "default"
+    experts: int = 8
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    lambda_hidden: int = 256
+    lambda_init: str = "kaiming"
+    router: str = "sparsegen"
+    top_k: int = 2
+    # objective
+    ce: float = 1.0
+    lb: float = 1.0
+    reg: float = 0.0
+    lam: float = 0.0
+    k: int = 2
+    label_smoothing: float = 0.1
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lambda_lr: float | None = None  # default: lr
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    schedule: str = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [6, 8])  # epochs, for "multistep"
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    # run
+    out: str = "runs/ldmole"
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 16
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.router not in ROUTER_CHOICES:
+            raise LDMoleError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTER_CHOICES)}")
+        if self.router == "lora":
+            self.experts = 1
+        if self.router != "lora" and self.experts < 2:
+            raise LDMoleError(f"router {self.router!r} needs experts >= 2 (use --router lora for plain LoRA)")
+        if self.router == "topk" and not 1 <= self.top_k <= self.experts:
+            raise LDMoleError(f"top_k must be in [1, experts={self.experts}], got {self.top_k}")
+        if self.schedule not in SCHEDULES:
+            raise LDMoleError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.lambda_init not in ("kaiming", "sparse", "dense"):
+            raise LDMoleError(f"unknown lambda_init {self.lambda_init!r}; choose kaiming, sparse or dense")
+        bad = [m for m in self.target_modules if m not in ALL_PROJECTIONS]
+        if bad or not self.target_modules:
+            raise LDMoleError(f"target_modules {bad or '[]'} are not projections ({', '.join(ALL_PROJECTIONS)})")
+        for name in ("epochs", "batch_size", "grad_accum", "rank", "max_length", "eval_batch_size", "lambda_hidden"):
+            if getattr(self, name) < 1:
+                raise LDMoleError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
+            raise LDMoleError("dropout and label_smoothing must be in [0, 1)")
+        if self.k < 1 or (self.reg > 0 and self.router == "sparsegen" and self.k >= self.experts):
+            raise LDMoleError(f"k must be in [1, experts - 1] for the sparsity term, got k={self.k}, experts={self.experts}")
+
+    @property
+    def router_kind(self) -> str:
+        return "none" if self.router == "lora" else self.router
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None, overrides: dict) -> "TrainConfig":
+        values: dict = {}
+        if yaml_path:
+            import yaml
+
+            try:
+                loaded = yaml.safe_load(Path(yaml_path).read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                raise LDMoleError(f"{yaml_path}: not a readable YAML file ({exc})") from exc
+            if not isinstance(loaded, dict):
+                raise LDMoleError(f"{yaml_path}: expected a mapping of settings")
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(loaded) - known)
+            if unknown:
+                raise LDMoleError(f"{yaml_path}: unknown settings {unknown}")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**values)
+        cfg.check()
+        assert cfg.router_kind in ROUTERS
+        return cfg

@@ -1,0 +1,49 @@
+"""Make one adapter set of a runtime trainable, in place.
+
+Training runs the very forward that serves (the dense mixture path, with autograd): the bank's
+stacked tensors become the parameters, so what is trained is exactly what is served, and
+`export()` reads them back in the native adapter layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LDMoleError
+from ..runtime import LDMoleRuntime
+
+
+class TrainableAdapter(nn.Module):
+    def __init__(self, runtime: LDMoleRuntime, name: str):
+        super().__init__()
+        bank = runtime.bank
+        if bank.names != [name]:
+            raise LDMoleError(f"training needs a runtime holding only the adapter set being trained, found {bank.names}")
+        self.runtime, self.name = runtime, name
+        runtime.model.requires_grad_(False)
+        slot = bank.slots[0]
+        self.lora = nn.ParameterList()
+        self.lambda_net = nn.ParameterList()
+        for gb in bank.groups.values():
+            gb.A = self._param(self.lora, gb.A)
+            gb.router = self._param(self.lora, gb.router) if slot.router.needs_logits else gb.router
+            gb.B = [self._param(self.lora, b) for b in gb.B]
+        slot.lambda_nets = {w: tuple(self._param(self.lambda_net, t) for t in net) for w, net in slot.lambda_nets.items()}
+        if slot.score is not None:
+            weight, bias = slot.score
+            slot.score = (self._param(self.lora, weight), None if bias is None else self._param(self.lora, bias))
+        self.slot = slot
+
+    @staticmethod
+    def _param(params: nn.ParameterList, t: torch.Tensor) -> nn.Parameter:
+        p = nn.Parameter(t.detach().float().clone())
+        params.append(p)
+        return p
+
+    def export(self):
+        return self.runtime.bank.export(self.name)
+
+    def refresh_lambda_bias(self) -> None:
+        """The fused CPU kernel reads λ's output bias as a Python float: update it after training."""
+        self.slot.lambda_out_bias = {w: float(net[3]) for w, net in self.slot.lambda_nets.items()}
