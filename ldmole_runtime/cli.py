@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +79,92 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .training.config import TrainConfig
+    from .training.trainer import train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.no_progress:
+        overrides["progress"] = False
+    cfg = TrainConfig.from_sources(args.config, overrides)
+    metrics = train(cfg)
+    last = metrics["epochs"][-1] if metrics["epochs"] else {}
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"done: adapter in {cfg.out}/adapter, metrics in {cfg.out}/metrics.json; "
+              f"last validation {json.dumps(last.get('validation', {}))}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.llm import LLM
+    from .engine.sampling_params import SamplingParams
+
+    adapters = {"adapter": args.adapter} if args.adapter else {}
+    llm = LLM(args.base, adapters=adapters, dtype=args.dtype, device=args.device)
+    name = "adapter" if args.adapter else None
+    if args.choices:
+        choices = args.choices.split("|")
+        res = llm.score(args.prompt, choices, adapter=name)
+        for i, (choice, s) in enumerate(zip(choices, res.choices)):
+            mark = "*" if i == res.best else " "
+            print(f"{mark} {choice!r}: sum logprob {s.sum_logprob:.4f}, mean {s.mean_logprob:.4f}, greedy {s.is_greedy}")
+        return 0
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    out = llm.generate([args.prompt], params, adapter=name)[0].outputs[0]
+    print(out.text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+    from .training.data import MCExample, load_dataset, mc_prompt, special_tokens
+
+    examples = load_dataset(args.data, args.task, args.split, args.limit)
+    if not examples:
+        raise LDMoleError(f"{args.data}: no examples")
+    texts = []
+    tokenizer = None
+    for ex in examples:
+        if isinstance(ex, MCExample):
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                from .default_base import resolve_base
+                tokenizer = AutoTokenizer.from_pretrained(str(resolve_base(args.base)), local_files_only=True)
+            texts.append(mc_prompt(ex, special_tokens(tokenizer)[0]))
+        else:
+            texts.append(getattr(ex, "text", None) or getattr(ex, "prompt", "") + getattr(ex, "completion", ""))
+    stats = run_report(args.base, args.adapter, texts, args.out, batch_size=args.batch_size, max_length=args.max_length,
+                       tokenizer=tokenizer)
+    print(f"wrote the routing report for {args.adapter} on {len(texts)} texts to {args.out} "
+          f"(mean active experts {stats.get('mean_active_experts', float('nan')):.3f})")
+    return 0
+
+
+def _add_train_flags(t: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from .training.config import TrainConfig
+
+    t.add_argument("--config", help="YAML file of settings (flags override it)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if f.name == "progress":
+            continue
+        if kind == "bool":
+            t.add_argument(flag, action="store_true", default=None, dest=f.name)
+        elif "list" in kind:
+            conv = (lambda s: [int(x) for x in s.split(",")]) if "int" in kind else (lambda s: s.split(","))
+            t.add_argument(flag, type=conv, dest=f.name, help=f"comma-separated (default {f.default_factory()})")
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            t.add_argument(flag, type=conv, dest=f.name, help=f"default {f.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmole", description="Serving runtime for LD-MoLE adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,12 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train an LD-MoLE adapter (runs data-parallel under torchrun)")
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate with (or score choices under) an adapter")
+    g.add_argument("prompt")
+    g.add_argument("--base", default="default")
+    g.add_argument("--adapter", help="adapter folder (native or reference); omit for the bare base")
+    g.add_argument("--choices", help="'|'-separated continuations to score instead of generating")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("report", help="plots of an adapter's learned expert allocation on some data")
+    r.add_argument("adapter", help="adapter folder")
+    r.add_argument("--data", required=True, help="built-in dataset name or JSONL file")
+    r.add_argument("--task", help="task of a JSONL file (mc, completion, classification)")
+    r.add_argument("--split", default="validation")
+    r.add_argument("--limit", type=int, default=200)
+    r.add_argument("--base", default="default")
+    r.add_argument("--out", default="report")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-length", type=int, default=512)
+    r.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train":  # the only command that needs autograd
+            return args.func(args)
         with torch.inference_mode():
             return args.func(args)
     except LDMoleError as exc:

@@ -417,7 +417,7 @@ def test_native_tensors_not_in_target_modules(lm, tmp_path):
 def test_native_unknown_router_kind(lm, tmp_path, capsys):
     native = native_copy(lm, tmp_path / "native")
     edit_json(native / CONFIG_NAME, lambda c: c.update(router="banana"))
-    with pytest.raises(CheckpointError, match=r"unknown router kind 'banana'; known: \['none', 'softmax', 'sparsegen'\]"):
+    with pytest.raises(CheckpointError, match=r"unknown router kind 'banana'; known: \['none', 'softmax', 'sparsegen', 'topk'\]"):
         AdapterSet.load(native)
     with pytest.raises(CheckpointError, match=r"unknown router kind 'banana'"):
         LDMoleRuntime.from_pretrained(lm / "base", adapters={"x": native})
@@ -455,10 +455,10 @@ def test_native_config_not_json(lm, tmp_path):
 
 def test_native_config_unknown_field(lm, tmp_path, capsys):
     native = native_copy(lm, tmp_path / "native")
-    edit_json(native / CONFIG_NAME, lambda c: c.update(top_k=2))
-    with pytest.raises(CheckpointError, match=r"unknown fields \['top_k'\]"):
+    edit_json(native / CONFIG_NAME, lambda c: c.update(expert_capacity=2))
+    with pytest.raises(CheckpointError, match=r"unknown fields \['expert_capacity'\]"):
         AdapterSet.load(native)
-    assert "unknown fields ['top_k']" in cli_forward(capsys, tmp_path, lm / "base", native)
+    assert "unknown fields ['expert_capacity']" in cli_forward(capsys, tmp_path, lm / "base", native)
 
 
 def test_native_config_missing_field(lm, tmp_path):

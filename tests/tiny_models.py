@@ -35,3 +35,21 @@ def hf_logits(path: Path, input_ids: torch.Tensor, *, classifier: bool = False) 
     model = cls.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids).logits
+
+
+def write_char_tokenizer(path: Path) -> Path:
+    """A character-level fast tokenizer (ids < 100) saved beside a tiny model, so that text tasks
+    (training, report, generation) run end to end without a real tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
+    return path

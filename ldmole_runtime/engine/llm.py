@@ -47,7 +47,7 @@ class LLM:
     def __init__(self, base: str | Path | LDMoleRuntime, adapters: dict | None = None, dtype: str = "float32",
                  device: str = "cpu", tokenizer=None, **engine_kwargs):
         if isinstance(base, LDMoleRuntime):
-            runtime = base
+            runtime = base  # tokenizer: as given (None: token ids only)
         else:
             base = resolve_base(base)
             runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=dtype, device=device)

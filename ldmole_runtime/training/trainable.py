@@ -46,4 +46,4 @@ class TrainableAdapter(nn.Module):
 
     def refresh_lambda_bias(self) -> None:
         """The fused CPU kernel reads λ's output bias as a Python float: update it after training."""
-        self.slot.lambda_out_bias = {w: float(net[3]) for w, net in self.slot.lambda_nets.items()}
+        self.slot.lambda_out_bias = {w: float(net[3].detach()) for w, net in self.slot.lambda_nets.items()}

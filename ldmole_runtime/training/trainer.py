@@ -1,0 +1,345 @@
+"""`ldmole train`: LD-MoLE adapters trained with the paper's objective, through the serving forward.
+
+The adapter's weights are the runtime bank's tensors (`TrainableAdapter`), and the forward is the
+runtime's own dense mixture path with autograd, so the saved adapter serves exactly as trained.
+Data-parallel under `torchrun` (DDP: NCCL on GPUs, gloo on CPU); batch sizes are per process and
+only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters.adapter_set import AdapterSet
+from ..adapters.init import new_adapter_set
+from ..attention import DenseCausalAttention
+from ..default_base import resolve_base
+from ..errors import LDMoleError
+from ..lora.adapter_batch import AdapterBatch
+from ..model import ForwardContext
+from ..runtime import LDMoleRuntime
+from .config import TrainConfig
+from .data import ClassificationExample, CompletionExample, MCExample, check_labels, encode, load_dataset
+from .losses import LossWeights, TrainingCapture, objective
+from .trainable import TrainableAdapter
+
+ADAPTER_NAME = "train"
+TASK_OF = {MCExample: "mc", CompletionExample: "completion", ClassificationExample: "classification"}
+
+
+# ---- data --------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], right-padded
+    labels: torch.Tensor  # [B, T], -100 outside the loss; labels[i] is the target of position i
+    mask: torch.Tensor  # [B, T] real tokens
+    lengths: torch.Tensor  # [B]
+    answers: torch.Tensor  # [B] (mc: option index, classification: label; else -1)
+    choice_ids: list[list[int]] | None
+
+
+def collate(encoded: list, pad_id: int) -> Batch:
+    T = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = True
+    answers = torch.tensor([-1 if e.answer is None else e.answer for e in encoded])
+    choices = [e.choice_token_ids for e in encoded] if encoded[0].choice_token_ids is not None else None
+    return Batch(ids, labels, mask, mask.sum(1), answers, choices)
+
+
+def load_examples(cfg: TrainConfig, tokenizer):
+    """Read, check and tokenize everything before any compute is spent."""
+    train = load_dataset(cfg.data, cfg.task, cfg.train_split, cfg.limit_train)
+    val = load_dataset(cfg.val_data or cfg.data, cfg.task, cfg.val_split, cfg.limit_val)
+    if not train:
+        raise LDMoleError(f"{cfg.data}: no training examples")
+    task = TASK_OF[type(train[0])]
+    if val and TASK_OF[type(val[0])] != task:
+        raise LDMoleError(f"validation data is a {TASK_OF[type(val[0])]} task, training data a {task} task")
+    if task == "classification":
+        if cfg.num_labels is None:
+            raise LDMoleError("classification needs --num-labels")
+        check_labels(train, cfg.num_labels)
+        check_labels(val, cfg.num_labels)
+    return task, [encode(e, task, tokenizer, cfg.max_length) for e in train], \
+        [encode(e, task, tokenizer, cfg.max_length) for e in val]
+
+
+# ---- the training forward --------------------------------------------------------------------------
+class TrainStep(nn.Module):
+    """One forward of the frozen base with the trainable adapter: returns every loss term."""
+
+    def __init__(self, runtime: LDMoleRuntime, adapter: TrainableAdapter, task: str, cfg: TrainConfig):
+        super().__init__()
+        self.runtime, self.adapter, self.task, self.cfg = runtime, adapter, task, cfg
+        self.weights = LossWeights(cfg.ce, cfg.lb, cfg.reg, cfg.lam, cfg.k)
+
+    def hidden(self, batch: Batch, dropout: float, capture=None, mode: str = "dense") -> torch.Tensor:
+        B, T = batch.input_ids.shape
+        device = self.runtime.device
+        ctx = ForwardContext(AdapterBatch.build(torch.zeros(B * T, dtype=torch.long), 1), self.runtime.bank,
+                             DenseCausalAttention(B, T), mode, capture, dropout)
+        positions = torch.arange(T, device=device).repeat(B)
+        return self.runtime.model(batch.input_ids.to(device).reshape(-1), positions, ctx).view(B, T, -1)
+
+    def logits(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the positions in the loss."""
+        device = hidden.device
+        if self.task == "classification":
+            pooled = hidden[torch.arange(hidden.shape[0], device=device), batch.lengths.to(device) - 1]
+            weight, bias = self.adapter.slot.score
+            return F.linear(pooled, weight, bias), batch.answers.to(device)
+        labels = batch.labels.to(device)
+        selected = labels != -100
+        return F.linear(hidden[selected], self.runtime.model.lm_head_weight), labels[selected]
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        capture = TrainingCapture()
+        hidden = self.hidden(batch, self.cfg.dropout, capture)
+        logits, targets = self.logits(batch, hidden)
+        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+        return objective(ce, capture, batch.mask.to(hidden.device).reshape(-1), self.weights)
+
+
+@torch.no_grad()
+def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int) -> dict:
+    """mc / classification: accuracy (mc: argmax over the option letters' logits after "Answer: ");
+    completion: mean loss on the completions."""
+    if not encoded:
+        return {}
+    step.adapter.refresh_lambda_bias()
+    correct, total, loss_sum = 0, 0, 0.0
+    active = []
+    for start in range(0, len(encoded), cfg.eval_batch_size):
+        batch = collate(encoded[start:start + cfg.eval_batch_size], pad_id)
+        capture = TrainingCapture()
+        hidden = step.hidden(batch, 0.0, capture, mode="sparse")  # what serving computes
+        mask = batch.mask.reshape(-1).to(hidden.device)
+        active.append(torch.stack([(p > 0).float()[mask].sum(-1).mean() for p in capture.p.values()]).mean().item())
+        if step.task == "mc":
+            first = (batch.labels != -100).int().argmax(1).to(hidden.device)  # the position that predicts the letter
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+            width = max(len(c) for c in batch.choice_ids)  # questions may have 3, 4 or 5 options
+            letters = torch.tensor([c + [c[0]] * (width - len(c)) for c in batch.choice_ids], device=h.device)
+            valid = torch.arange(width, device=h.device)[None, :] < torch.tensor([len(c) for c in batch.choice_ids],
+                                                                                    device=h.device)[:, None]
+            scores = torch.gather(F.linear(h, step.runtime.model.lm_head_weight), 1, letters)
+            scores = scores.masked_fill(~valid, float("-inf"))
+            correct += (scores.argmax(1).cpu() == batch.answers).sum().item()
+        elif step.task == "classification":
+            logits, targets = step.logits(batch, hidden)
+            correct += (logits.argmax(1) == targets).sum().item()
+        else:
+            logits, targets = step.logits(batch, hidden)
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            total += targets.numel()
+            continue
+        total += len(batch.answers)
+    metrics = {"active_experts": sum(active) / len(active)}
+    if step.task == "completion":
+        metrics |= {"loss": loss_sum / max(total, 1)}
+    else:
+        metrics |= {"accuracy": correct / max(total, 1), "examples": total}
+    return metrics
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(out.glob("checkpoint-epoch*"), key=lambda p: int(p.name.removeprefix("checkpoint-epoch")))
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, epoch: int, adapter: TrainableAdapter, optimizer, scheduler, history: list) -> Path:
+    """Written beside its final place and renamed in one step: an interrupted run (Ctrl-C) leaves
+    the previous checkpoint intact and loadable, never half of a new one."""
+    target = out / f"checkpoint-epoch{epoch}"
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
+    try:
+        adapter.export().save(tmp / "adapter")
+        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "history": json.dumps(history)}, tmp / "trainer_state.pt")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def _schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warm = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "multistep":
+            epoch = step // max(steps_per_epoch, 1)
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        progress = (step - warm) / max(total - warm, 1)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def train(cfg: TrainConfig) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    is_main = rank == 0
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+
+    from transformers import AutoTokenizer
+
+    base = resolve_base(cfg.base)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise LDMoleError(f"{base}: training needs the base model's tokenizer ({exc})") from exc
+    task, train_enc, val_enc = load_examples(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    runtime = LDMoleRuntime.from_pretrained(base, dtype="float32", device=device)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if resume_from is not None:
+        adapter_set = AdapterSet.load(resume_from / "adapter")
+    else:
+        adapter_set = new_adapter_set(
+            runtime.cfg, num_experts=cfg.experts, rank=cfg.rank, alpha=cfg.alpha, router=cfg.router_kind,
+            target_modules=cfg.target_modules, lambda_hidden=cfg.lambda_hidden,
+            num_labels=cfg.num_labels if task == "classification" else None, seed=cfg.seed,
+            lambda_init=cfg.lambda_init, top_k=cfg.top_k)
+    runtime.load_adapter(ADAPTER_NAME, adapter_set)
+    adapter = TrainableAdapter(runtime, ADAPTER_NAME)
+    step_module = TrainStep(runtime, adapter, task, cfg)
+    model = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
+
+    groups = [{"params": list(adapter.lora), "lr": cfg.lr}]
+    if len(adapter.lambda_net):
+        groups.append({"params": list(adapter.lambda_net), "lr": cfg.lambda_lr or cfg.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    per_rank = math.ceil(len(train_enc) / world)
+    steps_per_epoch = math.ceil(per_rank / (cfg.batch_size * cfg.grad_accum))
+    scheduler = _schedule(cfg, optimizer, steps_per_epoch)
+    history: list = []
+    first_epoch = 1
+    if resume_from is not None:
+        state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = json.loads(state["history"])
+        first_epoch = state["epoch"] + 1
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
+    start_time = time.time()
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        order = list(range(len(train_enc)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        mine = order[rank::world]
+        batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        sums: dict[str, float] = {}
+        tokens, t0 = 0, time.time()
+        bar = _progress(len(batches), f"epoch {epoch}/{cfg.epochs}", cfg.progress and is_main)
+        step_module.train()
+        for b, index in enumerate(batches):
+            batch = collate([train_enc[i] for i in index], pad_id)
+            last_of_group = (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches)
+            sync = model.no_sync() if world > 1 and not last_of_group else _null()
+            with sync, autocast:
+                terms = model(batch)
+            (terms["loss"] / cfg.grad_accum).backward()
+            if last_of_group:
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            tokens += int(batch.mask.sum())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", ce=f"{float(terms['ce']):.3f}",
+                                lb=f"{float(terms['load_balance']):.3f}", experts=f"{float(terms['active_experts']):.2f}",
+                                tok_s=f"{tokens * world / max(time.time() - t0, 1e-9):.0f}")
+        if bar is not None:
+            bar.close()
+        step_module.eval()
+        record = {"epoch": epoch, "train": {k: v / max(len(batches), 1) for k, v in sums.items()},
+                  "train_tokens_per_s": tokens * world / max(time.time() - t0, 1e-9),
+                  "wall_s": time.time() - start_time}
+        if is_main:
+            record["validation"] = evaluate(step_module, val_enc, cfg, pad_id)
+            history.append(record)
+            save_checkpoint(out, epoch, adapter, optimizer, scheduler, history)
+            print(f"epoch {epoch}: train loss {record['train'].get('loss', float('nan')):.4f}, "
+                  f"validation {json.dumps(record['validation'])}", flush=True)
+        if world > 1:
+            dist.barrier()
+
+    metrics = {"task": task, "train_examples": len(train_enc), "validation_examples": len(val_enc),
+               "world_size": world, "epochs": history, "config": cfg.to_dict()}
+    if is_main:
+        final = latest_checkpoint(out)
+        if final is not None:
+            if (out / "adapter").exists():
+                shutil.rmtree(out / "adapter")
+            shutil.copytree(final / "adapter", out / "adapter")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)
