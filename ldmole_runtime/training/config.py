@@ -79,7 +79,9 @@ class TrainConfig:
         bad = [m for m in self.target_modules if m not in ALL_PROJECTIONS]
         if bad or not self.target_modules:
             raise LDMoleError(f"target_modules {bad or '[]'} are not projections ({', '.join(ALL_PROJECTIONS)})")
-        for name in ("epochs", "batch_size", "grad_accum", "rank", "max_length", "eval_batch_size", "lambda_hidden"):
+        if self.epochs < 0:
+            raise LDMoleError(f"epochs must be >= 0 (0: only evaluate the untrained adapter, i.e. the base), got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "rank", "max_length", "eval_batch_size", "lambda_hidden"):
             if getattr(self, name) < 1:
                 raise LDMoleError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:

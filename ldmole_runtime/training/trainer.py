@@ -314,6 +314,11 @@ def train(cfg: TrainConfig) -> dict:
         if world > 1:
             dist.barrier()
 
+    if cfg.epochs == 0 and is_main:  # B starts at zero: this measures the bare base under the same protocol
+        step_module.eval()
+        history.append({"epoch": 0, "validation": evaluate(step_module, val_enc, cfg, pad_id)})
+        print(f"untrained (= base) validation {json.dumps(history[-1]['validation'])}", flush=True)
+
     metrics = {"task": task, "train_examples": len(train_enc), "validation_examples": len(val_enc),
                "world_size": world, "epochs": history, "config": cfg.to_dict()}
     if is_main:
