@@ -177,3 +177,54 @@ def test_bad_input_fails_before_compute(base, data, tmp_path, capsys, flags, mes
     err = capsys.readouterr().err
     assert "error" in err and message in err
     assert not (tmp_path / "o" / "checkpoint-epoch1").exists()
+
+
+def test_classification_and_completion_tasks_and_yaml_config(base, tmp_path):
+    cls_train, cls_val = tmp_path / "cls_train.jsonl", tmp_path / "cls_val.jsonl"
+    for path, seed in ((cls_train, 0), (cls_val, 1)):
+        g = random.Random(seed)
+        with open(path, "w") as f:
+            for _ in range(40 if seed == 0 else 16):
+                word = g.choice(sorted(KEYS))
+                f.write(json.dumps({"text": f"the {word} one", "label": KEYS[word] % 2}) + "\n")
+    yaml_file = tmp_path / "cls.yaml"
+    yaml_file.write_text(f"task: classification\nnum_labels: 2\nrouter: topk\ntop_k: 2\nexperts: 4\nrank: 4\n"
+                         f"lambda_hidden: 16\ndropout: 0.0\nepochs: 6\nlr: 0.01\nschedule: cosine\nwarmup_steps: 2\n"
+                         f"batch_size: 8\nmax_length: 64\nprogress: false\ndevice: cpu\n")
+    cfg = TrainConfig.from_sources(str(yaml_file), {"base": str(base), "data": str(cls_train), "val_data": str(cls_val),
+                                                    "out": str(tmp_path / "cls")})
+    metrics = train(cfg)
+    assert metrics["task"] == "classification"
+    assert metrics["epochs"][-1]["validation"]["accuracy"] >= 0.75  # chance 0.5
+    saved = AdapterSet.load(tmp_path / "cls" / "adapter")
+    assert saved.config.num_labels == 2 and saved.config.router == "topk" and saved.config.top_k == 2
+    rt = LDMoleRuntime.from_pretrained(base, adapters={"cls": tmp_path / "cls" / "adapter"})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = torch.tensor([tok.encode("<s>the blue one</s>")])
+    assert rt.forward(ids, "cls").logits.shape == (1, 2)  # served through the adapter's own score head
+
+    comp = tmp_path / "comp.jsonl"
+    comp.write_text("".join(json.dumps({"prompt": f"say {w}:", "completion": f" {w}{w}"}) + "\n" for w in KEYS) * 4)
+    metrics = train(TrainConfig.from_sources(None, dict(
+        base=str(base), data=str(comp), val_data=str(comp), task="completion", experts=4, rank=4, lambda_hidden=16,
+        epochs=3, lr=1e-2, batch_size=4, max_length=64, progress=False, device="cpu", out=str(tmp_path / "comp"))))
+    losses = [e["validation"]["loss"] for e in metrics["epochs"]]
+    assert losses[-1] < losses[0]
+    with pytest.raises(LDMoleError, match="unknown settings"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("learning_rate: 0.1\n")
+        TrainConfig.from_sources(str(bad), {})
+
+
+def test_generate_cli_after_training(base, data, tmp_path, capsys):
+    train(config(base, data, tmp_path / "run", epochs=1))
+    capsys.readouterr()
+    assert main(["generate", "Key red?", "--base", str(base), "--adapter", str(tmp_path / "run" / "adapter"),
+                 "--max-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out.strip("\n")) <= 5  # five character tokens at most
+    assert main(["generate", "Key red? Answer: ", "--base", str(base), "--adapter", str(tmp_path / "run" / "adapter"),
+                 "--choices", "A|B|C|D"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and sum(line.startswith("*") for line in lines) == 1
