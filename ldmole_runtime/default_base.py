@@ -119,7 +119,7 @@ def _convert(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
     # The GGUF stores no lm_head: SmolLM2 ties it to the input embedding.
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(
+        raise LDMoleError(
             f"{gguf_path.name} does not fit {type(model).__name__}: "
             f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
         )

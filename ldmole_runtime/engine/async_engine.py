@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+from ..errors import LDMoleError
 from .llm_engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -34,7 +35,6 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine loop has stopped") from self.errored
         request = self.engine.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from)
         if request_id in self._queues or request_id in self.engine.requests:
-            from ..errors import LDMoleError
             raise LDMoleError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue

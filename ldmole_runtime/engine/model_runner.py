@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import PagedAttention
+from ..errors import LDMoleError
 from ..lora.adapter_batch import AdapterBatch
 from ..model import ForwardContext
 from ..runtime import LDMoleRuntime
@@ -32,7 +33,8 @@ class ModelRunner:
     def __init__(self, runtime: LDMoleRuntime, num_blocks: int, block_size: int, mode: str = "sparse"):
         cfg = runtime.cfg
         if runtime.model.lm_head_weight is None:
-            raise ValueError("the engine generates text: the base model needs an LM head")
+            raise LDMoleError("the engine generates text: the base model needs an LM head "
+                              "(a sequence-classification checkpoint has none)")
         self.runtime, self.block_size, self.mode = runtime, block_size, mode
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=runtime.dtype, device=runtime.device)
