@@ -293,3 +293,67 @@ def test_bad_requests_are_refused_without_disturbing_the_batch(runtime):
             engine.add_request(args["request_id"], args["prompt"], args["params"], args["adapter"])
     done = drain(engine)
     assert list(done) == ["ok"] and len(done["ok"].outputs[0].token_ids) == 3
+
+
+def test_unloading_a_set_aborts_its_requests_and_leaves_the_rest_intact(runtime):
+    from ldmole_runtime.errors import LDMoleError
+
+    extra = new_adapter_set(runtime.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=21, b_std=0.08)
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=96))
+    engine.load_adapter("extra", extra)
+    try:
+        prompts = random_prompts(4, seed=10, lo=9, hi=12)
+        adapters = ["extra", "math", None, "extra"]
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        for i, (p, a) in enumerate(zip(prompts, adapters)):
+            engine.add_request(f"u{i}", p, params, adapter=a)
+        engine.step()
+        engine.step()
+        assert sorted(engine.unload_adapter("extra")) == ["u0", "u3"]
+        done = drain(engine)
+        assert [done[f"u{i}"].outputs[0].finish_reason for i in range(4)] == ["abort", "length", "length", "abort"]
+        for i in (1, 2):  # the other sets' requests continue exactly, though the bank was restacked
+            assert done[f"u{i}"].outputs[0].token_ids == greedy_reference(runtime, prompts[i], adapters[i], 6)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        with pytest.raises(LDMoleError, match="unknown adapter set 'extra'"):
+            engine.add_request("late", prompts[0], params, adapter="extra")
+
+        # reloaded under the same name with other weights: the old cached prefix must not be served
+        engine.load_adapter("extra", extra)
+        engine.add_request("v0", prompts[0], params, adapter="extra")
+        first = drain(engine)["v0"]
+        engine.unload_adapter("extra")
+        other = new_adapter_set(runtime.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=22, b_std=0.08)
+        engine.load_adapter("extra", other)
+        engine.add_request("v1", prompts[0], params, adapter="extra")
+        second = drain(engine)["v1"]
+        assert first.num_cached_tokens == 0 and second.num_cached_tokens == 0
+        assert second.outputs[0].token_ids == greedy_reference(runtime, prompts[0], "extra", 6)
+    finally:
+        if "extra" in runtime.bank.names:
+            runtime.unload_adapter("extra")
+
+
+def test_async_engine_changes_adapters_between_steps(runtime):
+    import asyncio
+
+    from ldmole_runtime.engine.async_engine import AsyncLLMEngine
+    from ldmole_runtime.errors import LDMoleError
+
+    engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=64))
+    aengine = AsyncLLMEngine(engine)
+    extra = new_adapter_set(runtime.cfg, num_experts=2, rank=2, lambda_hidden=8, seed=31, b_std=0.08)
+
+    async def main():
+        await aengine.load_adapter("late", extra)
+        outs = [o async for o in aengine.generate("a", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0,
+                                                                               ignore_eos=True), adapter="late")]
+        with pytest.raises(LDMoleError, match="unknown adapter set 'nope'"):
+            await aengine.unload_adapter("nope")
+        assert await aengine.unload_adapter("late") == []
+        await aengine.shutdown()
+        return outs[-1]
+
+    last = asyncio.run(main())
+    assert last.finished and len(last.outputs[0].token_ids) == 3
+    assert "late" not in runtime.bank.names

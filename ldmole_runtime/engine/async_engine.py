@@ -21,6 +21,7 @@ class AsyncLLMEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._to_admit: list = []
         self._to_abort: list[str] = []
+        self._controls: list = []  # (callable, future): engine changes that must happen between steps
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.errored: BaseException | None = None
@@ -54,6 +55,20 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def call_between_steps(self, fn):
+        """Run fn(engine) in the loop between two steps (e.g. loading or unloading an adapter set)."""
+        future = asyncio.get_running_loop().create_future()
+        self._controls.append((fn, future))
+        self._ensure_loop()
+        self._wake.set()
+        return await future
+
+    async def load_adapter(self, name: str, source) -> None:
+        await self.call_between_steps(lambda engine: engine.load_adapter(name, source))
+
+    async def unload_adapter(self, name: str) -> list[str]:
+        return await self.call_between_steps(lambda engine: engine.unload_adapter(name))
+
     def abort(self, request_id: str) -> None:
         self._to_abort.append(request_id)
         self._wake.set()
@@ -66,6 +81,12 @@ class AsyncLLMEngine:
         engine = self.engine
         try:
             while True:
+                while self._controls:
+                    fn, future = self._controls.pop(0)
+                    try:
+                        future.set_result(fn(engine))
+                    except Exception as exc:  # a bad request to change the engine fails alone
+                        future.set_exception(exc)
                 while self._to_admit:
                     engine.admit(self._to_admit.pop(0))
                 while self._to_abort:

@@ -131,12 +131,14 @@ class LLMEngine:
             prompt_logprobs_from = 1
         if prompt_logprobs_from is not None:
             prompt_logprobs_from = min(max(prompt_logprobs_from, 1), len(token_ids))
-        adapter_key = "" if adapter is None else f"{adapter}#{id(self.runtime.bank.slots[adapter_index])}"
+        # the hash key names this very load of the set: a set reloaded under the same name never
+        # reuses blocks computed with the old weights
+        adapter_key = "" if adapter is None else f"{adapter}#{self.runtime.bank.slots[adapter_index].uid}"
         seqs = []
         for i in range(params.n):
             seed = params.sample_seed(i)
             seqs.append(Sequence(
-                request_id, i, list(token_ids), len(token_ids), adapter_index, adapter_key, params,
+                request_id, i, list(token_ids), len(token_ids), adapter, adapter_key, params,
                 generator=None if seed is None else torch.Generator(self.runtime.device).manual_seed(seed),
                 prompt_logprobs_start=prompt_logprobs_from if i == 0 else None))
         return _Request(request_id, adapter, seqs, params)
@@ -157,6 +159,18 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+
+    def load_adapter(self, name: str, source) -> None:
+        self.runtime.load_adapter(name, source)
+
+    def unload_adapter(self, name: str) -> list[str]:
+        """Abort the set's requests (they finish with reason "abort"), then drop its weights."""
+        self.runtime.adapter_index(name)  # unknown name: a clear error, nothing aborted
+        aborted = [rid for rid, r in self.requests.items() if r.adapter == name]
+        for rid in aborted:
+            self.abort(rid)
+        self.runtime.unload_adapter(name)
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         return any(not r.finished_reported for r in self.requests.values())

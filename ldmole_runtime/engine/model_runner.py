@@ -45,6 +45,7 @@ class ModelRunner:
         input_ids: list[int] = []
         q_lens, ctx_lens, starts, set_ids, tables = [], [], [], [], []
         sample_seqs, sample_rows, prompt_rows, prompt_index = [], [], [], []
+        index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
         for seq, n in batch:
             c = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -52,7 +53,7 @@ class ModelRunner:
             q_lens.append(n)
             ctx_lens.append(c + n)
             starts.append(c)
-            set_ids.append(seq.adapter)
+            set_ids.append(-1 if seq.adapter is None else index_of[seq.adapter])
             tables.append(seq.block_table)
             if c + n == seq.num_tokens:
                 sample_seqs.append(seq)

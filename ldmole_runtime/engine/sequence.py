@@ -26,7 +26,7 @@ class Sequence:
     index: int  # which of the request's n samples
     token_ids: list[int]
     num_prompt_tokens: int
-    adapter: int  # adapter-set index, -1 = bare base
+    adapter: str | None  # adapter-set name (None: the bare base); its bank index can change between steps
     adapter_key: str  # identifies the adapter set's weights in prefix-cache hashes
     params: SamplingParams
     generator: torch.Generator | None = None

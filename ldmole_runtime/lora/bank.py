@@ -16,6 +16,7 @@ tensors. Stacking happens when a set is added or removed, never per forward, and
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,9 @@ from ..errors import LDMoleError
 from ..routing import ROUTERS, Router
 from ..adapters.adapter_set import AdapterSet, lambda_key
 from ..adapters.spec import PROJECTION_GROUPS, AdapterConfig, projection_shapes
+
+
+_slot_uids = itertools.count()
 
 
 @dataclass
@@ -46,6 +50,7 @@ class SetSlot:
     num_labels: int | None = None
     config: AdapterConfig | None = None
     router_options: dict = field(default_factory=dict)
+    uid: int = field(default_factory=lambda: next(_slot_uids))  # unique per load, unlike the name or index
 
     @property
     def router(self) -> Router:
