@@ -67,6 +67,7 @@ class GroupBank:
     A: torch.Tensor
     router: torch.Tensor
     B: list[torch.Tensor]
+    kernel_cache: tuple | None = field(default=None, repr=False)  # C-side view of B, see mixture._kernel_layout
 
     @property
     def column_slices(self) -> list[slice]:

@@ -130,9 +130,7 @@ def fused_cpu_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: 
     p_out = x.new_empty(n, P, E)
     lam_out = x.new_full((n,), float("nan")) if capture is not None else None
     mask = slot.group_masks[gb.group]
-    B_ptrs = (ctypes.c_void_p * P)(*(b.data_ptr() for b in gb.B))
-    outs = (ctypes.c_int * P)(*gb.fan_outs)
-    cols = (ctypes.c_int * P)(*(s.start for s in gb.column_slices))
+    B_ptrs, outs, cols = _kernel_layout(gb)
     lib.ldmole_group_decode(
         n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
         ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
@@ -149,6 +147,17 @@ def fused_cpu_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: 
 # Measured on 2 cores (SmolLM2 shape, E=8 r=8): the kernel beats the grouped torch path at 8, 128
 # and 512 tokens per set, so on CPU it takes every size; tests lower this to exercise the torch path.
 CPU_KERNEL_MAX_TOKENS = 1 << 20
+
+
+def _kernel_layout(gb: GroupBank) -> tuple:
+    """The group's B pointers, widths and column offsets as C arrays, rebuilt only when the bank
+    restacks (a new B tensor has a new address): this runs 120 times per decode step."""
+    key = tuple(b.data_ptr() for b in gb.B)
+    if gb.kernel_cache is None or gb.kernel_cache[0] != key:
+        P = len(gb.B)
+        gb.kernel_cache = (key, ((ctypes.c_void_p * P)(*key), (ctypes.c_int * P)(*gb.fan_outs),
+                                 (ctypes.c_int * P)(*(s.start for s in gb.column_slices))))
+    return gb.kernel_cache[1]
 KERNEL_ROUTER = {"sparsegen": 0, "softmax": 1, "none": 2}
 
 
