@@ -25,13 +25,16 @@ def runtime(tmp_path_factory):
     return rt
 
 
-@pytest.fixture(params=["cpu-kernel", "torch-grouped"])
+@pytest.fixture(params=["cpu-kernel", "torch-gathered", "torch-grouped"])
 def sparse_impl(request, monkeypatch):
-    """The sparse path has two implementations on CPU: the fused C kernel (few tokens) and torch."""
+    """The sparse path's implementations: the fused C kernel (CPU), and in torch (GPU, or no C
+    compiler) a gathered one for few pairs and a per-expert grouped one for many."""
     from ldmole_runtime.lora import mixture
 
-    if request.param == "torch-grouped":
+    if request.param != "cpu-kernel":
         monkeypatch.setattr(mixture, "CPU_KERNEL_MAX_TOKENS", -1)
+    if request.param == "torch-grouped":
+        monkeypatch.setattr(mixture, "GATHER_MAX_PAIRS", -1)
     return request.param
 
 

@@ -79,13 +79,44 @@ def dense_delta(y: torch.Tensor, xs: torch.Tensor, index, slot: SetSlot, gb: Gro
         _add_rows(y, cols, index, h[:, :, i].reshape(-1, E * r) @ B)
 
 
+# Up to this many (token, expert) pairs, each pair gathers its own A and B and one batched matmul
+# does them all (few kernel launches: what decode on a GPU wants); beyond, the weights a gather
+# would copy outgrow the work, and pairs are grouped per expert instead.
+GATHER_MAX_PAIRS = 2048
+
+
 def sparse_expert_delta(y: torch.Tensor, x: torch.Tensor, gb: GroupBank, token: torch.Tensor,
                         expert: torch.Tensor, proj: torch.Tensor, weight: torch.Tensor) -> None:
     """Torch reference of the sparse dispatch: y[t, cols_i] += w · B_i[g] (A[g, i] x_t) per pair.
 
-    Pairs (token, global expert g, projection i, weight) are grouped by (g, i), i.e. by adapter set
-    and expert, and each group is one pair of small matmuls. Only experts with p > 0 appear.
+    Pairs are (token, global expert g, projection i, weight); only experts with p > 0 appear.
     """
+    if token.numel() <= GATHER_MAX_PAIRS:
+        gathered_expert_delta(y, x, gb, token, expert, proj, weight)
+    else:
+        grouped_expert_delta(y, x, gb, token, expert, proj, weight)
+
+
+def gathered_expert_delta(y, x, gb: GroupBank, token, expert, proj, weight) -> None:
+    """Every pair with its own gathered A [r, in] and B [r, out]: batched matmuls, no per-expert loop."""
+    P = len(gb.projections)
+    order = torch.argsort(proj, stable=True)
+    token, expert, proj, weight = token[order], expert[order], proj[order], weight[order].to(x.dtype)
+    A = gb.A[expert, proj]  # [M, r, in]
+    h = torch.bmm(A, x[token].unsqueeze(-1)).squeeze(-1) * weight[:, None]  # [M, r]
+    counts = torch.bincount(proj, minlength=P).tolist()
+    start = 0
+    for i, (n, cols) in enumerate(zip(counts, gb.column_slices)):
+        if n:
+            part = slice(start, start + n)
+            out = torch.bmm(h[part].unsqueeze(1), gb.B[i][expert[part]]).squeeze(1)  # [n, out_i]
+            delta = y.new_zeros(y.shape[0], gb.fan_outs[i]).index_add_(0, token[part], out)
+            y[:, cols] += delta
+        start += n
+
+
+def grouped_expert_delta(y, x, gb: GroupBank, token, expert, proj, weight) -> None:
+    """Pairs grouped by (g, i), i.e. by adapter set and expert: one pair of matmuls per group."""
     P = len(gb.projections)
     key = expert * P + proj
     order = torch.argsort(key, stable=True)
