@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_sources(args.config, overrides)
     metrics = train(cfg)
     last = metrics["epochs"][-1] if metrics["epochs"] else {}
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: adapter in {cfg.out}/adapter, metrics in {cfg.out}/metrics.json; "
               f"last validation {json.dumps(last.get('validation', {}))}")
     return 0

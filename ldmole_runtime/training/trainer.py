@@ -120,10 +120,6 @@ class TrainStep(nn.Module):
         return objective(ce, capture, batch.mask.to(hidden.device).reshape(-1), self.weights)
 
 
-def hidden_device(step: TrainStep) -> torch.device:
-    return torch.device(step.runtime.device)
-
-
 @torch.no_grad()
 def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int) -> dict:
     """mc / classification: accuracy (mc: argmax over the option letters' logits after "Answer: ");
@@ -138,7 +134,7 @@ def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int) -> d
         capture = TrainingCapture()
         # CPU: the sparse path serving uses (its fused kernel is also the fastest there); GPU: dense,
         # until the GPU kernels remove the sparse path's host syncs
-        mode = "sparse" if hidden_device(step).type == "cpu" else "dense"
+        mode = "sparse" if step.runtime.device.type == "cpu" else "dense"
         hidden = step.hidden(batch, 0.0, capture, mode=mode)
         mask = batch.mask.reshape(-1).to(hidden.device)
         active.append(torch.stack([(p > 0).float()[mask].sum(-1).mean() for p in capture.p.values()]).mean().item())
