@@ -111,12 +111,13 @@ def test_export_reload_gives_identical_outputs(base, data, tmp_path):
 
 
 def test_sparsity_control_lowers_active_experts(base, data, tmp_path):
-    common = dict(experts=6, lambda_init="dense", epochs=2, lr=1e-2, lb=0.0)
+    common = dict(experts=6, lambda_init="dense", epochs=2, lr=1e-2, lambda_lr=5e-2, lb=0.0)
     free = train(config(base, data, tmp_path / "free", reg=0.0, **common))
     capped = train(config(base, data, tmp_path / "capped", reg=50.0, k=2, **common))
     a_free = free["epochs"][-1]["validation"]["active_experts"]
     a_capped = capped["epochs"][-1]["validation"]["active_experts"]
-    assert a_capped < a_free - 0.5, (a_free, a_capped)
+    assert a_capped < a_free - 1.0, (a_free, a_capped)  # observed 3.21 -> 1.12
+    assert a_capped < 2.0  # k = 2 caps it
 
 
 def test_interrupted_run_keeps_its_last_checkpoint_and_resumes(base, data, tmp_path, monkeypatch):
