@@ -98,6 +98,13 @@ def test_score_ranks_like_brute_force(runtime):
             brute.append(sum(lp[len(context) - 1 + t, tok].item() for t, tok in enumerate(c)))
         assert [abs(s.sum_logprob - b) <= 1e-4 for s, b in zip(result.choices, brute)] == [True] * 4
         assert result.best == max(range(4), key=lambda i: brute[i])
+    # the context's KV is computed once (11 tokens: two full blocks shared, the partial one copied)
+    engine = llm.engine
+    context = [g.randrange(3, VOCAB) for _ in range(11)]  # new: no prefix-cache hit
+    before = engine.stats()["computed_tokens"]
+    llm.score(context, choices)
+    assert engine.stats()["computed_tokens"] - before == len(context) + sum(len(c) for c in choices)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.held
 
 
 def test_prefix_cache_hits_only_under_the_same_adapter_set(runtime):
@@ -357,3 +364,27 @@ def test_async_engine_changes_adapters_between_steps(runtime):
     last = asyncio.run(main())
     assert last.finished and len(last.outputs[0].token_ids) == 3
     assert "late" not in runtime.bank.names
+
+
+def test_block_manager_fork_shares_full_blocks_and_copies_the_partial_one():
+    from ldmole_runtime.engine.block_manager import BlockManager
+    from ldmole_runtime.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    params = SamplingParams(max_tokens=0)
+    parent = Sequence("p", 0, list(range(10)), 10, None, "", params)
+    assert bm.allocate(parent, 10)
+    parent.num_computed_tokens = 10
+    bm.commit(parent)
+    copies = []
+    child = Sequence("c", 0, list(range(12)), 12, None, "", params)
+    assert bm.fork(parent, child, lambda src, dst: copies.append((src, dst)))
+    assert child.block_table[:2] == parent.block_table[:2] and child.num_computed_tokens == 10
+    assert copies == [(parent.block_table[2], child.block_table[2])]
+    assert [bm.blocks[b].ref_count for b in parent.block_table] == [2, 2, 1]
+    other = Sequence("d", 0, list(range(12)), 12, None, "", params)
+    assert not bm.fork(parent, other, lambda src, dst: copies.append((src, dst)))  # no block left to copy into
+    assert other.block_table == [] and len(copies) == 1
+    bm.release(parent)
+    bm.release(child)
+    assert bm.num_free_blocks == 4 and all(b.ref_count == 0 for b in bm.blocks)

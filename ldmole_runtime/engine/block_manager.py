@@ -102,6 +102,27 @@ class BlockManager:
             block.hash, block.token_ids = h, tokens
             self.cached.setdefault(h, block.block_id)  # an identical block computed concurrently stays the one served
 
+    def fork(self, parent: Sequence, child: Sequence, copy_block) -> bool:
+        """Give `child` the KV of everything `parent` has computed: full blocks are shared (reference
+        counts), the partial last block is copied with copy_block(src, dst), since the child will
+        write its own tokens after it. False, changing nothing, if no block is free for the copy."""
+        bs = self.block_size
+        full, partial = divmod(parent.num_computed_tokens, bs)
+        if partial and not self.free:
+            return False
+        for block_id in parent.block_table[:full]:
+            self._take(block_id)
+            child.block_table.append(block_id)
+        if partial:
+            block_id = next(iter(self.free))
+            self._evict(block_id)
+            self._take(block_id)
+            copy_block(parent.block_table[full], block_id)
+            child.block_table.append(block_id)
+        child.num_computed_tokens = child.num_cached_tokens = parent.num_computed_tokens
+        self.hashes[child.seq_id] = list(self.hashes.get(parent.seq_id, []))[:full]
+        return True
+
     # ---- allocation ----------------------------------------------------------------------------------
     def can_hold(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks

@@ -86,27 +86,37 @@ class LLM:
     def score(self, context: str | list[int], choices: Seq[str | list[int]], adapter: str | None = None) -> ScoreResult:
         """Log-likelihood of each choice after the context (multiple choice).
 
-        The context runs first, alone, so its full KV blocks enter the prefix cache; every choice
-        then reuses them and computes only its own tokens (plus the context's last partial block).
+        The context's KV is computed once: every choice is a fork of it (full blocks shared, the
+        last partial block copied) and computes only its own tokens; the first choice token's
+        logprob comes from the context's last position.
         """
         ctx_ids = self.engine._encode(context)
         choice_ids = [self.engine._encode(c) for c in choices]
         if not ctx_ids or any(not c for c in choice_ids):
             raise LDMoleError("score needs a non-empty context and non-empty choices")
-        warm = f"score-ctx-{next(self._ids)}"
-        self.engine.add_request(warm, ctx_ids, SamplingParams(max_tokens=0), adapter)
-        self._run([warm])
-        ids = []
-        for c in choice_ids:
-            rid = f"score-{next(self._ids)}"
-            self.engine.add_request(rid, ctx_ids + c, SamplingParams(max_tokens=0, prompt_logprobs=None), adapter,
-                                    prompt_logprobs_from=len(ctx_ids))
-            ids.append(rid)
+        ctx = f"score-ctx-{next(self._ids)}"
+        self.engine.add_context(ctx, ctx_ids, adapter)
+        try:
+            self._run([ctx])
+            first = self.engine.held[ctx].final_logprobs  # predicts the first token of every choice
+            ids, forked = [], []
+            for c in choice_ids:
+                rid = f"score-{next(self._ids)}"
+                forked.append(self.engine.fork_request(ctx, rid, c))
+                if not forked[-1]:  # no block free for the copy: recompute the context's tail instead
+                    self.engine.add_request(rid, ctx_ids + c, SamplingParams(max_tokens=0), adapter,
+                                            prompt_logprobs_from=len(ctx_ids))
+                ids.append(rid)
+        finally:
+            self.engine.release_context(ctx)  # the forks hold their own references
+        greedy_first = int(first.argmax())
         scores = []
-        for out, c in zip(self._run(ids), choice_ids):
-            lps = out.prompt_logprobs[len(ctx_ids):]
-            total = sum(lp.logprob for lp in lps)
-            scores.append(ChoiceScore(total, total / len(c), all(lp.is_greedy for lp in lps), len(c)))
+        for out, c, was_forked in zip(self._run(ids), choice_ids, forked):
+            entries = [(lp.logprob, lp.is_greedy) for lp in out.prompt_logprobs[len(ctx_ids) + was_forked:]]
+            if was_forked:
+                entries.insert(0, (float(first[c[0]]), c[0] == greedy_first))
+            total = sum(lp for lp, _ in entries)
+            scores.append(ChoiceScore(total, total / len(c), all(g for _, g in entries), len(c)))
         best = max(range(len(scores)), key=lambda i: scores[i].sum_logprob)
         best_norm = max(range(len(scores)), key=lambda i: scores[i].mean_logprob)
         return ScoreResult(scores, best, best_norm)

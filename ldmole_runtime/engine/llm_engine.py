@@ -88,8 +88,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(runtime, num_blocks, config.block_size, config.mode)
         self.requests: dict[str, _Request] = {}
+        self.held: dict[str, Sequence] = {}  # finished contexts whose KV blocks stay for forks
         self.eos_token_ids = self._eos_ids()
         self.generated_tokens = 0
+        self.computed_tokens = 0  # tokens run through the model (prefill chunks and decodes)
 
     def _eos_ids(self) -> set[int]:
         ids = getattr(self.runtime.cfg.hf_config, "eos_token_id", None)
@@ -160,6 +162,33 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
 
+    # ---- forks: one context, many continuations (scoring) ---------------------------------------------
+    def add_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> None:
+        """Prefill a context and keep its KV after it finishes, for `fork_request`."""
+        request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0), adapter)
+        request.seqs[0].hold = True
+        self.admit(request)
+
+    def fork_request(self, context_id: str, request_id: str, continuation: list[int]) -> bool:
+        """A prompt-only request for context + continuation that reuses the held context's KV, full
+        blocks shared and its last partial block copied. Its prompt logprobs start after the first
+        continuation token, whose logprob is the context's `final_logprobs`. False if no cache block
+        is free for the copy (nothing is queued then)."""
+        parent = self.held[context_id]
+        request = self.prepare_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
+                                       parent.adapter, prompt_logprobs_from=parent.num_tokens + 1)
+        child = request.seqs[0]
+        child.adapter_key = parent.adapter_key
+        if not self.block_manager.fork(parent, child, self.runner.copy_block):
+            return False
+        self.admit(request)
+        return True
+
+    def release_context(self, context_id: str) -> None:
+        seq = self.held.pop(context_id, None)
+        if seq is not None:
+            self.block_manager.release(seq)
+
     def load_adapter(self, name: str, source) -> None:
         self.runtime.load_adapter(name, source)
 
@@ -183,6 +212,7 @@ class LLMEngine:
             step = self.runner.run(batch)
             for seq, n in batch:
                 seq.num_computed_tokens += n
+                self.computed_tokens += n
                 self.block_manager.commit(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
             self._record_prompt_logprobs(step)
@@ -216,9 +246,12 @@ class LLMEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         keep = [i for i, s in enumerate(seqs) if s.params.max_tokens != 0]
-        for seq in seqs:
+        for i, seq in enumerate(seqs):
             if seq.params.max_tokens == 0:  # prompt only: scoring
-                self.scheduler.finish(seq, "length")
+                if seq.hold:
+                    seq.final_logprobs = torch.log_softmax(logits[i], -1)
+                    self.held[seq.request_id] = seq
+                self.scheduler.finish(seq, "length", release=not seq.hold)
         if not keep:
             return
         sampled = [seqs[i] for i in keep]
@@ -296,4 +329,5 @@ class LLMEngine:
             "prefix_cache_queried_tokens": cache.queried_tokens, "prefix_cache_hit_tokens": cache.hit_tokens,
             "prefix_cache_evictions": cache.evictions, "preemptions": self.scheduler.stats.preemptions,
             "steps": self.scheduler.stats.steps, "generated_tokens": self.generated_tokens,
+            "computed_tokens": self.computed_tokens,
         }

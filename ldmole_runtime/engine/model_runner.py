@@ -40,6 +40,10 @@ class ModelRunner:
                                     dtype=runtime.dtype, device=runtime.device)
 
     @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+
+    @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> StepLogits:
         device, bs = self.runtime.device, self.block_size
         input_ids: list[int] = []

@@ -79,10 +79,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, release: bool = True) -> None:
+        """release=False keeps the KV blocks (a held context, to be forked); the caller frees them."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason
-        self.bm.release(seq)
+        if release:
+            self.bm.release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

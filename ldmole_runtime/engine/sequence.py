@@ -40,6 +40,8 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)  # one entry per scored prompt token, in order
     output_logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    hold: bool = False  # keep the KV blocks when finished, for forks (scoring)
+    final_logprobs: torch.Tensor | None = None  # held sequences: log_softmax at the last position
     stop_text: str | None = None  # the stop string that ended it, if one did
     arrival: int = field(default_factory=lambda: next(_ids))
 
