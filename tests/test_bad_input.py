@@ -47,6 +47,16 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def damage_file(path: Path, damage: str) -> None:
+    """"garbage", "truncated" or "empty"."""
+    if damage == "garbage":
+        path.write_bytes(GARBAGE)
+    elif damage == "truncated":
+        truncate(path)
+    else:
+        path.write_bytes(b"")
+
+
 def edit_json(path: Path, edit) -> None:
     raw = json.loads(path.read_text())
     edit(raw)
@@ -139,13 +149,7 @@ def test_base_weights_missing(lm, tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_base_weights_corrupt(lm, tmp_path, capsys, damage):
     base = copy_dir(lm / "base", tmp_path / "base")
-    weights = base / "model.safetensors"
-    if damage == "garbage":
-        weights.write_bytes(GARBAGE)
-    elif damage == "truncated":
-        truncate(weights)
-    else:
-        weights.write_bytes(b"")
+    damage_file(base / "model.safetensors", damage)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         load_base_model(base)
     assert "not a readable safetensors file" in cli_forward(capsys, tmp_path, base)
@@ -217,13 +221,7 @@ def test_reference_weights_missing(lm, tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_reference_weights_corrupt(lm, tmp_path, capsys, damage):
     adapter = copy_dir(lm / "adapter", tmp_path / "adapter")
-    weights = adapter / REFERENCE_WEIGHTS_NAME
-    if damage == "garbage":
-        weights.write_bytes(GARBAGE)
-    elif damage == "truncated":
-        truncate(weights)
-    else:
-        weights.write_bytes(b"")
+    damage_file(adapter / REFERENCE_WEIGHTS_NAME, damage)
     with pytest.raises(CheckpointError, match=rf"{REFERENCE_WEIGHTS_NAME}: not a readable torch state dict"):
         AdapterSet.load(adapter)
     assert "not a readable torch state dict" in cli_forward(capsys, tmp_path, lm / "base", adapter)
@@ -429,10 +427,7 @@ def test_native_unknown_router_kind(lm, tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_native_weights_corrupt(lm, tmp_path, capsys, damage):
     native = native_copy(lm, tmp_path / "native")
-    if damage == "garbage":
-        (native / WEIGHTS_NAME).write_bytes(GARBAGE)
-    else:
-        truncate(native / WEIGHTS_NAME)
+    damage_file(native / WEIGHTS_NAME, damage)
     with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME}: not a readable safetensors file"):
         AdapterSet.load(native)
     assert "not a readable safetensors file" in cli_forward(capsys, tmp_path, lm / "base", native)

@@ -43,7 +43,6 @@ class Sequence:
     hold: bool = False  # keep the KV blocks when finished, for forks (scoring)
     final_logprobs: torch.Tensor | None = None  # held sequences: log_softmax at the last position
     stop_text: str | None = None  # the stop string that ended it, if one did
-    arrival: int = field(default_factory=lambda: next(_ids))
 
     @property
     def num_tokens(self) -> int:
