@@ -230,19 +230,23 @@ class LLMEngine:
         return outputs
 
     def _record_prompt_logprobs(self, step) -> None:
-        if not step.prompt_rows:
+        if not step.prompt_spans:
             return
-        k = max(s.params.prompt_logprobs or 0 for s, _ in step.prompt_rows)
-        targets = torch.tensor([s.token_ids[j] for s, j in step.prompt_rows], device=step.prompt_logits.device)
+        k = max(s.params.prompt_logprobs or 0 for s, _, _ in step.prompt_spans)
+        targets = torch.tensor([t for s, first, end in step.prompt_spans for t in s.token_ids[first:end]],
+                               device=step.prompt_logits.device)
         chosen, top_ids, top_lp = gather_logprobs(torch.log_softmax(step.prompt_logits, -1), targets, k)
         greedy = (step.prompt_logits.argmax(-1) == targets).tolist()
         chosen = chosen.tolist()
         top_ids = top_ids.tolist() if top_ids is not None else None
         top_lp = top_lp.tolist() if top_lp is not None else None
-        for r, (seq, j) in enumerate(step.prompt_rows):
+        r = 0
+        for seq, first, end in step.prompt_spans:  # one output entry per scored token: the API's shape
             n = seq.params.prompt_logprobs or 0
-            top = dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}
-            seq.prompt_logprobs.append(TokenLogprob(seq.token_ids[j], chosen[r], top, greedy[r]))
+            for token in seq.token_ids[first:end]:
+                top = dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}
+                seq.prompt_logprobs.append(TokenLogprob(token, chosen[r], top, greedy[r]))
+                r += 1
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         keep = [i for i, s in enumerate(seqs) if s.params.max_tokens != 0]

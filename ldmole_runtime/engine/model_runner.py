@@ -25,8 +25,9 @@ from .sequence import Sequence
 class StepLogits:
     sample_seqs: list[Sequence]  # sequences that sample a token after this step, in row order
     sample_logits: torch.Tensor  # [len(sample_seqs), vocab] fp32
-    prompt_rows: list[tuple[Sequence, int]]  # (sequence, prompt position whose token is scored)
-    prompt_logits: torch.Tensor  # [len(prompt_rows), vocab] fp32, logits predicting that token
+    # (sequence, first, end): the prompt tokens at positions first..end-1 are scored this step
+    prompt_spans: list[tuple[Sequence, int, int]]
+    prompt_logits: torch.Tensor  # [Σ (end - first), vocab] fp32, the logits predicting those tokens
 
 
 class ModelRunner:
@@ -48,7 +49,7 @@ class ModelRunner:
         device, bs = self.runtime.device, self.block_size
         input_ids: list[int] = []
         q_lens, ctx_lens, starts, set_ids, tables = [], [], [], [], []
-        sample_seqs, sample_rows, prompt_rows, prompt_index = [], [], [], []
+        sample_seqs, sample_rows, prompt_spans, prompt_index = [], [], [], []
         index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
         for seq, n in batch:
             c = seq.num_computed_tokens
@@ -64,10 +65,10 @@ class ModelRunner:
                 sample_rows.append(row0 + n - 1)
             if seq.next_prompt_logprob is not None:
                 # the token at position j is predicted by the logits at j - 1
-                first = max(seq.next_prompt_logprob, c + 1)
-                for j in range(first, min(c + n + 1, seq.num_prompt_tokens)):
-                    prompt_rows.append((seq, j))
-                    prompt_index.append(row0 + j - 1 - c)
+                first, end = max(seq.next_prompt_logprob, c + 1), min(c + n + 1, seq.num_prompt_tokens)
+                if first < end:
+                    prompt_spans.append((seq, first, end))
+                    prompt_index.extend(range(row0 + first - 1 - c, row0 + end - 1 - c))
 
         q_len_t = torch.tensor(q_lens, device=device)
         owner = torch.repeat_interleave(torch.arange(len(batch), device=device), q_len_t)
@@ -84,4 +85,4 @@ class ModelRunner:
 
         rows = torch.tensor(sample_rows + prompt_index, device=device, dtype=torch.long)
         logits = F.linear(hidden[rows], self.runtime.model.lm_head_weight).float()
-        return StepLogits(sample_seqs, logits[:len(sample_rows)], prompt_rows, logits[len(sample_rows):])
+        return StepLogits(sample_seqs, logits[:len(sample_rows)], prompt_spans, logits[len(sample_rows):])
