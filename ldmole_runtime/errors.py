@@ -20,3 +20,21 @@ class AdapterMismatchError(LDMoleError):
 
 class UnsupportedModelError(LDMoleError):
     """The base model's architecture or an option in its config is not supported."""
+
+
+class UnknownAdapterError(LDMoleError):
+    """A request names an adapter set that is not loaded (or no longer is)."""
+
+
+class PromptTooLongError(LDMoleError):
+    """A prompt does not fit the model's context (max_model_len)."""
+
+
+class EngineOverloadedError(LDMoleError):
+    """The engine's queue is full, or it is draining for shutdown: try again later."""
+
+
+class StepFailedError(Exception):
+    """A step of the engine failed; only the requests in that step fail, with this as the cause.
+
+    Not an LDMoleError: it is the server's fault, not the user's."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .adapters.adapter_set import AdapterSet
 from .attention import DenseCausalAttention
 from .default_base import resolve_base
-from .errors import LDMoleError
+from .errors import LDMoleError, UnknownAdapterError
 from .lora.adapter_batch import BASE, AdapterBatch
 from .lora.bank import AdapterBank
 from .lora.mixture import MODES, RoutingCapture
@@ -77,7 +77,7 @@ class LDMoleRuntime:
         try:
             return self.bank.index_of(name)
         except KeyError:
-            raise LDMoleError(f"unknown adapter set {name!r}; loaded: {self.bank.names}") from None
+            raise UnknownAdapterError(f"unknown adapter set {name!r}; loaded: {self.bank.names}") from None
 
     # ---- forward ----------------------------------------------------------------------------------
     def _set_ids(self, adapters, shape: tuple[int, int]) -> torch.Tensor:
@@ -119,6 +119,15 @@ class LDMoleRuntime:
             out.routing = {k: v.view(B, T, -1) for k, v in capture.routing.items()}
             out.lambdas = {k: v.view(B, T) for k, v in capture.lambdas.items()}
         return out
+
+    @torch.inference_mode()
+    def classify(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Class probabilities [num_labels] of one unpadded input under a set with a score head."""
+        if self._score_head(self.adapter_index(adapter)) is None:
+            who = f"adapter set {adapter!r}" if adapter else "the base model"
+            raise LDMoleError(f"{who} has no classification head (score.weight); it generates text instead")
+        logits = self.forward(torch.tensor([token_ids]), adapter).logits[0]
+        return torch.softmax(logits.float(), -1)
 
     # ---- heads ------------------------------------------------------------------------------------
     def _score_head(self, set_index: int):

@@ -1,109 +1,229 @@
 """An asyncio front for LLMEngine, for the HTTP server: many concurrent callers, one engine loop.
 
 The engine is not thread-safe, so only the loop touches it: callers' new requests and aborts are
-queued and applied between steps, and each step runs in a worker thread so the event loop keeps
-serving. Each request streams its outputs through its own asyncio.Queue.
+queued and applied between steps, and each step (and each control, such as loading an adapter set)
+runs in a worker thread so the event loop keeps serving. Each request streams its outputs through
+its own asyncio.Queue.
+
+Nothing a request does can stop the loop: a request that fails admission (its adapter set was
+unloaded after it was validated) fails alone; a step that raises fails only the requests in it
+(LLMEngine.step); an error outside any step fails the requests in flight and the loop goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from typing import AsyncIterator
 
-from ..errors import LDMoleError
+import torch
+
+from ..adapters.adapter_set import AdapterSet
+from ..errors import EngineOverloadedError, LDMoleError, StepFailedError
 from .llm_engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
+from .scoring import ScoreResult, score_choices
+
+logger = logging.getLogger("ldmole.engine")
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine = engine
+        self.max_queue = max_queue  # waiting requests beyond which new ones are refused (None: no limit)
+        self.draining = False  # set at shutdown: new requests are refused, running ones finish
         self._queues: dict[str, asyncio.Queue] = {}
-        self._to_admit: list = []
-        self._to_abort: list[str] = []
-        self._controls: list = []  # (callable, future): engine changes that must happen between steps
+        self._to_admit: deque = deque()
+        self._to_abort: deque[str] = deque()
+        self._controls: deque = deque()  # (callable, future): engine changes that must happen between steps
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.errored: BaseException | None = None
+
+    # ---- requests -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._to_admit) + len(self.engine.scheduler.waiting)
+
+    def check_accepting(self) -> None:
+        if self.errored is not None:
+            raise RuntimeError("the engine loop has stopped") from self.errored
+        if self.draining:
+            raise EngineOverloadedError("the server is shutting down and accepts no new requests")
+        if self.max_queue is not None and self.num_waiting >= self.max_queue:
+            raise EngineOverloadedError(f"the queue is full ({self.num_waiting} requests waiting); retry later")
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                        adapter: str | None = None, prompt_logprobs_from: int | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step that advanced it, the last one finished.
 
         Bad input raises here, before anything is queued. Cancelling the iteration aborts the request.
+        A request that fails inside the engine raises StepFailedError (or its LDMoleError at admission).
         """
-        if self.errored is not None:
-            raise RuntimeError("the engine loop has stopped") from self.errored
+        self.check_accepting()
         request = self.engine.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from)
-        if request_id in self._queues or request_id in self.engine.requests:
-            raise LDMoleError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        async for out in self._stream(request):
+            yield out
+
+    async def _stream(self, request) -> AsyncIterator[RequestOutput]:
+        rid = request.request_id
+        queue = self._register(rid)
         self._to_admit.append(request)
-        self._ensure_loop()
-        self._wake.set()
+        self._kick()
         finished = False
         try:
             while not finished:
                 item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise RuntimeError("the engine loop failed") from item
-                finished = item.finished
-                yield item
+                finished = isinstance(item, BaseException) or item.finished
+                yield _checked(item)
         finally:
-            self._queues.pop(request_id, None)
+            self._queues.pop(rid, None)
             if not finished:
-                self.abort(request_id)
+                self.abort(rid)
 
+    def _register(self, request_id: str) -> asyncio.Queue:
+        if request_id in self._queues or request_id in self.engine.requests:
+            raise LDMoleError(f"request id {request_id!r} is already in use")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        self._to_abort.append(request_id)
+        self._kick()
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    async def score(self, request_id: str, context: str | list[int], choices: list[str | list[int]],
+                    adapter: str | None = None) -> ScoreResult:
+        """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it."""
+        self.check_accepting()
+        engine = self.engine
+        ctx_ids = engine.encode(context)
+        choice_ids = [engine.encode(c) for c in choices]
+        if not ctx_ids or not choice_ids or any(not c for c in choice_ids):
+            raise LDMoleError("score needs a non-empty context and at least one non-empty choice")
+        for c in choice_ids:  # the forks are validated now, not inside the loop
+            engine.prepare_request("check", ctx_ids + c, SamplingParams(max_tokens=0), adapter)
+        ctx_id = f"{request_id}-context"
+        async for out in self._stream(engine.prepare_context(ctx_id, ctx_ids, adapter)):
+            pass
+        ids = [f"{request_id}-{i}" for i in range(len(choice_ids))]
+        queues = [self._register(rid) for rid in ids]
+
+        def fork_all(engine: LLMEngine):
+            try:
+                first = engine.context_logprobs(ctx_id)
+                return first, [engine.fork_or_recompute(ctx_id, rid, c) for rid, c in zip(ids, choice_ids)]
+            finally:
+                engine.release_context(ctx_id)
+
+        done: set[str] = set()
+        try:
+            first, forked = await self.call_between_steps(fork_all)
+            outputs = []
+            for rid, queue in zip(ids, queues):
+                item = None
+                while item is None or not (isinstance(item, BaseException) or item.finished):
+                    item = await queue.get()
+                done.add(rid)
+                outputs.append(_checked(item))
+        finally:
+            for rid in ids:
+                self._queues.pop(rid, None)
+                if rid not in done:
+                    self.abort(rid)
+        return score_choices(len(ctx_ids), first, choice_ids, outputs, forked)
+
+    # ---- between steps ------------------------------------------------------------------------------
     async def call_between_steps(self, fn):
-        """Run fn(engine) in the loop between two steps (e.g. loading or unloading an adapter set)."""
+        """Run fn(engine) in a worker thread between two steps (loading or unloading an adapter set,
+        a classification forward): no step runs meanwhile, and the event loop keeps serving."""
         future = asyncio.get_running_loop().create_future()
         self._controls.append((fn, future))
-        self._ensure_loop()
-        self._wake.set()
+        self._kick()
         return await future
 
     async def load_adapter(self, name: str, source) -> None:
-        await self.call_between_steps(lambda engine: engine.load_adapter(name, source))
+        adapter = source if isinstance(source, AdapterSet) else await asyncio.to_thread(AdapterSet.load, source)
+        await self.call_between_steps(lambda engine: engine.load_adapter(name, adapter))
 
     async def unload_adapter(self, name: str) -> list[str]:
         return await self.call_between_steps(lambda engine: engine.unload_adapter(name))
 
-    def abort(self, request_id: str) -> None:
-        self._to_abort.append(request_id)
-        self._wake.set()
+    async def classify(self, inputs: list[str | list[int]], adapter: str | None) -> list[torch.Tensor]:
+        """Class probabilities [num_labels] per input, from the adapter set's (or base's) score head."""
+        engine = self.engine
+        ids = [engine.encode(x) for x in inputs]
+        if any(not x for x in ids):
+            raise LDMoleError("inputs to classify must not be empty")
 
-    def _ensure_loop(self) -> None:
+        def run(engine: LLMEngine):
+            return [engine.classify(x, adapter) for x in ids]
+
+        return await self.call_between_steps(run)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _kick(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
 
     async def _run(self) -> None:
         engine = self.engine
         try:
             while True:
                 while self._controls:
-                    fn, future = self._controls.pop(0)
+                    fn, future = self._controls.popleft()
                     try:
-                        future.set_result(fn(engine))
+                        result = await asyncio.to_thread(fn, engine)
+                        if not future.done():
+                            future.set_result(result)
                     except Exception as exc:  # a bad request to change the engine fails alone
-                        future.set_exception(exc)
+                        if not future.done():
+                            future.set_exception(exc)
                 while self._to_admit:
-                    engine.admit(self._to_admit.pop(0))
+                    request = self._to_admit.popleft()
+                    try:
+                        engine.admit(request)  # checks the adapter set again: it may be gone by now
+                    except Exception as exc:
+                        self._deliver(request.request_id, exc)
                 while self._to_abort:
-                    engine.abort(self._to_abort.pop(0))
+                    engine.abort(self._to_abort.popleft())
                 if not engine.has_unfinished_requests():
                     self._wake.clear()
-                    await self._wake.wait()
+                    if not (self._controls or self._to_admit or self._to_abort):
+                        await self._wake.wait()
                     continue
-                for out in await asyncio.to_thread(engine.step):
-                    queue = self._queues.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
-        except Exception as exc:  # keep callers from hanging: every waiter gets the failure
+                try:
+                    outputs = await asyncio.to_thread(engine.step)
+                except Exception as exc:  # outside any step's batch (an engine bug): fail what is in flight
+                    logger.exception("the engine loop caught an error outside a step; failing the requests in flight")
+                    outputs = engine.fail_all(exc)
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # cancelled at shutdown (or worse): keep callers from hanging
             self.errored = exc
             for queue in self._queues.values():
-                queue.put_nowait(exc)
+                queue.put_nowait(RuntimeError("the engine loop has stopped"))
             raise
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; let requests in flight finish for up to `timeout` seconds, then abort the rest."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self.engine.has_unfinished_requests() or self._to_admit) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self.engine.requests):
+            self.abort(rid)
+        while self.engine.has_unfinished_requests() and self._loop_task and not self._loop_task.done():
+            await asyncio.sleep(0.01)
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
@@ -112,3 +232,12 @@ class AsyncLLMEngine:
                 await self._loop_task
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+def _checked(item):
+    """An output as the caller sees it: failures raise."""
+    if isinstance(item, BaseException):
+        raise item
+    if item.error is not None:
+        raise StepFailedError(f"the request failed in an engine step: {item.error}")
+    return item

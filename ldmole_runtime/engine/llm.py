@@ -8,30 +8,15 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as Seq
 
 from ..default_base import resolve_base
-from ..errors import LDMoleError
+from ..errors import LDMoleError, StepFailedError
 from ..runtime import LDMoleRuntime
 from .llm_engine import EngineConfig, LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
-
-
-@dataclass
-class ChoiceScore:
-    sum_logprob: float
-    mean_logprob: float  # per token of the choice
-    is_greedy: bool  # every choice token is the argmax at its position
-    num_tokens: int
-
-
-@dataclass
-class ScoreResult:
-    choices: list[ChoiceScore]
-    best: int  # argmax of sum_logprob
-    best_normalized: int  # argmax of mean_logprob
+from .scoring import ChoiceScore, ScoreResult, score_choices  # noqa: F401 (API)
 
 
 def load_tokenizer(base: str | Path):
@@ -80,6 +65,8 @@ class LLM:
         while wanted - done.keys():
             for out in self.engine.step():
                 if out.finished and out.request_id in wanted:
+                    if out.error is not None:
+                        raise StepFailedError(f"request {out.request_id} failed in an engine step: {out.error}")
                     done[out.request_id] = out
         return [done[i] for i in ids]
 
@@ -90,33 +77,17 @@ class LLM:
         last partial block copied) and computes only its own tokens; the first choice token's
         logprob comes from the context's last position.
         """
-        ctx_ids = self.engine._encode(context)
-        choice_ids = [self.engine._encode(c) for c in choices]
+        ctx_ids = self.engine.encode(context)
+        choice_ids = [self.engine.encode(c) for c in choices]
         if not ctx_ids or any(not c for c in choice_ids):
             raise LDMoleError("score needs a non-empty context and non-empty choices")
         ctx = f"score-ctx-{next(self._ids)}"
         self.engine.add_context(ctx, ctx_ids, adapter)
         try:
             self._run([ctx])
-            first = self.engine.held[ctx].final_logprobs  # predicts the first token of every choice
-            ids, forked = [], []
-            for c in choice_ids:
-                rid = f"score-{next(self._ids)}"
-                forked.append(self.engine.fork_request(ctx, rid, c))
-                if not forked[-1]:  # no block free for the copy: recompute the context's tail instead
-                    self.engine.add_request(rid, ctx_ids + c, SamplingParams(max_tokens=0), adapter,
-                                            prompt_logprobs_from=len(ctx_ids))
-                ids.append(rid)
+            first = self.engine.context_logprobs(ctx)
+            ids = [f"score-{next(self._ids)}" for _ in choice_ids]
+            forked = [self.engine.fork_or_recompute(ctx, rid, c) for rid, c in zip(ids, choice_ids)]
         finally:
             self.engine.release_context(ctx)  # the forks hold their own references
-        greedy_first = int(first.argmax())
-        scores = []
-        for out, c, was_forked in zip(self._run(ids), choice_ids, forked):
-            entries = [(lp.logprob, lp.is_greedy) for lp in out.prompt_logprobs[len(ctx_ids) + was_forked:]]
-            if was_forked:
-                entries.insert(0, (float(first[c[0]]), c[0] == greedy_first))
-            total = sum(lp for lp, _ in entries)
-            scores.append(ChoiceScore(total, total / len(c), all(g for _, g in entries), len(c)))
-        best = max(range(len(scores)), key=lambda i: scores[i].sum_logprob)
-        best_norm = max(range(len(scores)), key=lambda i: scores[i].mean_logprob)
-        return ScoreResult(scores, best, best_norm)
+        return score_choices(len(ctx_ids), first, choice_ids, self._run(ids), forked)

@@ -7,46 +7,23 @@ checks stop conditions, and reports every request that made progress.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import LDMoleError
+from ..errors import LDMoleError, PromptTooLongError, UnknownAdapterError
 from ..runtime import LDMoleRuntime
 from .block_manager import BlockManager
+from .expert_stats import ExpertHistogram
 from .model_runner import ModelRunner
+from .output_processor import CompletionOutput, OutputProcessor, RequestOutput, TokenLogprob  # noqa: F401 (API)
 from .sampler import gather_logprobs, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: dict[int, float]  # the top-N alternatives (token id -> logprob)
-    is_greedy: bool | None = None  # the token is the argmax at its position (known for prompt tokens)
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    adapter: str | None
-    outputs: list[CompletionOutput]
-    prompt_logprobs: list[TokenLogprob | None] | None  # position 0 has none
-    finished: bool
-    num_cached_tokens: int = 0
+logger = logging.getLogger("ldmole.engine")
 
 
 @dataclass
@@ -59,6 +36,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the base model's max_position_embeddings
     enable_prefix_caching: bool = True
     mode: str = "sparse"  # adapters' expert path: "sparse" (serving) or "dense" (reference)
+    expert_sample_every: int = 16  # count active experts per token on every N-th step (0: never), for metrics
 
 
 @dataclass
@@ -68,6 +46,7 @@ class _Request:
     seqs: list[Sequence]
     params: SamplingParams
     finished_reported: bool = False
+    error: str | None = None  # why a step failed it
 
 
 class LLMEngine:
@@ -90,6 +69,9 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished contexts whose KV blocks stay for forks
         self.eos_token_ids = self._eos_ids()
+        self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
+        self.expert_histogram = ExpertHistogram()
+        self.failed_steps = 0
         self.generated_tokens = 0
         self.computed_tokens = 0  # tokens run through the model (prefill chunks and decodes)
 
@@ -108,8 +90,13 @@ class LLMEngine:
         self.admit(self.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from))
 
     def admit(self, request: "_Request") -> None:
+        """Queue a prepared request. The adapter set is checked again here: it may have been unloaded
+        (or reloaded) since the request was prepared."""
         if request.request_id in self.requests:
             raise LDMoleError(f"request id {request.request_id!r} is already in use")
+        key = self._adapter_key(request.adapter)
+        for seq in request.seqs:
+            seq.adapter_key = key
         self.requests[request.request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
@@ -118,24 +105,24 @@ class LLMEngine:
                         adapter: str | None = None, prompt_logprobs_from: int | None = None) -> "_Request":
         """Validate a request and build its sequences, without touching the running batch."""
         params = params or SamplingParams()
-        adapter_index = self.runtime.adapter_index(adapter)
-        token_ids = self._encode(prompt)
+        adapter_key = self._adapter_key(adapter)
+        token_ids = self.encode(prompt)
         if not token_ids:
             raise LDMoleError("the prompt is empty")
         vocab = self.runtime.cfg.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise LDMoleError(f"prompt token ids must lie in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias) or any(t >= vocab for t in params.stop_token_ids):
+            raise LDMoleError(f"token ids in logit_bias and stop_token_ids must lie in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
-            raise LDMoleError(f"the prompt has {len(token_ids)} tokens; the maximum is {self.max_model_len - 1}")
+            raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; the maximum is {self.max_model_len - 1} "
+                                     f"(max_model_len {self.max_model_len} includes at least one generated token)")
         if params.stop and self.tokenizer is None:
             raise LDMoleError("stop strings need a tokenizer; this base model has none (use stop_token_ids)")
         if params.prompt_logprobs is not None:
             prompt_logprobs_from = 1
         if prompt_logprobs_from is not None:
             prompt_logprobs_from = min(max(prompt_logprobs_from, 1), len(token_ids))
-        # the hash key names this very load of the set: a set reloaded under the same name never
-        # reuses blocks computed with the old weights
-        adapter_key = "" if adapter is None else f"{adapter}#{self.runtime.bank.slots[adapter_index].uid}"
         seqs = []
         for i in range(params.n):
             seed = params.sample_seed(i)
@@ -145,7 +132,16 @@ class LLMEngine:
                 prompt_logprobs_start=prompt_logprobs_from if i == 0 else None))
         return _Request(request_id, adapter, seqs, params)
 
-    def _encode(self, prompt: str | list[int]) -> list[int]:
+    def _adapter_key(self, adapter: str | None) -> str:
+        """The set's identity in prefix-cache hashes. It names this very load of the set, so a set
+        reloaded under the same name never reuses blocks computed with the old weights."""
+        if adapter is None:
+            return ""
+        if adapter not in self.runtime.bank.names:
+            raise UnknownAdapterError(f"unknown adapter set {adapter!r}; loaded: {self.runtime.bank.names}")
+        return f"{adapter}#{self.runtime.bank.slots[self.runtime.adapter_index(adapter)].uid}"
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise LDMoleError("text prompts need a tokenizer; this base model has none (pass token ids)")
@@ -165,9 +161,16 @@ class LLMEngine:
     # ---- forks: one context, many continuations (scoring) ---------------------------------------------
     def add_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> None:
         """Prefill a context and keep its KV after it finishes, for `fork_request`."""
+        self.admit(self.prepare_context(request_id, prompt, adapter))
+
+    def prepare_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> "_Request":
         request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0), adapter)
         request.seqs[0].hold = True
-        self.admit(request)
+        return request
+
+    def context_logprobs(self, context_id: str) -> torch.Tensor:
+        """log_softmax at a held context's last position: the logprobs of a continuation's first token."""
+        return self.held[context_id].final_logprobs
 
     def fork_request(self, context_id: str, request_id: str, continuation: list[int]) -> bool:
         """A prompt-only request for context + continuation that reuses the held context's KV, full
@@ -183,6 +186,16 @@ class LLMEngine:
             return False
         self.admit(request)
         return True
+
+    def fork_or_recompute(self, context_id: str, request_id: str, continuation: list[int]) -> bool:
+        """`fork_request`, or, when no block is free for the copy, a plain request that recomputes the
+        context (its prompt logprobs then start at the continuation). True if it was forked."""
+        if self.fork_request(context_id, request_id, continuation):
+            return True
+        parent = self.held[context_id]
+        self.add_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
+                         parent.adapter, prompt_logprobs_from=parent.num_tokens)
+        return False
 
     def release_context(self, context_id: str) -> None:
         seq = self.held.pop(context_id, None)
@@ -201,6 +214,12 @@ class LLMEngine:
         self.runtime.unload_adapter(name)
         return aborted
 
+    def classify(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+        """Class probabilities from the adapter set's (or the base's) classification head."""
+        if len(token_ids) > self.max_model_len:
+            raise PromptTooLongError(f"the input has {len(token_ids)} tokens; the maximum is {self.max_model_len}")
+        return self.runtime.classify(token_ids, adapter)
+
     def has_unfinished_requests(self) -> bool:
         return any(not r.finished_reported for r in self.requests.values())
 
@@ -209,25 +228,60 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
         if batch:
-            step = self.runner.run(batch)
-            for seq, n in batch:
-                seq.num_computed_tokens += n
-                self.computed_tokens += n
-                self.block_manager.commit(seq)
-                touched[seq.request_id] = self.requests[seq.request_id]
-            self._record_prompt_logprobs(step)
-            if step.sample_seqs:
-                self._sample(step.sample_seqs, step.sample_logits)
+            try:
+                self._run_batch(batch, touched)
+            except Exception as exc:  # one failed step fails its own requests, never the engine
+                self._fail(batch, exc)
+        return self._report(touched)
+
+    def _report(self, touched: dict) -> list[RequestOutput]:
         # aborted / finished requests are reported once, even when nothing ran for them
         for request in self.requests.values():
             if all(s.is_finished for s in request.seqs) and not request.finished_reported:
                 touched[request.request_id] = request
-        outputs = [self._output(r) for r in touched.values()]
+        outputs = [self.outputs.request_output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:
                 self.requests[out.request_id].finished_reported = True
                 del self.requests[out.request_id]
         return outputs
+
+    def _run_batch(self, batch: list[tuple[Sequence, int]], touched: dict) -> None:
+        every = self.config.expert_sample_every
+        count_experts = every > 0 and self.scheduler.stats.steps % every == 0
+        step = self.runner.run(batch, count_experts)
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            self.computed_tokens += n
+            self.block_manager.commit(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        self._record_prompt_logprobs(step)
+        if step.sample_seqs:
+            self._sample(step.sample_seqs, step.sample_logits)
+        if step.expert_means is not None:
+            self.expert_histogram.add(step.expert_means, step.token_sets, self.runtime.bank.names)
+
+    def fail_all(self, exc: Exception) -> list[RequestOutput]:
+        """Fail every request in flight (after an error outside any step) and report them."""
+        message = f"{type(exc).__name__}: {exc}"
+        for request in self.requests.values():
+            request.error = request.error or message
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "error")
+        return self._report({})
+
+    def _fail(self, batch: list[tuple[Sequence, int]], exc: Exception) -> None:
+        """Finish every request with a sequence in the failed step, reason "error", freeing its blocks."""
+        self.failed_steps += 1
+        logger.exception("an engine step failed; its %d sequences' requests fail with it", len(batch))
+        message = f"{type(exc).__name__}: {exc}"
+        for request_id in {seq.request_id for seq, _ in batch}:
+            request = self.requests[request_id]
+            request.error = message
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "error")
 
     def _record_prompt_logprobs(self, step) -> None:
         if not step.prompt_spans:
@@ -269,60 +323,13 @@ class LLMEngine:
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         for r, seq in enumerate(sampled):
             token = token_ids[r]
-            seq.token_ids.append(token)
             self.generated_tokens += 1
             if seq.params.logprobs is not None:
                 n = seq.params.logprobs
                 seq.output_logprobs.append(TokenLogprob(token, logprobs[r], dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}))
-            reason = self._stop_reason(seq, token)
+            reason = self.outputs.append_token(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        n_out = seq.num_tokens - seq.num_prompt_tokens
-        if n_out >= p.min_tokens:
-            if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-                return "stop"
-            if p.stop and self._hit_stop_string(seq):
-                return "stop"
-        if p.max_tokens is not None and n_out >= p.max_tokens:
-            return "length"
-        if seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        text = self._detokenize(seq)
-        for stop in seq.params.stop:
-            if stop in text:
-                seq.stop_text = stop
-                return True
-        return False
-
-    def _detokenize(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        ids = seq.output_ids
-        if ids and (not seq.params.ignore_eos) and ids[-1] in self.eos_token_ids:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _output(self, request: _Request) -> RequestOutput:
-        outs = []
-        for seq in request.seqs:
-            text = self._detokenize(seq)
-            if seq.stop_text:
-                text = text[:text.index(seq.stop_text)]
-            outs.append(CompletionOutput(seq.index, seq.output_ids, text,
-                                         seq.output_logprobs if seq.params.logprobs is not None else None,
-                                         seq.finish_reason))
-        first = request.seqs[0]
-        prompt_lp = None
-        if first.prompt_logprobs_start is not None:
-            prompt_lp = [None] * first.prompt_logprobs_start + list(first.prompt_logprobs)
-        return RequestOutput(request.request_id, first.prompt_ids, request.adapter, outs, prompt_lp,
-                             all(s.is_finished for s in request.seqs), first.num_cached_tokens)
 
     # ---- introspection --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -333,5 +340,5 @@ class LLMEngine:
             "prefix_cache_queried_tokens": cache.queried_tokens, "prefix_cache_hit_tokens": cache.hit_tokens,
             "prefix_cache_evictions": cache.evictions, "preemptions": self.scheduler.stats.preemptions,
             "steps": self.scheduler.stats.steps, "generated_tokens": self.generated_tokens,
-            "computed_tokens": self.computed_tokens,
+            "computed_tokens": self.computed_tokens, "failed_steps": self.failed_steps,
         }

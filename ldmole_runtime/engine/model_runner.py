@@ -18,6 +18,7 @@ from ..errors import LDMoleError
 from ..lora.adapter_batch import AdapterBatch
 from ..model import ForwardContext
 from ..runtime import LDMoleRuntime
+from .expert_stats import ActiveExpertCount
 from .sequence import Sequence
 
 
@@ -28,6 +29,9 @@ class StepLogits:
     # (sequence, first, end): the prompt tokens at positions first..end-1 are scored this step
     prompt_spans: list[tuple[Sequence, int, int]]
     prompt_logits: torch.Tensor  # [Σ (end - first), vocab] fp32, the logits predicting those tokens
+    # sampled steps only: mean active experts per token [N] and each token's set index [N] (-1: base)
+    expert_means: torch.Tensor | None = None
+    token_sets: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -45,12 +49,15 @@ class ModelRunner:
         self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> StepLogits:
+    def run(self, batch: list[tuple[Sequence, int]], count_experts: bool = False) -> StepLogits:
         device, bs = self.runtime.device, self.block_size
         input_ids: list[int] = []
         q_lens, ctx_lens, starts, set_ids, tables = [], [], [], [], []
         sample_seqs, sample_rows, prompt_spans, prompt_index = [], [], [], []
         index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
+        gone = {seq.adapter for seq, _ in batch if seq.adapter is not None} - index_of.keys()
+        if gone:  # admission checks this; reaching here would be an engine bug, named rather than a KeyError
+            raise LDMoleError(f"scheduled sequences use adapter sets that are not loaded: {sorted(gone)}")
         for seq, n in batch:
             c = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -79,10 +86,15 @@ class ModelRunner:
         slots = table_t[owner, positions // bs] * bs + positions % bs
 
         attention = PagedAttention.build(self.kv_cache, q_lens, ctx_lens, tables, slots)
-        adapters = AdapterBatch.build(torch.tensor(set_ids, device=device)[owner], len(self.runtime.bank.slots))
-        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.mode)
+        token_sets = torch.tensor(set_ids, device=device)[owner]
+        adapters = AdapterBatch.build(token_sets, len(self.runtime.bank.slots))
+        counter = ActiveExpertCount(len(input_ids), device) if count_experts and not adapters.is_bare else None
+        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.mode, counter)
         hidden = self.runtime.model(torch.tensor(input_ids, device=device), positions, ctx)
 
         rows = torch.tensor(sample_rows + prompt_index, device=device, dtype=torch.long)
         logits = F.linear(hidden[rows], self.runtime.model.lm_head_weight).float()
-        return StepLogits(sample_seqs, logits[:len(sample_rows)], prompt_spans, logits[len(sample_rows):])
+        step = StepLogits(sample_seqs, logits[:len(sample_rows)], prompt_spans, logits[len(sample_rows):])
+        if counter is not None:
+            step.expert_means, step.token_sets = counter.per_token_mean(), token_sets
+        return step

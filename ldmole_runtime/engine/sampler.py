@@ -51,6 +51,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[
     raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = _mask_until_min_tokens(logits, params, output_ids, eos_token_ids)
     logits = _penalise(logits, params, prompt_ids, output_ids)
+    logits = _add_logit_bias(logits, params)
 
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
@@ -101,6 +102,16 @@ def _mask_until_min_tokens(logits: torch.Tensor, params: Sequence[SamplingParams
         return logits
     index = (_tensor(rows, torch.long, logits.device), _tensor(cols, torch.long, logits.device))
     return logits.index_put(index, logits.new_full((), float("-inf")))  # a fill, not a host copy
+
+
+def _add_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias: a per-token additive bias, from host lists in one index_put."""
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias.items()]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    index = (_tensor(list(rows), torch.long, logits.device), _tensor(list(tokens), torch.long, logits.device))
+    return logits.index_put(index, _tensor(list(biases), torch.float32, logits.device), accumulate=True)
 
 
 # ---- penalties ------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (0 = only the sampled token's)
     prompt_logprobs: int | None = None  # same, for prompt tokens
     min_tokens: int = 0  # eos / stop_token_ids are masked until this many tokens are generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit (OpenAI: [-100, 100])
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, low=1)
@@ -104,6 +105,19 @@ class SamplingParams:
 
         if not isinstance(self.ignore_eos, bool):
             raise LDMoleError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise LDMoleError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+        bias = {}
+        for token, value in self.logit_bias.items():
+            if isinstance(token, str) and token.strip().lstrip("-").isdigit():
+                token = int(token)  # JSON object keys are strings
+            if not _is_int(token) or token < 0:
+                raise LDMoleError(f"logit_bias keys must be non-negative token ids, got {token!r}")
+            value = self._real(f"logit_bias[{token}]", value)
+            if not -100 <= value <= 100:
+                raise LDMoleError(f"logit_bias values must be in [-100, 100], got {value:g} for token {token}")
+            bias[int(token)] = value
+        self.logit_bias = bias
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:

@@ -42,7 +42,8 @@ class Sequence:
     finish_reason: str | None = None
     hold: bool = False  # keep the KV blocks when finished, for forks (scoring)
     final_logprobs: torch.Tensor | None = None  # held sequences: log_softmax at the last position
-    stop_text: str | None = None  # the stop string that ended it, if one did
+    text: str = ""  # the output so far, detokenised incrementally (cut before a stop string that ended it)
+    detokenizer: object | None = None  # IncrementalDetokenizer, made at the first output token
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,47 @@
+"""Multiple-choice scoring from the outputs of forked requests: one context, one fork per choice.
+
+The engine prefills the context once and keeps its KV (a held context); each choice then runs as a
+fork that computes only its own tokens. The first choice token's logprob comes from the context's
+last position (`first_logprobs`); the rest are the fork's prompt logprobs. A fork that could not
+get a block for its copy recomputed the whole context instead (`forked` False): all its choice
+tokens' logprobs are then its own prompt logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .output_processor import RequestOutput
+
+
+@dataclass
+class ChoiceScore:
+    sum_logprob: float
+    mean_logprob: float  # per token of the choice
+    is_greedy: bool  # every choice token is the argmax at its position
+    num_tokens: int
+
+
+@dataclass
+class ScoreResult:
+    choices: list[ChoiceScore]
+    best: int  # argmax of sum_logprob
+    best_normalized: int  # argmax of mean_logprob
+
+
+def score_choices(context_len: int, first_logprobs: torch.Tensor, choice_ids: list[list[int]],
+                  outputs: list[RequestOutput], forked: list[bool]) -> ScoreResult:
+    greedy_first = int(first_logprobs.argmax())
+    first = first_logprobs[[c[0] for c in choice_ids]].tolist()
+    scores = []
+    for out, c, was_forked, lp0 in zip(outputs, choice_ids, forked, first):
+        entries = [(lp.logprob, lp.is_greedy) for lp in out.prompt_logprobs[context_len + was_forked:]]
+        if was_forked:
+            entries.insert(0, (lp0, c[0] == greedy_first))
+        total = sum(lp for lp, _ in entries)
+        scores.append(ChoiceScore(total, total / len(c), all(g for _, g in entries), len(c)))
+    best = max(range(len(scores)), key=lambda i: scores[i].sum_logprob)
+    best_norm = max(range(len(scores)), key=lambda i: scores[i].mean_logprob)
+    return ScoreResult(scores, best, best_norm)
