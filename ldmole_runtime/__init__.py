@@ -1,5 +1,7 @@
 """ldmole: serving runtime for LD-MoLE adapters (mixtures of LoRA experts with learned dynamic routing)."""
 
+import importlib.metadata as _metadata
+
 from .adapters.adapter_set import AdapterSet
 from .adapters.init import new_adapter_set
 from .adapters.reference import load_reference
@@ -11,3 +13,8 @@ __all__ = [
     "AdapterSet", "new_adapter_set", "load_reference", "ModelConfig", "LDMoleRuntime", "ForwardOutput",
     "LDMoleError", "CheckpointError", "AdapterMismatchError", "UnsupportedModelError",
 ]
+
+try:
+    __version__ = _metadata.version("ldmole")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0+source"

@@ -144,6 +144,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.launch import serve
+
+    return serve(args)
+
+
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
@@ -223,13 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--max-length", type=int, default=512)
     r.set_defaults(func=cmd_report)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base and its adapter sets")
+    from server.launch import add_serve_flags
+    add_serve_flags(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "train":  # the only command that needs autograd
+        if args.command in ("train", "serve"):  # train needs autograd; serve runs its own threads
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

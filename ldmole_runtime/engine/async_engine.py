@@ -20,7 +20,7 @@ from typing import AsyncIterator
 import torch
 
 from ..adapters.adapter_set import AdapterSet
-from ..errors import EngineOverloadedError, LDMoleError, StepFailedError
+from ..errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
 from .llm_engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
 from .scoring import ScoreResult, score_choices
@@ -33,6 +33,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_queue = max_queue  # waiting requests beyond which new ones are refused (None: no limit)
         self.draining = False  # set at shutdown: new requests are refused, running ones finish
+        self.unloading: set[str] = set()  # adapter sets waiting for their requests to finish before unloading
         self._queues: dict[str, asyncio.Queue] = {}
         self._to_admit: deque = deque()
         self._to_abort: deque[str] = deque()
@@ -46,7 +47,9 @@ class AsyncLLMEngine:
     def num_waiting(self) -> int:
         return len(self._to_admit) + len(self.engine.scheduler.waiting)
 
-    def check_accepting(self) -> None:
+    def check_accepting(self, adapter: str | None = None) -> None:
+        if adapter is not None and adapter in self.unloading:
+            raise UnknownAdapterError(f"adapter set {adapter!r} is being unloaded")
         if self.errored is not None:
             raise RuntimeError("the engine loop has stopped") from self.errored
         if self.draining:
@@ -54,17 +57,18 @@ class AsyncLLMEngine:
         if self.max_queue is not None and self.num_waiting >= self.max_queue:
             raise EngineOverloadedError(f"the queue is full ({self.num_waiting} requests waiting); retry later")
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                       adapter: str | None = None, prompt_logprobs_from: int | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that advanced it, the last one finished.
+    def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                 adapter: str | None = None, prompt_logprobs_from: int | None = None) -> AsyncIterator[RequestOutput]:
+        """An async iterator of the request's cumulative output after every step that advanced it,
+        the last one finished.
 
-        Bad input raises here, before anything is queued. Cancelling the iteration aborts the request.
+        Bad input raises here, at the call, before anything is queued (so a server can still answer
+        with an error status). Iterating queues the request; leaving the iteration early aborts it.
         A request that fails inside the engine raises StepFailedError (or its LDMoleError at admission).
         """
-        self.check_accepting()
+        self.check_accepting(adapter)
         request = self.engine.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from)
-        async for out in self._stream(request):
-            yield out
+        return self._stream(request)
 
     async def _stream(self, request) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
@@ -97,7 +101,7 @@ class AsyncLLMEngine:
     async def score(self, request_id: str, context: str | list[int], choices: list[str | list[int]],
                     adapter: str | None = None) -> ScoreResult:
         """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it."""
-        self.check_accepting()
+        self.check_accepting(adapter)
         engine = self.engine
         ctx_ids = engine.encode(context)
         choice_ids = [engine.encode(c) for c in choices]
@@ -148,11 +152,28 @@ class AsyncLLMEngine:
         adapter = source if isinstance(source, AdapterSet) else await asyncio.to_thread(AdapterSet.load, source)
         await self.call_between_steps(lambda engine: engine.load_adapter(name, adapter))
 
-    async def unload_adapter(self, name: str) -> list[str]:
-        return await self.call_between_steps(lambda engine: engine.unload_adapter(name))
+    async def unload_adapter(self, name: str, poll_s: float = 0.02) -> None:
+        """Unload a set once its requests have finished. From the call on, new requests for it are
+        refused (unknown adapter); the ones already accepted run to completion, never aborted."""
+        self.engine.runtime.adapter_index(name)  # unknown: a clear error now
+        if name in self.unloading:
+            raise UnknownAdapterError(f"adapter set {name!r} is already being unloaded")
+        self.unloading.add(name)
+        try:
+            while self._in_flight(name):
+                await asyncio.sleep(poll_s)
+            await self.call_between_steps(lambda engine: engine.unload_adapter(name))
+        finally:
+            self.unloading.discard(name)
+
+    def _in_flight(self, adapter: str) -> bool:
+        return (any(r.adapter == adapter for r in self._to_admit)
+                or any(r.adapter == adapter for r in self.engine.requests.values())
+                or any(s.adapter == adapter for s in self.engine.held.values()))
 
     async def classify(self, inputs: list[str | list[int]], adapter: str | None) -> list[torch.Tensor]:
         """Class probabilities [num_labels] per input, from the adapter set's (or base's) score head."""
+        self.check_accepting(adapter)
         engine = self.engine
         ids = [engine.encode(x) for x in inputs]
         if any(not x for x in ids):

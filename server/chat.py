@@ -1,0 +1,106 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, then the same engine path as completions."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .completions import Prompt, collect, sampling_params, state_of, stop_holdback, usage
+from .errors import APIError, classify_exception, error_body
+from .protocol import ChatCompletionRequest, ChatMessage
+from .state import ServerState, request_id
+from .streaming import SSE_DONE, merge_streams, sse
+
+router = APIRouter()
+
+
+def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
+    tok = state.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
+        raise APIError(400, f"the chat template rejected the messages: {exc}", "messages") from exc
+    # the template already wrote the special tokens it wants
+    return Prompt(tok.encode(text, add_special_tokens=False), text)
+
+
+def chat_logprobs(state: ServerState, entries) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top.items()]}
+                        for e in entries]}
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
+    state = state_of(raw)
+    adapter = state.resolve_model(body.model)
+    prompt = chat_prompt(state, body.messages, body.add_generation_prompt)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = sampling_params(state, body, prompt, max_tokens, logprobs)
+    rid = request_id("chatcmpl")
+    stream = state.engine.generate(rid, prompt.token_ids, params, adapter)
+    tracker = state.metrics.tracker(state.label(adapter))
+    model = state.label(adapter)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(state, rid, model, prompt, params, stream, tracker, include_usage, body.n),
+                                 media_type="text/event-stream")
+    finals = await collect(raw, [stream], tracker)
+    if finals is None:
+        return None
+    out = finals[0]
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(state, c.logprobs) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason, "stop_reason": None}
+               for c in out.outputs]
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage([prompt], finals)}
+
+
+async def _stream(state: ServerState, rid: str, model: str, prompt: Prompt, params, stream, tracker,
+                  include_usage: bool, n: int):
+    created = int(time.time())
+
+    def chunk(choices: list, **extra) -> str:
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices} | extra)
+
+    sent = [(0, 0)] * n
+    final = None
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)])
+        async for _, out in merge_streams([stream]):
+            tracker.observe(0, out)
+            final = out
+            for c in out.outputs:
+                n_tok, n_chr = sent[c.index]
+                text = c.text
+                if c.finish_reason is None:
+                    text = text[:max(n_chr, len(text) - stop_holdback(params))]
+                delta = text[n_chr:]
+                if not delta and c.finish_reason is None:
+                    continue
+                logprobs = chat_logprobs(state, c.logprobs[n_tok:]) if c.logprobs is not None else None
+                sent[c.index] = (len(c.token_ids), len(text))
+                yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
+                              "finish_reason": c.finish_reason}])
+        tracker.finish()
+        if include_usage and final is not None:
+            yield chunk([], usage=usage([prompt], [final]))
+    except Exception as exc:
+        status, type_, message = classify_exception(exc)
+        tracker.fail(status)
+        yield sse(error_body(status, message, type_))
+    yield SSE_DONE

@@ -1,0 +1,197 @@
+"""POST /v1/completions, and the generation plumbing chat completions share with it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ldmole_runtime.engine.sampling_params import SamplingParams
+
+from .errors import APIError, classify_exception, error_body
+from .protocol import CompletionRequest, SamplingFields
+from .state import ServerState, request_id
+from .streaming import SSE_DONE, merge_streams, sse, until_disconnected
+
+router = APIRouter()
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None  # as the client sent it, if it sent text (for echo)
+
+
+def state_of(raw: Request) -> ServerState:
+    return raw.app.state.ldmole
+
+
+def sampling_params(state: ServerState, body: SamplingFields, prompt: Prompt, max_tokens: int | None,
+                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's SamplingParams for one prompt; max_tokens None means 'up to the context limit'."""
+    room = state.max_model_len - len(prompt.token_ids)
+    if max_tokens is None:
+        max_tokens = max(room, 0)
+    elif isinstance(max_tokens, int) and max_tokens > room:
+        raise APIError(400, f"this model's maximum context length is {state.max_model_len} tokens; the prompt has "
+                            f"{len(prompt.token_ids)} and max_tokens asks for {max_tokens} more", "max_tokens")
+    return SamplingParams(
+        n=body.n, max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None else body.top_k,
+        min_p=0.0 if body.min_p is None else body.min_p,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=body.seed, stop=body.stop or [], stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        min_tokens=body.min_tokens, logit_bias=body.logit_bias or {})
+
+
+def completion_prompts(state: ServerState, prompt) -> list[Prompt]:
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    prompts = []
+    for item in items:
+        ids = state.engine.engine.encode(item)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        prompts.append(Prompt(ids, item if isinstance(item, str) else None))
+    return prompts
+
+
+def stop_holdback(params: SamplingParams) -> int:
+    """Characters a stream keeps back while running: text that a stop string could still cut off."""
+    return max((len(s) for s in params.stop), default=1) - 1
+
+
+def completion_logprobs(state: ServerState, token_ids: list[int], entries: list, offset: int) -> dict:
+    """OpenAI's completion `logprobs` object for some tokens (entries: TokenLogprob or None per token)."""
+    tokens = [state.token_text(t) for t in token_ids]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": [None if e is None else {state.token_text(k): v for k, v in e.top.items()} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def usage(prompts: list[Prompt], finals) -> dict:
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def collect(raw: Request, streams, tracker) -> list | None:
+    """Every prompt's final output, or None if the client went away (its requests are aborted)."""
+    async def work():
+        finals = [None] * len(streams)
+        async for i, out in merge_streams(streams):
+            tracker.observe(i, out)
+            finals[i] = out
+        return finals
+
+    try:
+        finals = await until_disconnected(raw, work)
+    except Exception as exc:
+        tracker.fail(classify_exception(exc)[0])
+        raise
+    if finals is not None:
+        tracker.finish()
+    return finals
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, raw: Request):
+    state = state_of(raw)
+    adapter = state.resolve_model(body.model)
+    prompts = completion_prompts(state, body.prompt)
+    echo_logprobs = body.logprobs if body.echo else None
+    params = [sampling_params(state, body, p, body.max_tokens, body.logprobs, echo_logprobs) for p in prompts]
+    rid = request_id("cmpl")
+    state.engine.check_accepting(adapter)
+    streams = [state.engine.generate(f"{rid}-{i}", p.token_ids, params[i], adapter) for i, p in enumerate(prompts)]
+    tracker = state.metrics.tracker(state.label(adapter))
+    model = state.label(adapter)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(state, body, rid, model, prompts, params, streams, tracker, include_usage),
+                                 media_type="text/event-stream")
+    finals = await collect(raw, streams, tracker)
+    if finals is None:
+        return None  # the client is gone; nobody reads this
+    choices = []
+    for i, (prompt, out) in enumerate(zip(prompts, finals)):
+        prompt_text = _prompt_text(state, prompt) if body.echo else ""
+        for c in out.outputs:
+            logprobs = None
+            if body.logprobs is not None:
+                ids, entries = list(c.token_ids), list(c.logprobs or [])
+                if body.echo:
+                    ids, entries = prompt.token_ids + ids, list(out.prompt_logprobs) + entries
+                logprobs = completion_logprobs(state, ids, entries, 0)
+            choices.append({"index": i * body.n + c.index, "text": prompt_text + c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason, "stop_reason": None})
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompts, finals)}
+
+
+def _prompt_text(state: ServerState, prompt: Prompt) -> str:
+    return prompt.text if prompt.text is not None else state.decode(prompt.token_ids)
+
+
+async def _stream(state: ServerState, body: CompletionRequest, rid: str, model: str, prompts: list[Prompt],
+                  params: list[SamplingParams], streams, tracker, include_usage: bool):
+    created = int(time.time())
+    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (tokens sent, characters sent)
+    finals = [None] * len(prompts)
+    try:
+        async for i, out in merge_streams(streams):
+            tracker.observe(i, out)
+            finals[i] = out
+            prompt = prompts[i]
+            echo_ready = not (body.echo and body.logprobs is not None) or out.prompt_logprobs is not None and \
+                len(out.prompt_logprobs) == len(prompt.token_ids)
+            if not echo_ready:
+                continue
+            for c in out.outputs:
+                key = (i, c.index)
+                first = key not in sent
+                n_tok, n_chr = sent.get(key, (0, 0))
+                text = c.text
+                if c.finish_reason is None:
+                    text = text[:max(n_chr, len(text) - stop_holdback(params[i]))]
+                delta, ids = text[n_chr:], list(c.token_ids[n_tok:])
+                entries = list(c.logprobs[n_tok:]) if c.logprobs is not None else [None] * len(ids)
+                if first and body.echo:
+                    delta = _prompt_text(state, prompt) + delta
+                    ids, entries = prompt.token_ids + ids, list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
+                if not (delta or ids or c.finish_reason or first):
+                    continue
+                sent[key] = (len(c.token_ids), len(text))
+                logprobs = completion_logprobs(state, ids, entries, 0) if body.logprobs is not None else None
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [{"index": i * body.n + c.index, "text": delta, "logprobs": logprobs,
+                                        "finish_reason": c.finish_reason, "stop_reason": None}]})
+        tracker.finish()
+        if include_usage:
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                       "usage": usage(prompts, finals)})
+    except Exception as exc:
+        status, type_, message = classify_exception(exc)
+        tracker.fail(status)
+        yield sse(error_body(status, message, type_))
+    yield SSE_DONE

@@ -1,0 +1,132 @@
+"""`ldmole serve`: load the base and adapter sets, build the app, run uvicorn, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+
+import uvicorn
+
+from ldmole_runtime.default_adapter import resolve_adapter
+from ldmole_runtime.default_base import resolve_base
+from ldmole_runtime.engine.async_engine import AsyncLLMEngine
+from ldmole_runtime.engine.llm import load_tokenizer
+from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.runtime import LDMoleRuntime
+
+from .app import build_app
+from .state import ServerSettings, ServerState
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LDMoleError(f"--adapter takes NAME=PATH, got {spec!r}")
+        if name in adapters:
+            raise LDMoleError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = str(resolve_adapter(path))
+    return adapters
+
+
+def build_state(args) -> ServerState:
+    base = resolve_base(args.base)
+    adapters = parse_adapters(args.adapter or [])
+    name = args.served_model_name or base.name
+    if name in adapters:
+        raise LDMoleError(f"the adapter name {name!r} is the base model's served name; choose another")
+    runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(base)
+    config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue)
+    api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
+    settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
+    return ServerState(engine, tokenizer, name, str(base), adapters, settings)
+
+
+def curl_examples(state: ServerState, url: str) -> list[str]:
+    """Ready-to-paste calls: a completion under the first adapter set, one under the base, a score."""
+    auth = " -H 'Authorization: Bearer $LDMOLE_API_KEY'" if state.settings.api_key else ""
+    question = ("Below is a multiple-choice question. Please choose the correct answer.\n"
+                "Which gas do plants take in from the air to make food?\n"
+                "Options:\nA. oxygen\nB. carbon dioxide\nC. helium\nD. neon\n\nAnswer: ")
+    adapter = next(iter(state.adapter_paths), None)
+
+    def call(path: str, body: dict) -> str:
+        return (f"curl -s {url}{path} -H 'Content-Type: application/json'{auth.replace(chr(39), chr(34))} "
+                f"-d {shlex.quote(json.dumps(body))}")
+
+    lines = []
+    if adapter:
+        lines.append(call("/v1/completions", {"model": adapter, "prompt": question, "max_tokens": 4, "temperature": 0}))
+    lines.append(call("/v1/completions", {"model": state.base_name, "prompt": "The capital of France is",
+                                          "max_tokens": 12, "temperature": 0}))
+    lines.append(call("/v1/score", {"model": adapter or state.base_name, "context": question,
+                                    "choices": ["A", "B", "C", "D"]}))
+    return lines
+
+
+def serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    state = build_state(args)
+    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+
+    def on_ready() -> None:
+        served = ", ".join(state.model_names())
+        print(f"\nldmole is serving {served} at {url} (OpenAI API under /v1; metrics at /metrics)\n"
+              "Try:\n" + "\n".join(curl_examples(state, url)) + "\n", flush=True)
+
+    app = build_app(state, on_ready)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = DrainingServer(config, state)
+    server.run()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT also makes the engine refuse new requests at once
+    (requests on kept-alive connections included), while running ones finish."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        self.state.engine.draining = True
+        super().handle_exit(sig, frame)
+
+
+def add_serve_flags(s) -> None:
+    s.add_argument("--base", default="default",
+                   help="base model: an HF folder (Llama/Qwen3), or 'default' for the embedded SmolLM2-135M-Instruct")
+    s.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="serve an adapter set under NAME (repeatable); PATH is a native or reference LD-MoLE folder, "
+                        "or 'default' for the embedded default adapter")
+    s.add_argument("--served-model-name", help="the `model` name of the bare base (default: the base folder's name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: $LDMOLE_API_KEY, "
+                                     "else no key)")
+    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the paged KV cache, in GiB (default 1)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=1024,
+                   help="token budget of one engine step: prefill chunks + decodes (default 1024)")
+    s.add_argument("--max-model-len", type=int,
+                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="waiting requests beyond which new ones get 503 (default 256)")
+    s.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                   help="largest accepted request body; bigger ones get 413 (default 8 MiB)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests may take to finish before they are aborted (default 30)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (default float32)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")

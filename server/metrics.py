@@ -1,0 +1,116 @@
+"""Prometheus metrics in vLLM's style, with an `ldmole:` prefix and an `adapter` label.
+
+Request-level series (tokens, latencies, outcomes) are recorded by the routes as outputs stream
+out. Engine-level series (running and waiting requests, KV-cache usage, prefix-cache hits,
+preemptions, and the histogram of active experts per token) are read from the engine at scrape
+time, so the engine loop does no metrics work of its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                   40.0, 80.0, 160.0)
+
+
+class EngineCollector:
+    def __init__(self, engine):
+        self.engine = engine  # AsyncLLMEngine
+
+    def collect(self):
+        engine = self.engine.engine
+        s = engine.stats()
+        yield GaugeMetricFamily("ldmole:num_requests_running", "Sequences in the running batch.", s["running"])
+        yield GaugeMetricFamily("ldmole:num_requests_waiting", "Sequences waiting to be scheduled.",
+                                s["waiting"] + len(self.engine._to_admit))
+        used = 1.0 - s["kv_blocks_free"] / s["kv_blocks_total"]
+        yield GaugeMetricFamily("ldmole:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", used)
+        yield GaugeMetricFamily("ldmole:kv_cache_blocks_in_use", "KV-cache blocks in use.",
+                                s["kv_blocks_total"] - s["kv_blocks_free"])
+        yield CounterMetricFamily("ldmole:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  s["prefix_cache_queried_tokens"])
+        yield CounterMetricFamily("ldmole:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  s["prefix_cache_hit_tokens"])
+        hit_rate = s["prefix_cache_hit_tokens"] / s["prefix_cache_queried_tokens"] if s["prefix_cache_queried_tokens"] else 0.0
+        yield GaugeMetricFamily("ldmole:prefix_cache_hit_rate", "Prefix-cache hits / queries, in tokens, since start.",
+                                hit_rate)
+        yield CounterMetricFamily("ldmole:num_preemptions", "Sequences preempted (KV cache full).", s["preemptions"])
+        yield CounterMetricFamily("ldmole:engine_failed_steps", "Engine steps that raised (their requests failed).",
+                                  s["failed_steps"])
+        hist = engine.expert_histogram
+        family = HistogramMetricFamily(
+            "ldmole:active_experts_per_token",
+            "Mean experts with p > 0 per routing decision of a token (sampled steps), per adapter set.",
+            labels=["adapter"])
+        for name, (counts, total, n) in list(hist.by_adapter.items()):
+            cumulative, buckets = 0, []
+            for bound, c in zip(list(hist.buckets) + [float("inf")], counts):
+                cumulative += c
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([name], buckets, total)
+        yield family
+
+
+class ServerMetrics:
+    def __init__(self, engine):
+        self.registry = registry = CollectorRegistry()
+        self.success = Counter("ldmole:request_success", "Finished requests, by adapter and finish reason.",
+                               ["adapter", "finished_reason"], registry=registry)
+        self.failure = Counter("ldmole:request_failure", "Requests that ended in an error, by adapter and HTTP status.",
+                               ["adapter", "status"], registry=registry)
+        self.prompt_tokens = Counter("ldmole:prompt_tokens", "Prompt tokens of finished requests.", ["adapter"],
+                                     registry=registry)
+        self.generation_tokens = Counter("ldmole:generation_tokens", "Generated tokens.", ["adapter"],
+                                         registry=registry)
+        self.ttft = Histogram("ldmole:time_to_first_token_seconds", "Time to the first generated token.",
+                              ["adapter"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.itl = Histogram("ldmole:inter_token_latency_seconds", "Time between generated tokens.",
+                             ["adapter"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.e2e = Histogram("ldmole:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             ["adapter"], buckets=LATENCY_BUCKETS, registry=registry)
+        registry.register(EngineCollector(engine))
+
+    def tracker(self, adapter: str) -> "RequestTracker":
+        return RequestTracker(self, adapter)
+
+
+class RequestTracker:
+    """Latency and token accounting of one request (all its prompts and samples), fed its outputs."""
+
+    def __init__(self, metrics: ServerMetrics, adapter: str):
+        self.m, self.adapter = metrics, adapter
+        self.start = self.last = time.perf_counter()
+        self.tokens: dict[tuple, int] = {}  # (prompt index, sample index) -> tokens seen
+        self.first_seen = False
+
+    def observe(self, prompt_index: int, out) -> None:
+        now = time.perf_counter()
+        new = 0
+        for c in out.outputs:
+            key = (prompt_index, c.index)
+            new += len(c.token_ids) - self.tokens.get(key, 0)
+            self.tokens[key] = len(c.token_ids)
+        if new > 0:
+            if not self.first_seen:
+                self.first_seen = True
+                self.m.ttft.labels(self.adapter).observe(now - self.start)
+            else:
+                gap = (now - self.last) / new
+                for _ in range(min(new, 64)):
+                    self.m.itl.labels(self.adapter).observe(gap)
+            self.last = now
+        if out.finished:
+            self.m.prompt_tokens.labels(self.adapter).inc(len(out.prompt_token_ids))
+            self.m.generation_tokens.labels(self.adapter).inc(sum(len(c.token_ids) for c in out.outputs))
+            for c in out.outputs:
+                self.m.success.labels(self.adapter, c.finish_reason or "unknown").inc()
+
+    def finish(self) -> None:
+        self.m.e2e.labels(self.adapter).observe(time.perf_counter() - self.start)
+
+    def fail(self, status: int) -> None:
+        self.m.failure.labels(self.adapter, str(status)).inc()

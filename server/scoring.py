@@ -1,0 +1,75 @@
+"""POST /v1/score (multiple choice, on the engine's shared-context scoring) and POST /v1/classify."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Union
+
+from fastapi import APIRouter, Request
+
+from .completions import state_of
+from .errors import APIError, classify_exception
+from .protocol import ClassifyRequest, ScoreItem
+from .state import ServerState, request_id
+from .streaming import until_disconnected
+
+router = APIRouter()
+
+
+async def score_item(state: ServerState, item: ScoreItem, rid: str) -> dict:
+    adapter = state.resolve_model(item.model)
+    tracker = state.metrics.tracker(state.label(adapter))
+    try:
+        result = await state.engine.score(rid, item.context, item.choices, adapter)
+    except Exception as exc:
+        tracker.fail(classify_exception(exc)[0])
+        raise
+    tracker.finish()
+    return {
+        "object": "score", "model": state.label(adapter),
+        "choices": [{"index": i, "sum_logprob": c.sum_logprob, "mean_logprob": c.mean_logprob,
+                     "num_tokens": c.num_tokens, "is_greedy": c.is_greedy} for i, c in enumerate(result.choices)],
+        "best": result.best, "best_normalized": result.best_normalized,
+    }
+
+
+@router.post("/v1/score")
+async def score(body: Union[ScoreItem, list[ScoreItem]], raw: Request):
+    """One item {model, context, choices} or a list of them. Per choice: summed and token-mean logprob,
+    token count, greediness; per item the best choice under both."""
+    state = state_of(raw)
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise APIError(400, "the list of score items is empty")
+    for item in items:  # unknown models fail the whole request before any work starts
+        state.resolve_model(item.model)
+    rid = request_id("score")
+
+    async def work():
+        return await asyncio.gather(*(score_item(state, item, f"{rid}-{i}") for i, item in enumerate(items)))
+
+    results = await until_disconnected(raw, work)
+    if results is None:
+        return None
+    if isinstance(body, list):
+        return {"id": rid, "object": "list", "created": int(time.time()), "data": results}
+    return {"id": rid, "created": int(time.time())} | results[0]
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, raw: Request):
+    """Label index and class probabilities per input, from the adapter set's classification head."""
+    state = state_of(raw)
+    adapter = state.resolve_model(body.model)
+    inputs = body.input
+    if isinstance(inputs, str) or (inputs and all(isinstance(t, int) for t in inputs)):
+        inputs = [inputs]
+    if not inputs:
+        raise APIError(400, "input must not be empty", "input")
+    probs = await state.engine.classify(list(inputs), adapter)
+    data = [{"index": i, "label": int(p.argmax()), "probs": p.tolist(), "num_classes": p.numel()}
+            for i, p in enumerate(probs)]
+    tokens = sum(len(state.engine.engine.encode(x)) for x in inputs)
+    return {"id": request_id("classify"), "object": "list", "created": int(time.time()), "model": state.label(adapter),
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -1,0 +1,70 @@
+"""What every route needs: the engine, the tokenizer, the served model names, and the limits."""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ldmole_runtime.engine.async_engine import AsyncLLMEngine
+from ldmole_runtime.errors import UnknownAdapterError
+
+from .metrics import ServerMetrics
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    drain_timeout_s: float = 30.0
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    tokenizer: object | None
+    base_name: str  # the base model's served name (`model` field for the bare base)
+    base_path: str
+    adapter_paths: dict[str, str] = field(default_factory=dict)  # adapter-set name -> folder it came from
+    settings: ServerSettings = field(default_factory=ServerSettings)
+    metrics: ServerMetrics | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        if self.metrics is None:
+            self.metrics = ServerMetrics(self.engine)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """The adapter-set name a request's `model` field selects (None: the bare base)."""
+        if model is None or model == self.base_name:
+            return None
+        if model in self.engine.engine.runtime.bank.names and model not in self.engine.unloading:
+            return model
+        raise UnknownAdapterError(f"the model {model!r} does not exist; served: {self.model_names()}")
+
+    def model_names(self) -> list[str]:
+        return [self.base_name] + [n for n in self.engine.engine.runtime.bank.names if n not in self.engine.unloading]
+
+    def label(self, adapter: str | None) -> str:
+        """The `adapter` metrics label and `model` response field of a request."""
+        return self.base_name if adapter is None else adapter
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+
+    __hash__ = object.__hash__  # lru_cache on a method keys on self
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
