@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
+from ldmole_runtime.errors import PromptTooLongError
 
 from .errors import APIError, classify_exception, error_body
 from .protocol import CompletionRequest, SamplingFields
@@ -32,6 +33,9 @@ def sampling_params(state: ServerState, body: SamplingFields, prompt: Prompt, ma
                     logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's SamplingParams for one prompt; max_tokens None means 'up to the context limit'."""
     room = state.max_model_len - len(prompt.token_ids)
+    if room < 1:
+        raise PromptTooLongError(f"the prompt has {len(prompt.token_ids)} tokens; this model's maximum context "
+                                 f"length is {state.max_model_len} tokens, at least one of them generated")
     if max_tokens is None:
         max_tokens = max(room, 0)
     elif isinstance(max_tokens, int) and max_tokens > room:
