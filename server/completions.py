@@ -32,6 +32,9 @@ def state_of(raw: Request) -> ServerState:
 def sampling_params(state: ServerState, body: SamplingFields, prompt: Prompt, max_tokens: int | None,
                     logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The engine's SamplingParams for one prompt; max_tokens None means 'up to the context limit'."""
+    max_seqs = state.engine.engine.config.max_num_seqs
+    if isinstance(body.n, int) and body.n > max_seqs:
+        raise APIError(400, f"n must be <= {max_seqs} (the server's --max-num-seqs), got {body.n}", "n")
     room = state.max_model_len - len(prompt.token_ids)
     if room < 1:
         raise PromptTooLongError(f"the prompt has {len(prompt.token_ids)} tokens; this model's maximum context "
