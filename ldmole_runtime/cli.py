@@ -150,6 +150,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from server.bench_serve import bench_serve
+
+    concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if not concurrency or min(concurrency) < 1:
+        raise LDMoleError(f"--concurrency takes positive integers, got {args.concurrency!r}")
+    try:
+        result = bench_serve(args.url, concurrency, args.num_requests, args.prompt_words, args.max_tokens, args.rounds,
+                             args.api_key)
+    except OSError as exc:  # httpx connection errors derive from it too
+        raise LDMoleError(f"cannot reach the server at {args.url}: {exc}") from exc
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
@@ -233,13 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     from server.launch import add_serve_flags
     add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
+
+    bs = sub.add_parser("bench-serve", help="serving benchmark against a running server, with the offline engine "
+                                            "on the same workload as the baseline")
+    from server.bench_serve import add_bench_serve_flags
+    add_bench_serve_flags(bs)
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "serve"):  # train needs autograd; serve runs its own threads
+        if args.command in ("train", "serve", "bench-serve"):  # train needs autograd; serve runs its own threads
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

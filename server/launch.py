@@ -9,7 +9,7 @@ import shlex
 
 import uvicorn
 
-from ldmole_runtime.default_adapter import resolve_adapter
+from ldmole_runtime.default_adapter import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.default_base import resolve_base
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.engine.llm import load_tokenizer
@@ -24,6 +24,8 @@ from .state import ServerSettings, ServerState
 def parse_adapters(specs: list[str]) -> dict[str, str]:
     adapters: dict[str, str] = {}
     for spec in specs:
+        if spec == "default":  # the embedded adapter under its own name
+            spec = f"{DEFAULT_ADAPTER_NAME}=default"
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise LDMoleError(f"--adapter takes NAME=PATH, got {spec!r}")
@@ -107,7 +109,8 @@ def add_serve_flags(s) -> None:
                    help="base model: an HF folder (Llama/Qwen3), or 'default' for the embedded SmolLM2-135M-Instruct")
     s.add_argument("--adapter", action="append", metavar="NAME=PATH",
                    help="serve an adapter set under NAME (repeatable); PATH is a native or reference LD-MoLE folder, "
-                        "or 'default' for the embedded default adapter")
+                        "or 'default' for the embedded default adapter; '--adapter default' alone serves that "
+                        f"adapter as {DEFAULT_ADAPTER_NAME!r}")
     s.add_argument("--served-model-name", help="the `model` name of the bare base (default: the base folder's name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")

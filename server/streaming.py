@@ -21,6 +21,10 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
     """(stream index, item) from several async iterators as items arrive. An exception in one
     stream is re-raised here; leaving early (or being cancelled) closes every stream, which aborts
     the engine requests behind them."""
+    if len(streams) == 1:  # the common case: no pump task and no extra queue hop per token
+        async for item in streams[0]:
+            yield 0, item
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

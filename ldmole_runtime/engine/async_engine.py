@@ -13,6 +13,7 @@ unloaded after it was validated) fails alone; a step that raises fails only the 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections import deque
 from typing import AsyncIterator
@@ -40,6 +41,9 @@ class AsyncLLMEngine:
         self._controls: deque = deque()  # (callable, future): engine changes that must happen between steps
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        # one worker thread for every step and control: the engine is used from a single thread, and
+        # torch/OpenMP keep one thread team instead of one per pool thread that happens to run a step
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmole-engine")
         self.errored: BaseException | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -190,6 +194,9 @@ class AsyncLLMEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()
 
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
     def _deliver(self, request_id: str, item) -> None:
         queue = self._queues.get(request_id)
         if queue is not None:
@@ -202,7 +209,7 @@ class AsyncLLMEngine:
                 while self._controls:
                     fn, future = self._controls.popleft()
                     try:
-                        result = await asyncio.to_thread(fn, engine)
+                        result = await self._in_worker(fn, engine)
                         if not future.done():
                             future.set_result(result)
                     except Exception as exc:  # a bad request to change the engine fails alone
@@ -222,7 +229,7 @@ class AsyncLLMEngine:
                         await self._wake.wait()
                     continue
                 try:
-                    outputs = await asyncio.to_thread(engine.step)
+                    outputs = await self._in_worker(engine.step)
                 except Exception as exc:  # outside any step's batch (an engine bug): fail what is in flight
                     logger.exception("the engine loop caught an error outside a step; failing the requests in flight")
                     outputs = engine.fail_all(exc)
