@@ -22,8 +22,11 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
     stream is re-raised here; leaving early (or being cancelled) closes every stream, which aborts
     the engine requests behind them."""
     if len(streams) == 1:  # the common case: no pump task and no extra queue hop per token
-        async for item in streams[0]:
-            yield 0, item
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()  # at once, not at garbage collection: this aborts the request
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
