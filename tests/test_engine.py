@@ -357,9 +357,17 @@ def test_async_engine_changes_adapters_between_steps(runtime):
                                                                                ignore_eos=True), adapter="late")]
         with pytest.raises(LDMoleError, match="unknown adapter set 'nope'"):
             await aengine.unload_adapter("nope")
-        assert await aengine.unload_adapter("late") == []
+        # unloading waits for the set's requests: one still running finishes normally, none is aborted
+        stream = aengine.generate("b", [8, 9], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), "late")
+        running = asyncio.ensure_future(_last(stream))
+        await asyncio.sleep(0)
+        await aengine.unload_adapter("late")
+        assert running.done() and running.result().outputs[0].finish_reason == "length"
         await aengine.shutdown()
         return outs[-1]
+
+    async def _last(stream):
+        return [o async for o in stream][-1]
 
     last = asyncio.run(main())
     assert last.finished and len(last.outputs[0].token_ids) == 3
