@@ -28,6 +28,9 @@ from .scoring import ScoreResult, score_choices
 
 logger = logging.getLogger("ldmole.engine")
 
+# Event-loop turns given to consumers after each step (queue wake-up, SSE write, back to waiting).
+_DELIVERY_YIELDS = 4
+
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
@@ -43,7 +46,9 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
         # one worker thread for every step and control: the engine is used from a single thread, and
         # torch/OpenMP keep one thread team instead of one per pool thread that happens to run a step
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmole-engine")
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmole-engine",
+                                                             initializer=torch.set_num_threads,
+                                                             initargs=(torch.get_num_threads(),))
         self.errored: BaseException | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -235,6 +240,11 @@ class AsyncLLMEngine:
                     outputs = engine.fail_all(exc)
                 for out in outputs:
                     self._deliver(out.request_id, out)
+                if outputs:
+                    # let the consumers stream these outputs out before the next step starts: on a
+                    # few CPU cores their work would otherwise steal time from the step's threads
+                    for _ in range(_DELIVERY_YIELDS):
+                        await asyncio.sleep(0)
         except BaseException as exc:  # cancelled at shutdown (or worse): keep callers from hanging
             self.errored = exc
             for queue in self._queues.values():
