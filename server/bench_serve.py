@@ -126,8 +126,12 @@ def bench_serve(url: str, concurrencies: list[int], num_requests: int | None, pr
         med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
         http = {k: med(http_runs, k) for k in http_runs[0]}
         offline = {k: med(offline_runs, k) for k in offline_runs[0]}
+        ratios = [h["output_tokens_per_s"] / o["output_tokens_per_s"] for h, o in zip(http_runs, offline_runs)]
         results[str(c)] = {"http": http, "offline": offline,
                            "http_over_offline_throughput": http["output_tokens_per_s"] / offline["output_tokens_per_s"],
+                           "per_round": {"http_tokens_per_s": [r["output_tokens_per_s"] for r in http_runs],
+                                         "offline_tokens_per_s": [r["output_tokens_per_s"] for r in offline_runs],
+                                         "ratio": ratios},
                            "requests": len(work.prompts)}
     return {"url": url, "models": models, "max_tokens": max_tokens, "prompt_words": prompt_words, "rounds": rounds,
             "concurrency": results}
