@@ -28,9 +28,6 @@ from .scoring import ScoreResult, score_choices
 
 logger = logging.getLogger("ldmole.engine")
 
-# Event-loop turns given to consumers after each step (queue wake-up, SSE write, back to waiting).
-_DELIVERY_YIELDS = 4
-
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
@@ -176,9 +173,10 @@ class AsyncLLMEngine:
             self.unloading.discard(name)
 
     def _in_flight(self, adapter: str) -> bool:
-        return (any(r.adapter == adapter for r in self._to_admit)
-                or any(r.adapter == adapter for r in self.engine.requests.values())
-                or any(s.adapter == adapter for s in self.engine.held.values()))
+        # list(...) copies in one step: a step in the worker thread may change these dicts meanwhile
+        return (any(r.adapter == adapter for r in list(self._to_admit))
+                or any(r.adapter == adapter for r in list(self.engine.requests.values()))
+                or any(s.adapter == adapter for s in list(self.engine.held.values())))
 
     async def classify(self, inputs: list[str | list[int]], adapter: str | None) -> list[torch.Tensor]:
         """Class probabilities [num_labels] per input, from the adapter set's (or base's) score head."""
@@ -240,11 +238,6 @@ class AsyncLLMEngine:
                     outputs = engine.fail_all(exc)
                 for out in outputs:
                     self._deliver(out.request_id, out)
-                if outputs:
-                    # let the consumers stream these outputs out before the next step starts: on a
-                    # few CPU cores their work would otherwise steal time from the step's threads
-                    for _ in range(_DELIVERY_YIELDS):
-                        await asyncio.sleep(0)
         except BaseException as exc:  # cancelled at shutdown (or worse): keep callers from hanging
             self.errored = exc
             for queue in self._queues.values():

@@ -221,7 +221,8 @@ class LLMEngine:
         return self.runtime.classify(token_ids, adapter)
 
     def has_unfinished_requests(self) -> bool:
-        return any(not r.finished_reported for r in self.requests.values())
+        # a snapshot: the async front also asks from its event-loop thread while a step runs
+        return any(not r.finished_reported for r in list(self.requests.values()))
 
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
