@@ -20,6 +20,7 @@ def resolve_adapter(path: str | Path) -> Path:
     """An adapter argument as users type it: a folder, or "default" for the embedded adapter."""
     if str(path) == "default":
         if not (DEFAULT_ADAPTER_DIR / "ldmole_adapter.json").is_file():
-            raise CheckpointError(f"the embedded default adapter is missing from {DEFAULT_ADAPTER_DIR}; reinstall ldmole")
+            raise CheckpointError(f"the embedded default adapter is missing from {DEFAULT_ADAPTER_DIR}; "
+                                  "reinstall ldmole")
         return DEFAULT_ADAPTER_DIR
     return Path(path)

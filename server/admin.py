@@ -84,7 +84,8 @@ async def tokenizer_info(raw: Request):
     if tok is None:
         raise APIError(404, "this model has no tokenizer")
     return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
-            "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": getattr(tok, "chat_template", None),
+            "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+            "chat_template": getattr(tok, "chat_template", None),
             "model_max_length": state.max_model_len, "vocab_size": state.engine.engine.runtime.cfg.vocab_size}
 
 

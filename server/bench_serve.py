@@ -139,10 +139,12 @@ def bench_serve(url: str, concurrencies: list[int], num_requests: int | None, pr
 
 def add_bench_serve_flags(b) -> None:
     b.add_argument("--url", default="http://127.0.0.1:8000", help="the running server (default http://127.0.0.1:8000)")
-    b.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent clients (default 1,8,32)")
+    b.add_argument("--concurrency", default="1,8,32",
+                   help="comma-separated numbers of concurrent clients (default 1,8,32)")
     b.add_argument("--num-requests", type=int, help="requests per concurrency level (default max(2 x concurrency, 8))")
     b.add_argument("--prompt-words", type=int, default=48, help="words per random prompt (default 48)")
     b.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request, EOS ignored (default 32)")
-    b.add_argument("--rounds", type=int, default=3, help="alternating HTTP/offline rounds per level; medians reported (default 3)")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="alternating HTTP/offline rounds per level; medians reported (default 3)")
     b.add_argument("--api-key", help="the server's API key, if it has one")
     b.add_argument("--json", action="store_true", help="print one JSON object on one line")

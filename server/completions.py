@@ -185,7 +185,8 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str, model: 
                 entries = list(c.logprobs[n_tok:]) if c.logprobs is not None else [None] * len(ids)
                 if first and body.echo:
                     delta = _prompt_text(state, prompt) + delta
-                    ids, entries = prompt.token_ids + ids, list(out.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
+                    prompt_entries = out.prompt_logprobs or [None] * len(prompt.token_ids)
+                    ids, entries = prompt.token_ids + ids, list(prompt_entries) + entries
                 if not (delta or ids or c.finish_reason or first):
                     continue
                 sent[key] = (len(c.token_ids), len(text))

@@ -35,7 +35,8 @@ class EngineCollector:
                                   s["prefix_cache_queried_tokens"])
         yield CounterMetricFamily("ldmole:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                                   s["prefix_cache_hit_tokens"])
-        hit_rate = s["prefix_cache_hit_tokens"] / s["prefix_cache_queried_tokens"] if s["prefix_cache_queried_tokens"] else 0.0
+        queried = s["prefix_cache_queried_tokens"]
+        hit_rate = s["prefix_cache_hit_tokens"] / queried if queried else 0.0
         yield GaugeMetricFamily("ldmole:prefix_cache_hit_rate", "Prefix-cache hits / queries, in tokens, since start.",
                                 hit_rate)
         yield CounterMetricFamily("ldmole:num_preemptions", "Sequences preempted (KV cache full).", s["preemptions"])

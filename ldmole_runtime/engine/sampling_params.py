@@ -51,7 +51,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per generated token (0 = only the sampled token's)
     prompt_logprobs: int | None = None  # same, for prompt tokens
     min_tokens: int = 0  # eos / stop_token_ids are masked until this many tokens are generated
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit (OpenAI: [-100, 100])
+    # token id -> bias added to its logit (OpenAI: [-100, 100])
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, low=1)
