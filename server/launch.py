@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shlex
+import signal
+import threading
 
 import uvicorn
 
@@ -14,6 +16,7 @@ from ldmole_runtime.default_base import resolve_base
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.engine.llm import load_tokenizer
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.engine.main_thread_executor import MainThreadExecutor
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.runtime import LDMoleRuntime
 
@@ -35,7 +38,7 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
-def build_state(args) -> ServerState:
+def build_state(args, executor=None) -> ServerState:
     base = resolve_base(args.base)
     adapters = parse_adapters(args.adapter or [])
     name = args.served_model_name or base.name
@@ -45,7 +48,7 @@ def build_state(args) -> ServerState:
     tokenizer = load_tokenizer(base)
     config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
-    engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue)
+    engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
     settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
     return ServerState(engine, tokenizer, name, str(base), adapters, settings)
@@ -75,7 +78,8 @@ def curl_examples(state: ServerState, url: str) -> list[str]:
 
 def serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    state = build_state(args)
+    executor = MainThreadExecutor()
+    state = build_state(args, executor)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
 
     def on_ready() -> None:
@@ -86,22 +90,21 @@ def serve(args) -> int:
     app = build_app(state, on_ready)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
-    server = DrainingServer(config, state)
-    server.run()
-    return 0
+    server = uvicorn.Server(config)
 
+    def on_signal(sig, frame) -> None:
+        # the first SIGTERM/SIGINT drains: new requests are refused at once (kept-alive connections
+        # included) and uvicorn stops accepting; running ones finish. A second one stops at once.
+        state.engine.draining = True
+        server.handle_exit(sig, frame)
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM/SIGINT also makes the engine refuse new requests at once
-    (requests on kept-alive connections included), while running ones finish."""
-
-    def __init__(self, config: uvicorn.Config, state: ServerState):
-        super().__init__(config)
-        self.state = state
-
-    def handle_exit(self, sig, frame) -> None:
-        self.state.engine.draining = True
-        super().handle_exit(sig, frame)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    # uvicorn's event loop runs in a thread; the engine's steps run here, on the main thread
+    http = threading.Thread(target=server.run, name="ldmole-http", daemon=True)
+    http.start()
+    executor.run_until(lambda: not http.is_alive())
+    return 0 if server.started else 1
 
 
 def add_serve_flags(s) -> None:

@@ -24,13 +24,14 @@ from ..adapters.adapter_set import AdapterSet
 from ..errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
 from .llm_engine import LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
-from .scoring import ScoreResult, score_choices
+from .scoring import ScoreResult, first_token_logprobs, score_choices
 
 logger = logging.getLogger("ldmole.engine")
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None):
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 executor: concurrent.futures.Executor | None = None):
         self.engine = engine
         self.max_queue = max_queue  # waiting requests beyond which new ones are refused (None: no limit)
         self.draining = False  # set at shutdown: new requests are refused, running ones finish
@@ -41,11 +42,11 @@ class AsyncLLMEngine:
         self._controls: deque = deque()  # (callable, future): engine changes that must happen between steps
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        # one worker thread for every step and control: the engine is used from a single thread, and
-        # torch/OpenMP keep one thread team instead of one per pool thread that happens to run a step
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldmole-engine",
-                                                             initializer=torch.set_num_threads,
-                                                             initargs=(torch.get_num_threads(),))
+        # every step and control runs on one thread: the engine is used from a single thread, and
+        # torch/OpenMP keep one thread team. `ldmole serve` passes a MainThreadExecutor (faster).
+        self._worker = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="ldmole-engine", initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),))
         self.errored: BaseException | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class AsyncLLMEngine:
 
         def fork_all(engine: LLMEngine):
             try:
-                first = engine.context_logprobs(ctx_id)
+                first = first_token_logprobs(engine.context_logprobs(ctx_id), choice_ids)
                 return first, [engine.fork_or_recompute(ctx_id, rid, c) for rid, c in zip(ids, choice_ids)]
             finally:
                 engine.release_context(ctx_id)

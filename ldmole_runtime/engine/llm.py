@@ -16,7 +16,7 @@ from ..errors import LDMoleError, StepFailedError
 from ..runtime import LDMoleRuntime
 from .llm_engine import EngineConfig, LLMEngine, RequestOutput
 from .sampling_params import SamplingParams
-from .scoring import ChoiceScore, ScoreResult, score_choices  # noqa: F401 (API)
+from .scoring import ChoiceScore, ScoreResult, first_token_logprobs, score_choices  # noqa: F401 (API)
 
 
 def load_tokenizer(base: str | Path):
@@ -85,7 +85,7 @@ class LLM:
         self.engine.add_context(ctx, ctx_ids, adapter)
         try:
             self._run([ctx])
-            first = self.engine.context_logprobs(ctx)
+            first = first_token_logprobs(self.engine.context_logprobs(ctx), choice_ids)
             ids = [f"score-{next(self._ids)}" for _ in choice_ids]
             forked = [self.engine.fork_or_recompute(ctx, rid, c) for rid, c in zip(ids, choice_ids)]
         finally:

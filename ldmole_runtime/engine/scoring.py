@@ -31,10 +31,15 @@ class ScoreResult:
     best_normalized: int  # argmax of mean_logprob
 
 
-def score_choices(context_len: int, first_logprobs: torch.Tensor, choice_ids: list[list[int]],
+def first_token_logprobs(context_logprobs: torch.Tensor, choice_ids: list[list[int]]) -> tuple[list[float], int]:
+    """Each choice's first-token logprob, and the argmax token, from the held context's last position."""
+    return context_logprobs[[c[0] for c in choice_ids]].tolist(), int(context_logprobs.argmax())
+
+
+def score_choices(context_len: int, first: tuple[list[float], int], choice_ids: list[list[int]],
                   outputs: list[RequestOutput], forked: list[bool]) -> ScoreResult:
-    greedy_first = int(first_logprobs.argmax())
-    first = first_logprobs[[c[0] for c in choice_ids]].tolist()
+    """first: `first_token_logprobs(...)` of the context."""
+    first, greedy_first = first
     scores = []
     for out, c, was_forked, lp0 in zip(outputs, choice_ids, forked, first):
         entries = [(lp.logprob, lp.is_greedy) for lp in out.prompt_logprobs[context_len + was_forked:]]
