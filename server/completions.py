@@ -18,6 +18,10 @@ from .streaming import SSE_DONE, merge_streams, sse, until_disconnected
 
 router = APIRouter()
 
+# One request may not queue more sequences than this (prompts x n): a single body of a few KB must
+# not be able to occupy the engine for minutes. lm-eval's batches stay far below it.
+MAX_SEQUENCES_PER_REQUEST = 256
+
 
 @dataclass
 class Prompt:
@@ -126,6 +130,9 @@ async def create_completion(body: CompletionRequest, raw: Request):
     state = state_of(raw)
     adapter = state.resolve_model(body.model)
     prompts = completion_prompts(state, body.prompt)
+    if isinstance(body.n, int) and len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences: at most {MAX_SEQUENCES_PER_REQUEST} "
+                            "per request; split it", "prompt")
     echo_logprobs = body.logprobs if body.echo else None
     params = [sampling_params(state, body, p, body.max_tokens, body.logprobs, echo_logprobs) for p in prompts]
     rid = request_id("cmpl")

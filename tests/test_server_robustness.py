@@ -64,6 +64,7 @@ BAD = [
     (*completion(temperature=-1), 400),
     (*completion(top_p=0), 400),
     (*completion(n=0), 400),
+    (*completion(prompt=["a"] * 200, n=2), 400),
     (*completion(logprobs=99), 400),
     (*completion(prompt=""), 400),
     (*completion(prompt=[]), 400),
@@ -220,7 +221,7 @@ def test_schema_fuzzing_finds_no_server_error(server, tmp_path):
     cli = Path(sys.executable).with_name("schemathesis")
     out = subprocess.run(
         [str(cli), "run", server.url + "/openapi.json", "-c", "not_a_server_error", "--max-time", "25", "-w", "1",
-         "--generation-database", "none", "--output-sanitize", "false", "--no-color",
+         "--generation-database", "none", "--output-sanitize", "false", "--no-color", "--request-timeout", "120",
          "--exclude-path", "/v1/load_lora_adapter"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | {"NO_COLOR": "1"})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
