@@ -50,20 +50,20 @@ def build_state(args, executor=None) -> ServerState:
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
-    settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes, drain_timeout_s=args.drain_timeout)
+    settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
     return ServerState(engine, tokenizer, name, str(base), adapters, settings)
 
 
 def curl_examples(state: ServerState, url: str) -> list[str]:
     """Ready-to-paste calls: a completion under the first adapter set, one under the base, a score."""
-    auth = " -H 'Authorization: Bearer $LDMOLE_API_KEY'" if state.settings.api_key else ""
+    auth = ' -H "Authorization: Bearer $LDMOLE_API_KEY"' if state.settings.api_key else ""
     question = ("Below is a multiple-choice question. Please choose the correct answer.\n"
                 "Which gas do plants take in from the air to make food?\n"
                 "Options:\nA. oxygen\nB. carbon dioxide\nC. helium\nD. neon\n\nAnswer: ")
     adapter = next(iter(state.adapter_paths), None)
 
     def call(path: str, body: dict) -> str:
-        return (f"curl -s {url}{path} -H 'Content-Type: application/json'{auth.replace(chr(39), chr(34))} "
+        return (f"curl -s {url}{path} -H 'Content-Type: application/json'{auth} "
                 f"-d {shlex.quote(json.dumps(body))}")
 
     lines = []

@@ -67,9 +67,10 @@ async def classify(body: ClassifyRequest, raw: Request):
         inputs = [inputs]
     if not inputs:
         raise APIError(400, "input must not be empty", "input")
-    probs = await state.engine.classify(list(inputs), adapter)
+    ids = [state.engine.engine.encode(x) for x in inputs]
+    probs = await state.engine.classify(ids, adapter)
     data = [{"index": i, "label": int(p.argmax()), "probs": p.tolist(), "num_classes": p.numel()}
             for i, p in enumerate(probs)]
-    tokens = sum(len(state.engine.engine.encode(x)) for x in inputs)
+    tokens = sum(len(x) for x in ids)
     return {"id": request_id("classify"), "object": "list", "created": int(time.time()), "model": state.label(adapter),
             "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

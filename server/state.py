@@ -17,7 +17,6 @@ from .metrics import ServerMetrics
 class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
-    drain_timeout_s: float = 30.0
 
 
 @dataclass

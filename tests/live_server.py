@@ -53,7 +53,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, base: Path, adapters: dict[str, Path], *, api_key: str | None = None, max_queue: int | None = 256,
+    def __init__(self, base: Path, adapters: dict[str, Path], *, api_key: str | None = None,
+                 max_queue: int | None = 256,
                  num_blocks: int = 256, max_body_bytes: int = 1 << 20):
         runtime = LDMoleRuntime.from_pretrained(base, adapters={k: str(v) for k, v in adapters.items()})
         tokenizer = load_tokenizer(base)

@@ -107,7 +107,8 @@ def test_chat_completion_uses_the_chat_template(client, llm, server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     text = server.state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = server.state.tokenizer.encode(text, add_special_tokens=False)
-    expected = llm.generate([ids], SamplingParams(max_tokens=9, temperature=0, logprobs=2), adapter="math")[0].outputs[0]
+    params = SamplingParams(max_tokens=9, temperature=0, logprobs=2)
+    expected = llm.generate([ids], params, adapter="math")[0].outputs[0]
     got = client.chat.completions.create(model="math", messages=messages, max_completion_tokens=9, temperature=0,
                                          logprobs=True, top_logprobs=2)
     assert got.choices[0].message.content == expected.text
@@ -229,7 +230,8 @@ def test_load_unload_under_concurrent_traffic(http, server, model_files, llm):
                                               json={"lora_name": f"extra{i}", "lora_path": path})).status_code)
                 # a request in flight on the set being unloaded: unloading waits for it
                 gen = asyncio.create_task(c.post("/v1/completions", json={
-                    "model": f"extra{i}", "prompt": "in flight", "max_tokens": 30, "temperature": 0, "ignore_eos": True}))
+                    "model": f"extra{i}", "prompt": "in flight", "max_tokens": 30, "temperature": 0,
+                    "ignore_eos": True}))
                 await asyncio.sleep(0.05)
                 statuses.append((await c.post("/v1/unload_lora_adapter", json={"lora_name": f"extra{i}"})).status_code)
                 done = await gen

@@ -104,7 +104,8 @@ def test_32_clients_with_disconnects_and_adapter_churn(model_files):
             time.sleep(0.1)
         lat = sorted(stats["latency"])
         print(f"\nload test: {CLIENTS} clients, {elapsed:.0f} s: {len(lat)} completed "
-              f"({len(lat) / elapsed:.1f} req/s), {stats['left']} intended disconnects, {stats['churns']} load/use/unload "
+              f"({len(lat) / elapsed:.1f} req/s), {stats['left']} intended disconnects, "
+              f"{stats['churns']} load/use/unload "
               f"cycles, {len(stats['errors'])} failures; latency p50 {statistics.median(lat):.3f} s "
               f"p99 {lat[int(0.99 * (len(lat) - 1))]:.3f} s; preemptions {m['ldmole:num_preemptions_total']:.0f}")
         assert stats["errors"] == []

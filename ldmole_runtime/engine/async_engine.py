@@ -134,11 +134,8 @@ class AsyncLLMEngine:
             first, forked = await self.call_between_steps(fork_all)
             outputs = []
             for rid, queue in zip(ids, queues):
-                item = None
-                while item is None or not (isinstance(item, BaseException) or item.finished):
-                    item = await queue.get()
+                outputs.append(await _final(queue))
                 done.add(rid)
-                outputs.append(_checked(item))
         finally:
             for rid in ids:
                 self._queues.pop(rid, None)
@@ -180,10 +177,10 @@ class AsyncLLMEngine:
                 or any(s.adapter == adapter for s in list(self.engine.held.values())))
 
     async def classify(self, inputs: list[str | list[int]], adapter: str | None) -> list[torch.Tensor]:
-        """Class probabilities [num_labels] per input, from the adapter set's (or base's) score head."""
+        """Class probabilities [num_labels] per input (text or token ids), from the adapter set's (or
+        the base's) score head."""
         self.check_accepting(adapter)
-        engine = self.engine
-        ids = [engine.encode(x) for x in inputs]
+        ids = [self.engine.encode(x) for x in inputs]
         if any(not x for x in ids):
             raise LDMoleError("inputs to classify must not be empty")
 
@@ -264,6 +261,14 @@ class AsyncLLMEngine:
                 await self._loop_task
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+async def _final(queue: asyncio.Queue) -> RequestOutput:
+    """A request's finished output (failures raise), skipping the ones before it."""
+    while True:
+        item = await queue.get()
+        if isinstance(item, BaseException) or item.finished:
+            return _checked(item)
 
 
 def _checked(item):

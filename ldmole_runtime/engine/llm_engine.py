@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LDMoleError, PromptTooLongError, UnknownAdapterError
+from ..errors import LDMoleError, PromptTooLongError
 from ..runtime import LDMoleRuntime
 from .block_manager import BlockManager
 from .expert_stats import ExpertHistogram
@@ -137,8 +137,6 @@ class LLMEngine:
         reloaded under the same name never reuses blocks computed with the old weights."""
         if adapter is None:
             return ""
-        if adapter not in self.runtime.bank.names:
-            raise UnknownAdapterError(f"unknown adapter set {adapter!r}; loaded: {self.runtime.bank.names}")
         return f"{adapter}#{self.runtime.bank.slots[self.runtime.adapter_index(adapter)].uid}"
 
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -264,22 +262,20 @@ class LLMEngine:
 
     def fail_all(self, exc: Exception) -> list[RequestOutput]:
         """Fail every request in flight (after an error outside any step) and report them."""
-        message = f"{type(exc).__name__}: {exc}"
-        for request in self.requests.values():
-            request.error = request.error or message
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    self.scheduler.finish(seq, "error")
+        self._fail_requests(list(self.requests), exc)
         return self._report({})
 
     def _fail(self, batch: list[tuple[Sequence, int]], exc: Exception) -> None:
         """Finish every request with a sequence in the failed step, reason "error", freeing its blocks."""
         self.failed_steps += 1
         logger.exception("an engine step failed; its %d sequences' requests fail with it", len(batch))
+        self._fail_requests({seq.request_id for seq, _ in batch}, exc)
+
+    def _fail_requests(self, request_ids, exc: Exception) -> None:
         message = f"{type(exc).__name__}: {exc}"
-        for request_id in {seq.request_id for seq, _ in batch}:
+        for request_id in request_ids:
             request = self.requests[request_id]
-            request.error = message
+            request.error = request.error or message
             for seq in request.seqs:
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "error")

@@ -55,9 +55,6 @@ class ModelRunner:
         q_lens, ctx_lens, starts, set_ids, tables = [], [], [], [], []
         sample_seqs, sample_rows, prompt_spans, prompt_index = [], [], [], []
         index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
-        gone = {seq.adapter for seq, _ in batch if seq.adapter is not None} - index_of.keys()
-        if gone:  # admission checks this; reaching here would be an engine bug, named rather than a KeyError
-            raise LDMoleError(f"scheduled sequences use adapter sets that are not loaded: {sorted(gone)}")
         for seq, n in batch:
             c = seq.num_computed_tokens
             row0 = len(input_ids)
