@@ -15,7 +15,7 @@ ARG TORCH_INDEX_URL=""
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libgomp1 && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/ldmole
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY ldmole_runtime ldmole_runtime
 COPY kernels kernels
 COPY server server

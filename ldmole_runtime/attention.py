@@ -33,7 +33,9 @@ class PagedAttention:
 
     kv_cache is [layers, 2, num_blocks, block_size, H_kv, head_dim]. Each step first writes the new
     k/v at `slot_mapping`, then every query attends over its sequence's cached keys. Decodes (one
-    query each) are batched into one padded SDPA call; prompt chunks run one call each.
+    query each) are batched into one padded SDPA call, and so are short prompt chunks (scoring's
+    forks, small prompts: many per step, where one call each would cost more in dispatch than in
+    math); long prompt chunks run one call each, so no padding is wasted on them.
     """
     kv_cache: torch.Tensor
     slot_mapping: torch.Tensor  # [N] flat cache slot of every new token
@@ -41,6 +43,10 @@ class PagedAttention:
     decode_blocks: torch.Tensor | None  # [Bd, max_blocks] their block tables (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] valid keys
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, query len, block ids, context len)
+    short: "_ShortPrefills | None" = None
+
+    # a prompt chunk this small joins the padded batch (bounds its score tensor to B x H x 32 x 512)
+    SHORT_QUERY, SHORT_CONTEXT = 32, 512
 
     @classmethod
     def build(cls, kv_cache: torch.Tensor, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
@@ -50,8 +56,11 @@ class PagedAttention:
         for n in q_lens[:-1]:
             starts.append(starts[-1] + n)
         decodes = [i for i, n in enumerate(q_lens) if n == 1]
+        short = [i for i, n in enumerate(q_lens) if 1 < n <= cls.SHORT_QUERY and ctx_lens[i] <= cls.SHORT_CONTEXT]
+        if len(short) < 2:
+            short = []
         prefills = [(starts[i], q_lens[i], torch.tensor(block_tables[i], device=device), ctx_lens[i])
-                    for i, n in enumerate(q_lens) if n > 1]
+                    for i, n in enumerate(q_lens) if n > 1 and i not in set(short)]
         rows = blocks = mask = None
         if decodes:
             width = max(len(block_tables[i]) for i in decodes)
@@ -59,7 +68,10 @@ class PagedAttention:
             blocks = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i])) for i in decodes], device=device)
             lens = torch.tensor([ctx_lens[i] for i in decodes], device=device)
             mask = (torch.arange(width * block_size, device=device) < lens[:, None])[:, None, None, :]
-        return cls(kv_cache, slot_mapping, rows, blocks, mask, prefills)
+        batch = _ShortPrefills.build([starts[i] for i in short], [q_lens[i] for i in short],
+                                     [ctx_lens[i] for i in short], [block_tables[i] for i in short],
+                                     block_size, device) if short else None
+        return cls(kv_cache, slot_mapping, rows, blocks, mask, prefills, batch)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         N, H, D = q.shape
@@ -76,6 +88,14 @@ class PagedAttention:
             o = F.scaled_dot_product_attention(q[self.decode_rows].unsqueeze(2), keys, values,
                                                attn_mask=self.decode_mask, enable_gqa=gqa)
             out[self.decode_rows] = o.squeeze(2)
+        if self.short is not None:
+            s = self.short
+            B = s.blocks.shape[0]
+            keys = k_cache[s.blocks].view(B, -1, H_kv, D).transpose(1, 2)
+            values = v_cache[s.blocks].view(B, -1, H_kv, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[s.rows].transpose(1, 2), keys, values, attn_mask=s.mask,
+                                               enable_gqa=gqa)
+            out[s.rows[s.valid]] = o.transpose(1, 2)[s.valid]
         for start, q_len, blocks, ctx_len in self.prefills:
             keys = k_cache[blocks].view(-1, H_kv, D)[:ctx_len].transpose(0, 1)
             values = v_cache[blocks].view(-1, H_kv, D)[:ctx_len].transpose(0, 1)
@@ -88,3 +108,26 @@ class PagedAttention:
                 o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, enable_gqa=gqa)
             out[start:start + q_len] = o.transpose(0, 1)
         return out.view(N, H * D)
+
+
+@dataclass
+class _ShortPrefills:
+    """Short prompt chunks as one padded batch: B chunks of up to Q queries over up to K keys."""
+    rows: torch.Tensor  # [B, Q] token row of each query (0 for padding)
+    valid: torch.Tensor  # [B, Q] real queries
+    blocks: torch.Tensor  # [B, max_blocks] block tables (padded)
+    mask: torch.Tensor  # [B, 1, Q, K] keys each query may see
+
+    @classmethod
+    def build(cls, starts, q_lens, ctx_lens, tables, block_size: int, device) -> "_ShortPrefills":
+        width = max(len(t) for t in tables)
+        q_len, ctx_len = torch.tensor(q_lens, device=device), torch.tensor(ctx_lens, device=device)
+        i = torch.arange(max(q_lens), device=device)
+        valid = i[None, :] < q_len[:, None]
+        rows = torch.where(valid, torch.tensor(starts, device=device)[:, None] + i[None, :], 0)
+        position = (ctx_len - q_len)[:, None] + i[None, :]  # query i sits at position ctx_len - q_len + i
+        j = torch.arange(width * block_size, device=device)
+        mask = (j[None, None, :] <= position[:, :, None]) & (j[None, None, :] < ctx_len[:, None, None])
+        mask |= ~valid[:, :, None] & (j == 0)  # a padding query sees one key, so its softmax stays finite
+        blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+        return cls(rows, valid, blocks, mask[:, None])

@@ -165,6 +165,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from ldmole_eval import TASKS_DIR
+
+    if args.path:
+        print(TASKS_DIR)
+        return 0
+    names = sorted(p.stem for p in TASKS_DIR.glob("ldmole_*.yaml"))
+    print(f"lm-eval tasks shipped with ldmole (offline; pass --include_path {TASKS_DIR}):")
+    for name in names:
+        form = "letter-choice form (the LD-MoLE paper's prompt)" if name.endswith("_letter") else "cloze form"
+        print(f"  {name:32s} {form}")
+    print("groups: ldmole_cloze, ldmole_letter (every task in that form)")
+    return 0
+
+
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
@@ -196,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--adapter", help="adapter folder, native or reference LD-MoLE format; omit for the bare base")
     f.add_argument("--inputs", required=True, help="safetensors file with input_ids [B, T]")
     f.add_argument("--out", required=True, help="safetensors file to write")
-    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights and the computation (default float32)")
+    f.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     f.add_argument("--mode", default="sparse", choices=["sparse", "dense"],
                    help="sparse: only experts with p > 0 (serving path); dense: all experts (reference)")
     f.set_defaults(func=cmd_forward)
@@ -212,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
     b.add_argument("--shape", default="smollm2-135m", help="model shape with random weights: smollm2-135m, qwen3-0.6b, tiny")
     b.add_argument("--batch-sizes", help="decode batch sizes, comma-separated (default 1,8,32)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the random weights (default float32)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train an LD-MoLE adapter (runs data-parallel under torchrun)")
@@ -221,28 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate with (or score choices under) an adapter")
-    g.add_argument("prompt")
-    g.add_argument("--base", default="default")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--base", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
     g.add_argument("--adapter", help="adapter folder (native or reference); omit for the bare base")
     g.add_argument("--choices", help="'|'-separated continuations to score instead of generating")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--seed", type=int, help="sampling seed, for reproducible samples")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights and the computation (default float32)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("report", help="plots of an adapter's learned expert allocation on some data")
     r.add_argument("adapter", help="adapter folder")
     r.add_argument("--data", required=True, help="built-in dataset name or JSONL file")
     r.add_argument("--task", help="task of a JSONL file (mc, completion, classification)")
-    r.add_argument("--split", default="validation")
-    r.add_argument("--limit", type=int, default=200)
-    r.add_argument("--base", default="default")
-    r.add_argument("--out", default="report")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--max-length", type=int, default=512)
+    r.add_argument("--split", default="validation", help="split of a built-in dataset: train, validation, test")
+    r.add_argument("--limit", type=int, default=200, help="number of examples to route (default 200)")
+    r.add_argument("--base", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
+    r.add_argument("--out", default="report", help="folder for the plots and stats (default ./report)")
+    r.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
+    r.add_argument("--max-length", type=int, default=512, help="tokens per example, cut from the left (default 512)")
     r.set_defaults(func=cmd_report)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base and its adapter sets")
     from server.launch import add_serve_flags
@@ -254,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     from server.bench_serve import add_bench_serve_flags
     add_bench_serve_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    e = sub.add_parser("eval-tasks", help="list the offline lm-eval tasks shipped with ldmole (ARC, OBQA, CSQA, "
+                                          "HellaSwag, RTE, SIQA, PIQA; cloze and letter forms)")
+    e.add_argument("--path", action="store_true", help="print only their folder, for lm_eval --include_path")
+    e.set_defaults(func=cmd_eval_tasks)
     return parser
 
 

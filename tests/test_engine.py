@@ -98,13 +98,42 @@ def test_score_ranks_like_brute_force(runtime):
             brute.append(sum(lp[len(context) - 1 + t, tok].item() for t, tok in enumerate(c)))
         assert [abs(s.sum_logprob - b) <= 1e-4 for s, b in zip(result.choices, brute)] == [True] * 4
         assert result.best == max(range(4), key=lambda i: brute[i])
-    # the context's KV is computed once (11 tokens: two full blocks shared, the partial one copied)
+    # the context's KV is computed once (11 tokens: two full blocks shared, the partial one copied),
+    # and a choice's last token is only a target, never run
     engine = llm.engine
     context = [g.randrange(3, VOCAB) for _ in range(11)]  # new: no prefix-cache hit
     before = engine.stats()["computed_tokens"]
     llm.score(context, choices)
-    assert engine.stats()["computed_tokens"] - before == len(context) + sum(len(c) for c in choices)
+    assert engine.stats()["computed_tokens"] - before == len(context) + sum(len(c) - 1 for c in choices)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.held
+
+
+@pytest.mark.parametrize("path", ["fork", "recompute"])
+def test_score_many_matches_brute_force(runtime, path, monkeypatch):
+    """Many items in one call: held contexts with one-token choices (read off the context), longer
+    choices (forks whose last token is only a target), single-choice items (one plain request);
+    and the fallback when no block is free for a fork's copy (the context is recomputed)."""
+    llm = LLM(runtime, block_size=4, num_blocks=64)
+    if path == "recompute":
+        monkeypatch.setattr(llm.engine.block_manager, "fork", lambda *a, **k: False)
+    g = random.Random(5)
+    items = [([g.randrange(3, VOCAB) for _ in range(g.randrange(2, 12))],
+              [[g.randrange(3, VOCAB) for _ in range(n)] for n in lengths])
+             for lengths in ([1, 1, 3], [2, 1], [1], [4], [2, 2, 2, 1])]
+    # a choice that is the context's greedy continuation, so is_greedy is True somewhere
+    ctx = items[0][0]
+    greedy = int(runtime.forward(torch.tensor([ctx]), "math").logits[0, -1].argmax())
+    items[0][1].append([greedy])
+    results = llm.score_many(items, adapter="math")
+    for (context, choices), result in zip(items, results):
+        for c, got in zip(choices, result.choices):
+            lp = torch.log_softmax(runtime.forward(torch.tensor([context + c]), "math").logits[0], -1)
+            rows = lp[len(context) - 1:len(context) - 1 + len(c)]
+            assert got.sum_logprob == pytest.approx(sum(rows[t, tok].item() for t, tok in enumerate(c)), abs=1e-4)
+            assert got.is_greedy == all(int(rows[t].argmax()) == tok for t, tok in enumerate(c))
+            assert got.num_tokens == len(c)
+    assert results[0].choices[-1].is_greedy
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks and not llm.engine.held
 
 
 def test_prefix_cache_hits_only_under_the_same_adapter_set(runtime):

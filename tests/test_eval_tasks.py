@@ -86,3 +86,15 @@ def test_letter_form_of_tasks_the_trainer_lacks(tasks):
     text, choices, target = first(tasks["ldmole_social_iqa_letter"])
     ex = MCExample(f"{row['context']} {row['question']}", [row["answerA"], row["answerB"], row["answerC"]], 2)
     assert text + " " == mc_prompt(ex, "") and choices == ["A", "B", "C"] and target == int(row["label"]) - 1
+
+
+def test_ldmole_eval_tasks_lists_them_and_their_folder():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ldmole = str(Path(sys.executable).with_name("ldmole"))
+    path = subprocess.run([ldmole, "eval-tasks", "--path"], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(path) == TASKS_DIR
+    listing = subprocess.run([ldmole, "eval-tasks"], capture_output=True, text=True, check=True).stdout
+    assert sum(line.strip().startswith("ldmole_") for line in listing.splitlines()) == 2 * len(SIZES)

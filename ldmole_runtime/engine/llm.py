@@ -95,40 +95,42 @@ class LLM:
     def score_many(self, items: Seq[tuple[str | list[int], Seq[str | list[int]]]],
                    adapter: str | None = None) -> list[ScoreResult]:
         """`score` for many (context, choices) items at once: all contexts prefill in shared steps,
-        then all forks run together. An item with a single choice needs no fork: it runs as one
-        prompt whose logprobs are read from the context's end. The caller keeps the items' total
-        KV within the cache: held contexts cannot be preempted."""
+        then all forks run together. A choice's last token is only a target: it is scored from the
+        logits before it and never run, so a one-token choice costs nothing past its context. An
+        item with a single choice needs no fork: it runs as one prompt. The caller keeps the items'
+        total KV within the cache: held contexts cannot be preempted."""
         encoded = []
         for context, choices in items:
             ctx_ids, choice_ids = self.engine.encode(context), [self.engine.encode(c) for c in choices]
             if not ctx_ids or not choice_ids or any(not c for c in choice_ids):
                 raise LDMoleError("score needs a non-empty context and non-empty choices")
             encoded.append((ctx_ids, choice_ids))
-        forked_items = [i for i, (_, choices) in enumerate(encoded) if len(choices) > 1]
-        ctx_names = {i: f"score-ctx-{next(self._ids)}" for i in forked_items}
-        choice_names = [[f"score-{next(self._ids)}" for _ in choices] for _, choices in encoded]
+        held = {i: f"score-ctx-{next(self._ids)}" for i, (_, choices) in enumerate(encoded) if len(choices) > 1}
+        # one request per choice, except one-token choices of a held context (read off the context)
+        names = [[None if i in held and len(c) == 1 else f"score-{next(self._ids)}" for c in choices]
+                 for i, (_, choices) in enumerate(encoded)]
+        every = [rid for row in names for rid in row if rid is not None]
         firsts, forked = {}, [[False] * len(choices) for _, choices in encoded]
         try:
-            for i, name in ctx_names.items():
+            for i, name in held.items():
                 self.engine.add_context(name, encoded[i][0], adapter)
             for i, (ctx_ids, choices) in enumerate(encoded):
-                if i not in ctx_names:
-                    self.engine.add_request(choice_names[i][0], ctx_ids + choices[0], SamplingParams(max_tokens=0),
-                                            adapter, prompt_logprobs_from=len(ctx_ids))
-            self._awaited.update(r for names in choice_names for r in names)  # single-choice ones may finish now
-            self._run(list(ctx_names.values()))
-            for i, name in ctx_names.items():
+                if i not in held:
+                    c = choices[0]
+                    self.engine.add_request(names[i][0], ctx_ids + c[:-1], SamplingParams(max_tokens=0), adapter,
+                                            prompt_logprobs_from=len(ctx_ids), target_token=c[-1])
+            self._awaited.update(every)  # single-choice requests may finish while the contexts run
+            self._run(list(held.values()))
+            for i, name in held.items():
                 firsts[i] = first_token_logprobs(self.engine.context_logprobs(name), encoded[i][1])
-                forked[i] = [self.engine.fork_or_recompute(name, rid, c)
-                             for rid, c in zip(choice_names[i], encoded[i][1])]
+                forked[i] = [rid is None or self.engine.fork_or_recompute(name, rid, c[:-1], c[-1])
+                             for rid, c in zip(names[i], encoded[i][1])]
                 self.engine.release_context(name)  # the forks hold their own references
-            outputs = self._run([rid for names in choice_names for rid in names])
+            done = dict(zip(every, self._run(every)))
         finally:
-            for name in ctx_names.values():
+            for name in held.values():
                 self.engine.release_context(name)
-            self._forget([*ctx_names.values(), *(r for names in choice_names for r in names)])
-        results, at = [], 0
-        for i, (ctx_ids, choices) in enumerate(encoded):
-            outs, at = outputs[at:at + len(choices)], at + len(choices)
-            results.append(score_choices(len(ctx_ids), firsts.get(i, ([0.0], -1)), choices, outs, forked[i]))
-        return results
+            self._forget([*held.values(), *every])
+        return [score_choices(len(ctx_ids), firsts.get(i, ([0.0] * len(choices), -1)), choices,
+                              [done.get(rid) for rid in names[i]], forked[i])
+                for i, (ctx_ids, choices) in enumerate(encoded)]

@@ -84,10 +84,12 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | None = None, prompt_logprobs_from: int | None = None) -> None:
+                    adapter: str | None = None, prompt_logprobs_from: int | None = None,
+                    target_token: int | None = None) -> None:
         """Queue a request. `prompt_logprobs_from` asks for prompt logprobs from that position on
-        (scoring); `params.prompt_logprobs` asks for all of them."""
-        self.admit(self.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from))
+        (scoring); `params.prompt_logprobs` asks for all of them. `target_token` (with max_tokens 0)
+        adds the logprob of that token after the prompt, as if it were one more prompt token."""
+        self.admit(self.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from, target_token))
 
     def admit(self, request: "_Request") -> None:
         """Queue a prepared request. The adapter set is checked again here: it may have been unloaded
@@ -102,9 +104,15 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        adapter: str | None = None, prompt_logprobs_from: int | None = None) -> "_Request":
+                        adapter: str | None = None, prompt_logprobs_from: int | None = None,
+                        target_token: int | None = None) -> "_Request":
         """Validate a request and build its sequences, without touching the running batch."""
         params = params or SamplingParams()
+        if target_token is not None:
+            if params.max_tokens != 0 or params.n != 1:
+                raise LDMoleError("a target token is scored by a prompt-only request (max_tokens=0, n=1)")
+            if not 0 <= target_token < self.runtime.cfg.vocab_size:
+                raise LDMoleError(f"the target token must lie in [0, {self.runtime.cfg.vocab_size})")
         adapter_key = self._adapter_key(adapter)
         token_ids = self.encode(prompt)
         if not token_ids:
@@ -121,6 +129,8 @@ class LLMEngine:
             raise LDMoleError("stop strings need a tokenizer; this base model has none (use stop_token_ids)")
         if params.prompt_logprobs is not None:
             prompt_logprobs_from = 1
+        if target_token is not None and prompt_logprobs_from is None:
+            prompt_logprobs_from = len(token_ids)
         if prompt_logprobs_from is not None:
             prompt_logprobs_from = min(max(prompt_logprobs_from, 1), len(token_ids))
         seqs = []
@@ -129,7 +139,7 @@ class LLMEngine:
             seqs.append(Sequence(
                 request_id, i, list(token_ids), len(token_ids), adapter, adapter_key, params,
                 generator=None if seed is None else torch.Generator(self.runtime.device).manual_seed(seed),
-                prompt_logprobs_start=prompt_logprobs_from if i == 0 else None))
+                prompt_logprobs_start=prompt_logprobs_from if i == 0 else None, target_token=target_token))
         return _Request(request_id, adapter, seqs, params)
 
     def _adapter_key(self, adapter: str | None) -> str:
@@ -170,14 +180,15 @@ class LLMEngine:
         """log_softmax at a held context's last position: the logprobs of a continuation's first token."""
         return self.held[context_id].final_logprobs
 
-    def fork_request(self, context_id: str, request_id: str, continuation: list[int]) -> bool:
+    def fork_request(self, context_id: str, request_id: str, continuation: list[int],
+                     target_token: int | None = None) -> bool:
         """A prompt-only request for context + continuation that reuses the held context's KV, full
         blocks shared and its last partial block copied. Its prompt logprobs start after the first
         continuation token, whose logprob is the context's `final_logprobs`. False if no cache block
         is free for the copy (nothing is queued then)."""
         parent = self.held[context_id]
         request = self.prepare_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                                       parent.adapter, prompt_logprobs_from=parent.num_tokens + 1)
+                                       parent.adapter, parent.num_tokens + 1, target_token)
         child = request.seqs[0]
         child.adapter_key = parent.adapter_key
         if not self.block_manager.fork(parent, child, self.runner.copy_block):
@@ -185,14 +196,15 @@ class LLMEngine:
         self.admit(request)
         return True
 
-    def fork_or_recompute(self, context_id: str, request_id: str, continuation: list[int]) -> bool:
+    def fork_or_recompute(self, context_id: str, request_id: str, continuation: list[int],
+                          target_token: int | None = None) -> bool:
         """`fork_request`, or, when no block is free for the copy, a plain request that recomputes the
         context (its prompt logprobs then start at the continuation). True if it was forked."""
-        if self.fork_request(context_id, request_id, continuation):
+        if self.fork_request(context_id, request_id, continuation, target_token):
             return True
         parent = self.held[context_id]
         self.add_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                         parent.adapter, prompt_logprobs_from=parent.num_tokens)
+                         parent.adapter, parent.num_tokens, target_token)
         return False
 
     def release_context(self, context_id: str) -> None:
@@ -301,6 +313,9 @@ class LLMEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         keep = [i for i, s in enumerate(seqs) if s.params.max_tokens != 0]
+        targeted = [i for i, s in enumerate(seqs) if s.target_token is not None]
+        if targeted:
+            self._score_targets([seqs[i] for i in targeted], logits[targeted])
         for i, seq in enumerate(seqs):
             if seq.params.max_tokens == 0:  # prompt only: scoring
                 if seq.hold:
@@ -327,6 +342,13 @@ class LLMEngine:
             reason = self.outputs.append_token(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
+
+    def _score_targets(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        targets = torch.tensor([s.target_token for s in seqs], device=logits.device)
+        chosen = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1).tolist()
+        greedy = (logits.argmax(-1) == targets).tolist()
+        for seq, logprob, is_greedy in zip(seqs, chosen, greedy):
+            seq.prompt_logprobs.append(TokenLogprob(seq.target_token, logprob, {}, is_greedy))
 
     # ---- introspection --------------------------------------------------------------------------
     def stats(self) -> dict:

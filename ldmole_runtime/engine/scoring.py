@@ -1,10 +1,11 @@
 """Multiple-choice scoring from the outputs of forked requests: one context, one fork per choice.
 
 The engine prefills the context once and keeps its KV (a held context); each choice then runs as a
-fork that computes only its own tokens. The first choice token's logprob comes from the context's
-last position (`first_logprobs`); the rest are the fork's prompt logprobs. A fork that could not
-get a block for its copy recomputed the whole context instead (`forked` False): all its choice
-tokens' logprobs are then its own prompt logprobs.
+fork that computes only its own tokens but the last, which is its target token. The first choice
+token's logprob comes from the context's last position (`first_logprobs`); the rest are the fork's
+prompt logprobs, the target's last. A one-token choice needs no fork (its output is None). A fork
+that could not get a block for its copy recomputed the whole context instead (`forked` False):
+all its choice tokens' logprobs are then its own.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ def first_token_logprobs(context_logprobs: torch.Tensor, choice_ids: list[list[i
 
 
 def score_choices(context_len: int, first: tuple[list[float], int], choice_ids: list[list[int]],
-                  outputs: list[RequestOutput], forked: list[bool]) -> ScoreResult:
+                  outputs: list[RequestOutput | None], forked: list[bool]) -> ScoreResult:
     """first: `first_token_logprobs(...)` of the context."""
     first, greedy_first = first
     scores = []
     for out, c, was_forked, lp0 in zip(outputs, choice_ids, forked, first):
-        entries = [(lp.logprob, lp.is_greedy) for lp in out.prompt_logprobs[context_len + was_forked:]]
+        entries = [] if out is None else [(lp.logprob, lp.is_greedy)
+                                          for lp in out.prompt_logprobs[context_len + was_forked:]]
         if was_forked:
             entries.insert(0, (lp0, c[0] == greedy_first))
         total = sum(lp for lp, _ in entries)

@@ -41,6 +41,10 @@ class Sequence:
     output_logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     hold: bool = False  # keep the KV blocks when finished, for forks (scoring)
+    # scoring: a token after the prompt whose logprob is read from the last position's logits and
+    # appended to prompt_logprobs, without running it through the model (the last token of a scored
+    # continuation is only ever a target)
+    target_token: int | None = None
     final_logprobs: torch.Tensor | None = None  # held sequences: log_softmax at the last position
     text: str = ""  # the output so far, detokenised incrementally (cut before a stop string that ended it)
     detokenizer: object | None = None  # IncrementalDetokenizer, made at the first output token
