@@ -204,11 +204,15 @@ def test_several_adapters_one_engine(model_files, llm):
             Instance("loglikelihood", {}, ("dog", " moon rock"), 0)]
     tok = llm.engine.tokenizer
     for name in (None, "math", "code"):
+        before = lm.llm.engine.computed_tokens
         got = [lp for lp, _ in lm.for_adapter(name).loglikelihood(reqs)]
+        # a shared context runs once; a continuation's last token is only a target
+        assert lm.llm.engine.computed_tokens - before == len("red cat is") + 4 + 3 + len("dog") + 9
         want = [llm.score(tok.encode(c), [tok.encode(x)], adapter=name).choices[0].sum_logprob
                 for c, x in (r.args for r in reqs)]
         assert got == pytest.approx(want, abs=1e-5)
     assert lm.for_adapter("math").llm is lm.llm  # one engine, weights loaded once
+    assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi\n<assistant>"
 
 
 def test_hook_registers_once_and_keeps_builtin_models():
