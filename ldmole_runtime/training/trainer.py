@@ -34,6 +34,7 @@ from ..runtime import LDMoleRuntime
 from .config import TrainConfig
 from .data import ClassificationExample, CompletionExample, MCExample, check_labels, encode, load_dataset
 from .losses import LossWeights, TrainingCapture, objective
+from .mc_eval import cloze_accuracy
 from .trainable import TrainableAdapter
 
 ADAPTER_NAME = "train"
@@ -67,21 +68,34 @@ def collate(encoded: list, pad_id: int) -> Batch:
 
 
 def load_examples(cfg: TrainConfig, tokenizer):
-    """Read, check and tokenize everything before any compute is spent."""
-    train = load_dataset(cfg.data, cfg.task, cfg.train_split, cfg.limit_train)
-    val = load_dataset(cfg.val_data or cfg.data, cfg.task, cfg.val_split, cfg.limit_val)
+    """Read, check and tokenize everything before any compute is spent. `cfg.data` may name several
+    datasets (a mixture): training takes all their examples, shuffled together (so each task is
+    sampled in proportion to its size, after --limit-train caps each); validation stays per task."""
+    names = cfg.datasets
+    val_names = cfg.val_data.split(",") if cfg.val_data else names
+    if len(val_names) != len(names):
+        raise LDMoleError(f"--val-data names {len(val_names)} datasets, --data {len(names)}; give one per dataset")
+    train, val = [], {}
+    for name, val_name in zip(names, val_names):
+        train += load_dataset(name, cfg.task, cfg.train_split, cfg.limit_train)
+        val[name] = load_dataset(val_name, cfg.task, cfg.val_split, cfg.limit_val)
     if not train:
         raise LDMoleError(f"{cfg.data}: no training examples")
     task = TASK_OF[type(train[0])]
-    if val and TASK_OF[type(val[0])] != task:
-        raise LDMoleError(f"validation data is a {TASK_OF[type(val[0])]} task, training data a {task} task")
+    for name, examples in [("training", train), *val.items()]:
+        if any(TASK_OF[type(e)] != task for e in examples):
+            raise LDMoleError(f"{name} data mixes tasks: every dataset of a run must be a {task} task")
     if task == "classification":
         if cfg.num_labels is None:
             raise LDMoleError("classification needs --num-labels")
         check_labels(train, cfg.num_labels)
-        check_labels(val, cfg.num_labels)
-    return task, [encode(e, task, tokenizer, cfg.max_length) for e in train], \
-        [encode(e, task, tokenizer, cfg.max_length) for e in val]
+        for examples in val.values():
+            check_labels(examples, cfg.num_labels)
+
+    def enc(examples):
+        return [encode(e, task, tokenizer, cfg.max_length, cfg.mc_format) for e in examples]
+
+    return task, enc(train), {name: enc(examples) for name, examples in val.items()}
 
 
 # ---- the training forward --------------------------------------------------------------------------
@@ -120,13 +134,26 @@ class TrainStep(nn.Module):
         return objective(ce, capture, batch.mask.to(hidden.device).reshape(-1), self.weights)
 
 
+def evaluate_all(step: "TrainStep", val: dict[str, list], cfg: TrainConfig, pad_id: int, scorer=None) -> dict:
+    """Validation metrics per dataset; with several, also their mean accuracy under "accuracy"."""
+    per_task = {name: evaluate(step, encoded, cfg, pad_id, scorer) for name, encoded in val.items()}
+    if len(per_task) == 1:
+        return next(iter(per_task.values()))
+    scored = [m for m in per_task.values() if "accuracy" in m]
+    mean = {"accuracy": sum(m["accuracy"] for m in scored) / len(scored)} if scored else {}
+    return mean | {"per_task": per_task}
+
+
 @torch.no_grad()
-def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int) -> dict:
-    """mc / classification: accuracy (mc: argmax over the option letters' logits after "Answer: ");
-    completion: mean loss on the completions."""
+def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int, scorer=None) -> dict:
+    """mc cloze: acc / acc_norm by option log-likelihood (lm-eval's definitions) through the serving
+    engine `scorer`; mc letter / classification: accuracy (letter: argmax over the option letters'
+    logits after "Answer: "); completion: mean loss on the completions."""
     if not encoded:
         return {}
     step.adapter.refresh_lambda_bias()
+    if encoded[0].options is not None:
+        return _evaluate_cloze(scorer, encoded)
     correct, total, loss_sum = 0, 0, 0.0
     active = []
     for start in range(0, len(encoded), cfg.eval_batch_size):
@@ -163,6 +190,29 @@ def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int) -> d
     else:
         metrics |= {"accuracy": correct / max(total, 1), "examples": total}
     return metrics
+
+
+def _evaluate_cloze(scorer, encoded: list) -> dict:
+    histogram = scorer.engine.expert_histogram.by_adapter
+    before = list(histogram.get(ADAPTER_NAME, [None, 0.0, 0]))[1:]
+    metrics = cloze_accuracy(scorer, encoded, ADAPTER_NAME, scorer.engine.block_manager.num_blocks
+                             * scorer.engine.config.block_size // 2)
+    after = list(histogram.get(ADAPTER_NAME, [None, 0.0, 0]))[1:]
+    tokens = after[1] - before[1]
+    return {"active_experts": (after[0] - before[0]) / tokens if tokens else float("nan")} | metrics
+
+
+def make_scorer(runtime: LDMoleRuntime, tokenizer, cfg: TrainConfig):
+    """The serving engine over the training runtime (it reads the adapter's current weights), for
+    cloze evaluation. No prefix cache: the weights change between evaluations under the same set
+    identity, so cached blocks would be stale. CPU: the sparse path serving uses; GPU: dense, until
+    the GPU kernels remove the sparse path's host syncs."""
+    from ..engine.llm import LLM
+
+    mode = "sparse" if runtime.device.type == "cpu" else "dense"
+    return LLM(runtime, tokenizer=tokenizer, mode=mode, expert_sample_every=1, kv_cache_gib=cfg.eval_kv_cache_gib,
+               enable_prefix_caching=False,
+               max_model_len=min(cfg.max_length + 2, runtime.cfg.max_position_embeddings))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -267,6 +317,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         history = json.loads(state["history"])
         first_epoch = state["epoch"] + 1
+    scorer = make_scorer(runtime, tokenizer, cfg) if is_main and task == "mc" and cfg.mc_format == "cloze" else None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -309,7 +360,7 @@ def train(cfg: TrainConfig) -> dict:
                   "train_tokens_per_s": tokens * world / max(time.time() - t0, 1e-9),
                   "wall_s": time.time() - start_time}
         if is_main:
-            record["validation"] = evaluate(step_module, val_enc, cfg, pad_id)
+            record["validation"] = evaluate_all(step_module, val_enc, cfg, pad_id, scorer)
             history.append(record)
             save_checkpoint(out, epoch, adapter, optimizer, scheduler, history)
             print(f"epoch {epoch}: train loss {record['train'].get('loss', float('nan')):.4f}, "
@@ -319,10 +370,11 @@ def train(cfg: TrainConfig) -> dict:
 
     if cfg.epochs == 0 and is_main:  # B starts at zero: this measures the bare base under the same protocol
         step_module.eval()
-        history.append({"epoch": 0, "validation": evaluate(step_module, val_enc, cfg, pad_id)})
+        history.append({"epoch": 0, "validation": evaluate_all(step_module, val_enc, cfg, pad_id, scorer)})
         print(f"untrained (= base) validation {json.dumps(history[-1]['validation'])}", flush=True)
 
-    metrics = {"task": task, "train_examples": len(train_enc), "validation_examples": len(val_enc),
+    metrics = {"task": task, "train_examples": len(train_enc),
+               "validation_examples": sum(len(v) for v in val_enc.values()),
                "world_size": world, "epochs": history, "config": cfg.to_dict()}
     if is_main:
         final = latest_checkpoint(out)

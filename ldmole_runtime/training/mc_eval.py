@@ -1,0 +1,47 @@
+"""Multiple-choice accuracy by option log-likelihood, defined as lm-eval defines it.
+
+For each question every option's continuation (" " + its text) is scored after the cloze context:
+`acc` takes the option with the largest summed log-likelihood, `acc_norm` the largest summed
+log-likelihood divided by the option's length in characters (ties: the first, as numpy's argmax).
+Scoring runs through the serving engine (`LLM.score_many`: the context once, each option a fork),
+on the adapter's current weights.
+"""
+
+from __future__ import annotations
+
+from .data import Encoded
+
+
+def lm_eval_choices(logliks: list[float], option_chars: list[int]) -> tuple[int, int]:
+    """(acc's pick, acc_norm's pick)."""
+    acc = max(range(len(logliks)), key=logliks.__getitem__)
+    normed = [ll / n for ll, n in zip(logliks, option_chars)]
+    return acc, max(range(len(normed)), key=normed.__getitem__)
+
+
+def cloze_accuracy(llm, encoded: list[Encoded], adapter: str | None, chunk_tokens: int) -> dict:
+    """acc / acc_norm over `encoded` (mc cloze encodings), the items scored in chunks of about
+    `chunk_tokens` tokens (held contexts must fit in the engine's KV cache)."""
+    acc = acc_norm = 0
+    chunk: list[Encoded] = []
+    size = 0
+
+    def flush():
+        nonlocal acc, acc_norm
+        results = llm.score_many([(e.options[0], e.options[1]) for e in chunk], adapter=adapter)
+        for e, result in zip(chunk, results):
+            pick, pick_norm = lm_eval_choices([c.sum_logprob for c in result.choices], e.options[2])
+            acc += pick == e.answer
+            acc_norm += pick_norm == e.answer
+
+    for e in encoded:
+        need = len(e.options[0]) + sum(len(c) + 1 for c in e.options[1])
+        if chunk and size + need > chunk_tokens:
+            flush()
+            chunk, size = [], 0
+        chunk.append(e)
+        size += need
+    if chunk:
+        flush()
+    n = max(len(encoded), 1)
+    return {"accuracy": acc / n, "acc_norm": acc_norm / n, "examples": len(encoded)}
