@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: adapter in {cfg.out}/adapter, metrics in {cfg.out}/metrics.json; "
               f"last validation {json.dumps(last.get('validation', {}))}")
+        if cfg.epochs > 0:
+            name = shlex.quote(Path(cfg.out).resolve().name)
+            print(f"serve it: ldmole serve --base {shlex.quote(cfg.base)} "
+                  f"--adapter {name}={shlex.quote(str(Path(cfg.out).resolve() / 'adapter'))}")
     return 0
 
 
@@ -183,8 +188,9 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
 def _add_train_flags(t: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from .training.config import TrainConfig
+    from .training.config import TrainConfig, field_help
 
+    helps = field_help()
     t.add_argument("--config", help="YAML file of settings (flags override it)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in fields(TrainConfig):
@@ -193,13 +199,14 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
         if f.name == "progress":
             continue
         if kind == "bool":
-            t.add_argument(flag, action="store_true", default=None, dest=f.name)
+            t.add_argument(flag, action="store_true", default=None, dest=f.name, help=helps[f.name])
         elif "list" in kind:
             conv = (lambda s: [int(x) for x in s.split(",")]) if "int" in kind else (lambda s: s.split(","))
-            t.add_argument(flag, type=conv, dest=f.name, help=f"comma-separated (default {f.default_factory()})")
+            t.add_argument(flag, type=conv, dest=f.name,
+                           help=f"{helps[f.name]} (comma-separated; default {','.join(map(str, f.default_factory()))})")
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            t.add_argument(flag, type=conv, dest=f.name, help=f"default {f.default}")
+            t.add_argument(flag, type=conv, dest=f.name, help=f"{helps[f.name]} (default {f.default})")
 
 
 def build_parser() -> argparse.ArgumentParser:

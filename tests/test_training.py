@@ -229,3 +229,20 @@ def test_generate_cli_after_training(base, data, tmp_path, capsys):
                  "--choices", "A|B|C|D"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and sum(line.startswith("*") for line in lines) == 1
+
+
+def test_train_cli_prints_the_serve_command_for_its_adapter(base, data, tmp_path, capsys):
+    import shlex
+
+    from server.launch import parse_adapters
+
+    out = tmp_path / "my-run"
+    assert main(["train", "--base", str(base), "--data", str(data[0]), "--val-data", str(data[1]), "--task", "mc",
+                 "--experts", "2", "--rank", "2", "--lambda-hidden", "8", "--epochs", "1", "--max-length", "128",
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("serve it: "))
+    argv = shlex.split(line.removeprefix("serve it: "))
+    assert argv[:4] == ["ldmole", "serve", "--base", str(base)] and argv[4] == "--adapter"
+    adapters = parse_adapters([argv[5]])
+    assert adapters == {"my-run": str(out.resolve() / "adapter")}
+    assert (out / "adapter" / "ldmole_adapter.json").is_file()

@@ -131,3 +131,60 @@ class TrainConfig:
         cfg.check()
         assert cfg.router_kind in ROUTERS
         return cfg
+
+
+def field_help() -> dict[str, str]:
+    """What each `ldmole train` flag does, with its valid values (the CLI's help texts)."""
+    from .benchmarks import ALIASES, BUILTIN_DATASETS
+    from .examples import TASKS
+
+    builtins = ", ".join(BUILTIN_DATASETS)
+    aliases = ", ".join(f"{a}={n}" for a, n in ALIASES.items())
+    return {
+        "data": f"training data: built-in datasets ({builtins}; aliases {aliases}) or JSONL files; "
+                "comma-separated for a mixture (sampled in proportion to size, evaluated per task)",
+        "task": f"task of JSONL data: {', '.join(TASKS)} (built-ins imply it)",
+        "mc_format": f"multiple choice: {' or '.join(MC_FORMATS)}. cloze trains on the answer's text after lm-eval's "
+                     "prompt and reports acc / acc_norm by option log-likelihood; letter is the paper's protocol "
+                     "(options listed, the answer letter)",
+        "val_data": "validation data, one per --data entry (default: each built-in's validation split)",
+        "train_split": "split of a built-in to train on: train, validation, test",
+        "val_split": "split of a built-in to validate on: train, validation, test",
+        "limit_train": "use at most this many training examples per dataset",
+        "limit_val": "use at most this many validation examples per dataset",
+        "num_labels": "classification: number of classes of the score head",
+        "max_length": "tokens per example; longer prompts lose tokens from the left",
+        "base": "base model folder, or 'default' (SmolLM2-135M-Instruct)",
+        "experts": "LoRA experts per adapted projection (E)",
+        "rank": "rank r of each expert",
+        "alpha": "LoRA scale numerator: each expert's update is scaled by alpha / r",
+        "dropout": "dropout on the adapters' input during training",
+        "target_modules": f"projections to adapt, comma-separated, from {', '.join(ALL_PROJECTIONS)}",
+        "lambda_hidden": "hidden width of the λ-network that predicts each token's sparsegen λ",
+        "lambda_init": "λ-network init: kaiming, sparse (few experts at first) or dense (many)",
+        "router": f"routing: {', '.join(ROUTER_CHOICES)} (sparsegen is LD-MoLE's learned λ; lora is plain LoRA, E = 1)",
+        "top_k": "experts per token for --router topk",
+        "ce": "weight of the cross-entropy term",
+        "lb": "weight of the load-balance term",
+        "reg": "weight of the sparsity-control term (pushes tokens towards --k experts)",
+        "lam": "weight of the mean(1 - λ) term",
+        "k": "target active experts for the sparsity-control term",
+        "label_smoothing": "label smoothing of the cross-entropy",
+        "epochs": "passes over the training data (0: only evaluate the untrained adapter, i.e. the base)",
+        "batch_size": "examples per step and process",
+        "grad_accum": "steps whose gradients add up before one optimizer step",
+        "lr": "learning rate of the LoRA experts and routers",
+        "lambda_lr": "learning rate of the λ-network (default: --lr)",
+        "weight_decay": "AdamW weight decay",
+        "clip": "gradient-norm clip",
+        "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
+        "milestones": "epochs at which multistep multiplies the rate by --gamma",
+        "gamma": "multistep's factor",
+        "warmup_steps": "optimizer steps of linear warm-up",
+        "out": "output folder: checkpoints, adapter/, metrics.json",
+        "resume": "continue from the last checkpoint in --out",
+        "seed": "random seed (init, data order)",
+        "device": "auto (cuda if present, else cpu), cpu or cuda[:N]",
+        "eval_batch_size": "examples per forward when evaluating (letter format, classification, completion)",
+        "eval_kv_cache_gib": "KV cache of the engine that scores options (cloze evaluation), in GiB",
+    }

@@ -345,13 +345,14 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            values = {key: float(value.detach()) for key, value in terms.items()}
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
             tokens += int(batch.mask.sum())
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(terms['loss']):.3f}", ce=f"{float(terms['ce']):.3f}",
-                                lb=f"{float(terms['load_balance']):.3f}", experts=f"{float(terms['active_experts']):.2f}",
+                bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce']:.3f}",
+                                lb=f"{values['load_balance']:.3f}", experts=f"{values['active_experts']:.2f}",
                                 tok_s=f"{tokens * world / max(time.time() - t0, 1e-9):.0f}")
         if bar is not None:
             bar.close()
