@@ -200,8 +200,8 @@ def test_several_adapters_one_engine(model_files, llm):
     lm = LDMoleLM(base=str(base), adapter=f"math:{adapters['math']};code:{adapters['code']}", active="base",
                   batch_size="auto", max_batch_size=16)
     assert lm.llm.engine.config.max_num_seqs == 16  # auto: the engine's default, capped by max_batch_size
-    reqs = [Instance("loglikelihood", {}, ("red cat is", " blue"), 0), Instance("loglikelihood", {}, ("red cat is", " sun"), 0),
-            Instance("loglikelihood", {}, ("dog", " moon rock"), 0)]
+    reqs = [Instance("loglikelihood", {}, args, 0)
+            for args in (("red cat is", " blue"), ("red cat is", " sun"), ("dog", " moon rock"))]
     tok = llm.engine.tokenizer
     for name in (None, "math", "code"):
         before = lm.llm.engine.computed_tokens

@@ -162,7 +162,8 @@ def field_help() -> dict[str, str]:
         "target_modules": f"projections to adapt, comma-separated, from {', '.join(ALL_PROJECTIONS)}",
         "lambda_hidden": "hidden width of the λ-network that predicts each token's sparsegen λ",
         "lambda_init": "λ-network init: kaiming, sparse (few experts at first) or dense (many)",
-        "router": f"routing: {', '.join(ROUTER_CHOICES)} (sparsegen is LD-MoLE's learned λ; lora is plain LoRA, E = 1)",
+        "router": f"routing: {', '.join(ROUTER_CHOICES)} "
+                  "(sparsegen is LD-MoLE's learned λ; lora is plain LoRA, E = 1)",
         "top_k": "experts per token for --router topk",
         "ce": "weight of the cross-entropy term",
         "lb": "weight of the load-balance term",

@@ -76,7 +76,8 @@ def _parse_mc(row: dict, where: str) -> MCExample:
     if not all(isinstance(c, str) for c in choices):
         raise LDMoleError(f"{where}: field 'choices' must be a list of strings")
     if not 2 <= len(choices) <= len(OPTION_LETTERS):
-        raise LDMoleError(f"{where}: field 'choices' has {len(choices)} options; 2 to {len(OPTION_LETTERS)} are supported")
+        raise LDMoleError(f"{where}: field 'choices' has {len(choices)} options; "
+                          f"2 to {len(OPTION_LETTERS)} are supported")
     answer = _get(row, "answer", where, (int, str), 'an option index or a letter "A".."Z"')
     if isinstance(answer, str):
         if len(answer) != 1 or answer not in OPTION_LETTERS:
