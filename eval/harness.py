@@ -41,7 +41,10 @@ logger = logging.getLogger("ldmole.eval")
 # Generation kwargs that map onto SamplingParams; `do_sample` and the token limits are handled first.
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 _NO_OP_KEYS = ("do_sample", "use_cache")
-_GENERATE_CHUNK = 256  # requests per LLM.generate call: the engine batches them, this only paces progress
+# contexts per LLM.score_many / requests per LLM.generate call: the engine batches them (and keeps
+# held contexts within its cache); these only pace the progress bar
+_SCORE_CHUNK = 256
+_GENERATE_CHUNK = 256
 
 
 def _from_lm_eval_cli() -> bool:
@@ -140,7 +143,8 @@ class LDMoleLM(TemplateLM):
             conts.append(cont)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="ldmole loglikelihood") as bar:
-            for chunk in self._fit_in_cache(list(groups.items()), conts):
+            order = list(groups.items())
+            for chunk in (order[at:at + _SCORE_CHUNK] for at in range(0, len(order), _SCORE_CHUNK)):
                 items = [(list(ctx), [conts[i] for i in idxs]) for ctx, idxs in chunk]
                 for (_, idxs), scored in zip(chunk, self.llm.score_many(items, adapter=self.active)):
                     for i, choice in zip(idxs, scored.choices):
@@ -158,22 +162,6 @@ class LDMoleLM(TemplateLM):
             raise LDMoleError(f"a continuation of {len(cont)} tokens is longer than max_length={self.max_length}")
         whole = (ctx + cont)[-(self.max_length + 1):]
         return whole[:len(whole) - len(cont)], cont
-
-    def _fit_in_cache(self, groups, conts):
-        """Consecutive runs of groups whose KV fits in half the cache at once: held contexts cannot
-        be preempted, so a run must never need more blocks than there are."""
-        block = self.llm.engine.config.block_size
-        budget = max(self.llm.engine.block_manager.num_blocks // 2, 1)
-        chunk, used = [], 0
-        for ctx, idxs in groups:
-            need = -(-len(ctx) // block) + sum(-(-len(conts[i]) // block) + 1 for i in idxs)
-            if chunk and used + need > budget:
-                yield chunk
-                chunk, used = [], 0
-            chunk.append((ctx, idxs))
-            used += need
-        if chunk:
-            yield chunk
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []

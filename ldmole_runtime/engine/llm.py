@@ -97,14 +97,27 @@ class LLM:
         """`score` for many (context, choices) items at once: all contexts prefill in shared steps,
         then all forks run together. A choice's last token is only a target: it is scored from the
         logits before it and never run, so a one-token choice costs nothing past its context. An
-        item with a single choice needs no fork: it runs as one prompt. The caller keeps the items'
-        total KV within the cache: held contexts cannot be preempted."""
+        item with a single choice needs no fork: it runs as one prompt. Held contexts cannot be
+        preempted, so the items run in consecutive groups that fit in half the KV cache."""
         encoded = []
         for context, choices in items:
             ctx_ids, choice_ids = self.engine.encode(context), [self.engine.encode(c) for c in choices]
             if not ctx_ids or not choice_ids or any(not c for c in choice_ids):
                 raise LDMoleError("score needs a non-empty context and non-empty choices")
             encoded.append((ctx_ids, choice_ids))
+        block = self.engine.config.block_size
+        budget = max(self.engine.block_manager.num_blocks // 2, 1)
+        results, group, used = [], [], 0
+        for ctx_ids, choice_ids in encoded:
+            need = -(-len(ctx_ids) // block) + sum(-(-len(c) // block) + 1 for c in choice_ids)
+            if group and used + need > budget:
+                results += self._score_group(group, adapter)
+                group, used = [], 0
+            group.append((ctx_ids, choice_ids))
+            used += need
+        return results + (self._score_group(group, adapter) if group else [])
+
+    def _score_group(self, encoded: list[tuple[list[int], list[list[int]]]], adapter: str | None) -> list[ScoreResult]:
         held = {i: f"score-ctx-{next(self._ids)}" for i, (_, choices) in enumerate(encoded) if len(choices) > 1}
         # one request per choice, except one-token choices of a held context (read off the context)
         names = [[None if i in held and len(c) == 1 else f"score-{next(self._ids)}" for c in choices]

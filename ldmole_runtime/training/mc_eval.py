@@ -19,29 +19,13 @@ def lm_eval_choices(logliks: list[float], option_chars: list[int]) -> tuple[int,
     return acc, max(range(len(normed)), key=normed.__getitem__)
 
 
-def cloze_accuracy(llm, encoded: list[Encoded], adapter: str | None, chunk_tokens: int) -> dict:
-    """acc / acc_norm over `encoded` (mc cloze encodings), the items scored in chunks of about
-    `chunk_tokens` tokens (held contexts must fit in the engine's KV cache)."""
+def cloze_accuracy(llm, encoded: list[Encoded], adapter: str | None) -> dict:
+    """acc / acc_norm over `encoded` (mc cloze encodings)."""
+    results = llm.score_many([(e.options[0], e.options[1]) for e in encoded], adapter=adapter)
     acc = acc_norm = 0
-    chunk: list[Encoded] = []
-    size = 0
-
-    def flush():
-        nonlocal acc, acc_norm
-        results = llm.score_many([(e.options[0], e.options[1]) for e in chunk], adapter=adapter)
-        for e, result in zip(chunk, results):
-            pick, pick_norm = lm_eval_choices([c.sum_logprob for c in result.choices], e.options[2])
-            acc += pick == e.answer
-            acc_norm += pick_norm == e.answer
-
-    for e in encoded:
-        need = len(e.options[0]) + sum(len(c) + 1 for c in e.options[1])
-        if chunk and size + need > chunk_tokens:
-            flush()
-            chunk, size = [], 0
-        chunk.append(e)
-        size += need
-    if chunk:
-        flush()
+    for e, result in zip(encoded, results):
+        pick, pick_norm = lm_eval_choices([c.sum_logprob for c in result.choices], e.options[2])
+        acc += pick == e.answer
+        acc_norm += pick_norm == e.answer
     n = max(len(encoded), 1)
     return {"accuracy": acc / n, "acc_norm": acc_norm / n, "examples": len(encoded)}

@@ -195,8 +195,7 @@ def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int, scor
 def _evaluate_cloze(scorer, encoded: list) -> dict:
     histogram = scorer.engine.expert_histogram.by_adapter
     before = list(histogram.get(ADAPTER_NAME, [None, 0.0, 0]))[1:]
-    metrics = cloze_accuracy(scorer, encoded, ADAPTER_NAME, scorer.engine.block_manager.num_blocks
-                             * scorer.engine.config.block_size // 2)
+    metrics = cloze_accuracy(scorer, encoded, ADAPTER_NAME)
     after = list(histogram.get(ADAPTER_NAME, [None, 0.0, 0]))[1:]
     tokens = after[1] - before[1]
     return {"active_experts": (after[0] - before[0]) / tokens if tokens else float("nan")} | metrics
