@@ -91,15 +91,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     cfg = TrainConfig.from_sources(args.config, overrides)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    name = args.load_as or Path(cfg.out).resolve().name
+    if args.load_into and main_rank:
+        from .training.load_into import probe
+
+        probe(args.load_into, name, args.api_key)
     metrics = train(cfg)
     last = metrics["epochs"][-1] if metrics["epochs"] else {}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_rank:
+        adapter = str(Path(cfg.out).resolve() / "adapter")
         print(f"done: adapter in {cfg.out}/adapter, metrics in {cfg.out}/metrics.json; "
               f"last validation {json.dumps(last.get('validation', {}))}")
-        if cfg.epochs > 0:
-            name = shlex.quote(Path(cfg.out).resolve().name)
+        if cfg.epochs > 0 and args.load_into:
+            from .training.load_into import load_into
+
+            load_into(args.load_into, name, adapter, args.api_key)
+            print(f"loaded into {args.load_into} as {name!r} (listed in /v1/models)")
+        elif cfg.epochs > 0:
             print(f"serve it: ldmole serve --base {shlex.quote(cfg.base)} "
-                  f"--adapter {name}={shlex.quote(str(Path(cfg.out).resolve() / 'adapter'))}")
+                  f"--adapter {shlex.quote(name)}={shlex.quote(adapter)}")
     return 0
 
 
@@ -242,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train an LD-MoLE adapter (runs data-parallel under torchrun)")
     _add_train_flags(t)
+    t.add_argument("--load-into", metavar="URL", help="when done, load the adapter into the `ldmole serve` at URL "
+                   "(e.g. http://127.0.0.1:8000) through its load endpoint; checked before training starts")
+    t.add_argument("--load-as", metavar="NAME", help="model name for --load-into and the printed serve command "
+                   "(default: the --out folder's name)")
+    t.add_argument("--api-key", help="the server's API key for --load-into (default: $LDMOLE_API_KEY)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate with (or score choices under) an adapter")
