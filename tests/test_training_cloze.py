@@ -134,3 +134,6 @@ def test_trained_cloze_adapter_serves_with_the_trainers_accuracy(base, tmp_path)
         acc += pick == ex.answer
         acc_norm += pick_norm == ex.answer
     assert reported["accuracy"] == acc / 32 and reported["acc_norm"] == acc_norm / 32
+    # per-item correctness of the last evaluation, for paired tests
+    items = json.loads((tmp_path / "run" / "predictions.json").read_text())[str(train_file)]
+    assert len(items["acc"]) == 32 and sum(items["acc"]) == acc and sum(items["acc_norm"]) == acc_norm

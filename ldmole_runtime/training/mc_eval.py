@@ -20,12 +20,14 @@ def lm_eval_choices(logliks: list[float], option_chars: list[int]) -> tuple[int,
 
 
 def cloze_accuracy(llm, encoded: list[Encoded], adapter: str | None) -> dict:
-    """acc / acc_norm over `encoded` (mc cloze encodings)."""
+    """acc / acc_norm over `encoded` (mc cloze encodings), and under "correct" whether each item
+    was right (for paired tests between runs on the same items)."""
     results = llm.score_many([(e.options[0], e.options[1]) for e in encoded], adapter=adapter)
-    acc = acc_norm = 0
+    acc, acc_norm = [], []
     for e, result in zip(encoded, results):
         pick, pick_norm = lm_eval_choices([c.sum_logprob for c in result.choices], e.options[2])
-        acc += pick == e.answer
-        acc_norm += pick_norm == e.answer
+        acc.append(pick == e.answer)
+        acc_norm.append(pick_norm == e.answer)
     n = max(len(encoded), 1)
-    return {"accuracy": acc / n, "acc_norm": acc_norm / n, "examples": len(encoded)}
+    return {"accuracy": sum(acc) / n, "acc_norm": sum(acc_norm) / n, "examples": len(encoded),
+            "correct": {"acc": acc, "acc_norm": acc_norm}}

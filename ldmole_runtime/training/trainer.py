@@ -134,14 +134,18 @@ class TrainStep(nn.Module):
         return objective(ce, capture, batch.mask.to(hidden.device).reshape(-1), self.weights)
 
 
-def evaluate_all(step: "TrainStep", val: dict[str, list], cfg: TrainConfig, pad_id: int, scorer=None) -> dict:
-    """Validation metrics per dataset; with several, also their mean accuracy under "accuracy"."""
+def evaluate_all(step: "TrainStep", val: dict[str, list], cfg: TrainConfig, pad_id: int,
+                 scorer=None) -> tuple[dict, dict]:
+    """(validation metrics, per-item correctness) per dataset; with several datasets the metrics
+    also carry their mean accuracy under "accuracy". Correctness is kept where it is known per
+    item (cloze evaluation), for paired tests between runs."""
     per_task = {name: evaluate(step, encoded, cfg, pad_id, scorer) for name, encoded in val.items()}
+    items = {name: m.pop("correct") for name, m in per_task.items() if "correct" in m}
     if len(per_task) == 1:
-        return next(iter(per_task.values()))
+        return next(iter(per_task.values())), items
     scored = [m for m in per_task.values() if "accuracy" in m]
     mean = {"accuracy": sum(m["accuracy"] for m in scored) / len(scored)} if scored else {}
-    return mean | {"per_task": per_task}
+    return mean | {"per_task": per_task}, items
 
 
 @torch.no_grad()
@@ -323,6 +327,7 @@ def train(cfg: TrainConfig) -> dict:
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
     start_time = time.time()
+    items: dict = {}  # the last evaluation's per-item correctness, per dataset
     for epoch in range(first_epoch, cfg.epochs + 1):
         order = list(range(len(train_enc)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
@@ -360,7 +365,7 @@ def train(cfg: TrainConfig) -> dict:
                   "train_tokens_per_s": tokens * world / max(time.time() - t0, 1e-9),
                   "wall_s": time.time() - start_time}
         if is_main:
-            record["validation"] = evaluate_all(step_module, val_enc, cfg, pad_id, scorer)
+            record["validation"], items = evaluate_all(step_module, val_enc, cfg, pad_id, scorer)
             history.append(record)
             save_checkpoint(out, epoch, adapter, optimizer, scheduler, history)
             print(f"epoch {epoch}: train loss {record['train'].get('loss', float('nan')):.4f}, "
@@ -370,7 +375,8 @@ def train(cfg: TrainConfig) -> dict:
 
     if cfg.epochs == 0 and is_main:  # B starts at zero: this measures the bare base under the same protocol
         step_module.eval()
-        history.append({"epoch": 0, "validation": evaluate_all(step_module, val_enc, cfg, pad_id, scorer)})
+        validation, items = evaluate_all(step_module, val_enc, cfg, pad_id, scorer)
+        history.append({"epoch": 0, "validation": validation})
         print(f"untrained (= base) validation {json.dumps(history[-1]['validation'])}", flush=True)
 
     metrics = {"task": task, "train_examples": len(train_enc),
@@ -383,6 +389,8 @@ def train(cfg: TrainConfig) -> dict:
                 shutil.rmtree(out / "adapter")
             shutil.copytree(final / "adapter", out / "adapter")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if items:  # whether each validation item was right, in dataset order: for paired tests
+            (out / "predictions.json").write_text(json.dumps(items) + "\n")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
