@@ -114,6 +114,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .training.compare import _preset_keys, compare, format_table
+    from .training.config import TrainConfig
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    fixed = sorted(k for k in overrides if k in _preset_keys() | {"router", "resume"})
+    if fixed:
+        raise LDMoleError(f"ldmole compare sets {', '.join('--' + k.replace('_', '-') for k in fixed)} per row "
+                          "(base, lora, paper, sparse); leave them out")
+    overrides["progress"] = not args.no_progress
+    cfg = TrainConfig.from_sources(args.config, overrides)
+    table = compare(cfg, [r.strip() for r in args.rows.split(",") if r.strip()], Path(args.out),
+                    make_plot=not args.no_plot)
+    print(format_table(table))
+    print(f"written: {args.out}/compare.json" + ("" if args.no_plot else f", {args.out}/compare.png"))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.llm import LLM
     from .engine.sampling_params import SamplingParams
@@ -196,7 +216,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_flags(t: argparse.ArgumentParser) -> None:
+def _add_train_flags(t: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     from dataclasses import fields
 
     from .training.config import TrainConfig, field_help
@@ -207,7 +227,7 @@ def _add_train_flags(t: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        if f.name == "progress":
+        if f.name == "progress" or f.name in skip:
             continue
         if kind == "bool":
             t.add_argument(flag, action="store_true", default=None, dest=f.name, help=helps[f.name])
@@ -260,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--api-key", help="the server's API key for --load-into (default: $LDMOLE_API_KEY)")
     t.set_defaults(func=cmd_train)
 
+    c = sub.add_parser("compare", help="train and evaluate, on the same items: the zero-shot base, plain LoRA at "
+                       "an equal parameter budget, LD-MoLE with the paper recipe and with the sparse recipe; "
+                       "prints accuracies with 95%% intervals and McNemar tests, writes JSON and a plot")
+    _add_train_flags(c, skip=("out", "resume", "preset", "router"))
+    c.add_argument("--out", default="runs/compare", help="folder of the comparison: one run folder per row, "
+                   "compare.json and compare.png (finished rows of the same settings are reused)")
+    c.add_argument("--rows", default=",".join(("base", "lora", "paper", "sparse")),
+                   help="rows to run, comma-separated, from base, lora, paper, sparse (default all four)")
+    c.add_argument("--no-plot", action="store_true", help="write compare.json only, no compare.png")
+    c.set_defaults(func=cmd_compare)
+
     g = sub.add_parser("generate", help="generate with (or score choices under) an adapter")
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--base", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
@@ -306,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "serve", "bench-serve"):  # train needs autograd; serve runs its own threads
+        if args.command in ("train", "compare", "serve", "bench-serve"):  # train needs autograd; serve runs its own threads
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

@@ -46,6 +46,9 @@ class SetSlot:
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
     # groups it adapts nothing in are absent, and skipped
     group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    # group -> indices of the projections this set adapts: only these make routing decisions (a
+    # masked projection's p is all zero and must not count in expert statistics or routing losses)
+    adapted: dict[str, tuple[int, ...]] = field(default_factory=dict)
     score: tuple[torch.Tensor, torch.Tensor | None] | None = None
     num_labels: int | None = None
     config: AdapterConfig | None = None
@@ -138,6 +141,8 @@ class AdapterBank:
         self._grow_rank(c.rank)
         for (layer, group), gb in self.groups.items():
             targeted = [p in c.target_modules for p in gb.projections]
+            if any(targeted):
+                slot.adapted[group] = tuple(i for i, hit in enumerate(targeted) if hit)
             if all(targeted):
                 slot.group_masks[group] = None
             elif any(targeted):

@@ -170,8 +170,9 @@ def fused_cpu_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: 
         outs, cols, ptr(mask), slot.scaling,
         y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lam_out))
     if capture is not None:
-        for i, proj in enumerate(gb.projections):
-            capture.record(f"{gb.layer}.{proj}", seg.index, p_out[:, i], lam_out if router.needs_lambda else None)
+        for i in slot.adapted[gb.group]:
+            capture.record(f"{gb.layer}.{gb.projections[i]}", seg.index, p_out[:, i],
+                           lam_out if router.needs_lambda else None)
     return True
 
 
@@ -217,8 +218,8 @@ def apply_group(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBa
             xs = F.dropout(xs, dropout, training=True)
         p, lam, u = route(slot, gb, xs)
         if capture is not None:
-            for i, proj in enumerate(gb.projections):
-                capture.record(f"{gb.layer}.{proj}", seg.index, p[:, i], lam, u[:, i])
+            for i in slot.adapted[gb.group]:
+                capture.record(f"{gb.layer}.{gb.projections[i]}", seg.index, p[:, i], lam, u[:, i])
         if mode == "dense":
             dense_delta(y, xs, seg.index, slot, gb, p)
         else:
