@@ -17,11 +17,12 @@ ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "lora")  # "lora": E = 1, plai
 PRESETS: dict[str, dict] = {
     # the reference code's objective: cross-entropy + load balance, no sparsity terms (routing
     # stays nearly dense, ~7.7 of 8 experts per token on real data)
-    "paper": {"lb": 1.0, "reg": 0.0, "lam": 0.0, "k": 2, "lambda_lr": None},
+    "paper": {"lb": 1.0, "reg": 0.0, "lam": 0.0, "k": 2, "lambda_lr": None, "lambda_init": "kaiming"},
     # the sparsity-control term caps each token at k experts. Only the λ-network learns from it, and
     # at the experts' rate it moves too slowly to reach the cap within an epoch (measured on SocialIQA:
-    # still ~6 of 8 experts after 40 steps at 5e-4, 2 at 5e-3), so it gets its own, faster rate
-    "sparse": {"lb": 1.0, "reg": 1.0, "lam": 0.0, "k": 2, "lambda_lr": 5e-3},
+    # still ~6 of 8 experts after 40 steps at 5e-4, 2 at 5e-3), so it gets its own, faster rate, and
+    # starts from the reference code's "sparse" λ-network init
+    "sparse": {"lb": 1.0, "reg": 1.0, "lam": 0.0, "k": 2, "lambda_lr": 5e-3, "lambda_init": "sparse"},
 }
 
 
