@@ -4,19 +4,24 @@ Three variants run on the same engine settings and the same weights, so their ra
 meaningful on a noisy machine: (a) the bare base, (b) LD-MoLE on the sparse expert path, (c) the
 dense all-experts reference. The adapter follows the paper: E = 8, r = 8, all seven projections,
 λ-network hidden 256.
+
+Routing decides what the sparse path saves, so it can be made realistic two ways: a real adapter
+on its real base (`adapter`, prompts cut from real benchmark text), or a random adapter whose
+λ-network bias is calibrated to a stated mean of active experts (`target_experts`).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LlamaConfig, Qwen3Config
 
 from .adapters.init import new_adapter_set
 from .config import ModelConfig
+from .errors import LDMoleError
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sampling_params import SamplingParams
 from .model import DecoderModel
@@ -51,6 +56,17 @@ class BenchSettings:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    base: str | None = None  # a real base model folder (or "default") instead of a random-weights shape
+    adapter: str | None = None  # a real adapter folder (or "default") for that base
+    target_experts: float | None = None  # calibrate a random adapter's routing to this mean
+    text: str = "social_iqa"  # built-in dataset whose validation text makes the prompts of a real base
+    prompts: PromptSource | None = field(default=None, repr=False)  # set up by run()
+
+
+def rt_base_name(s: BenchSettings) -> str:
+    from .default_base import resolve_base
+
+    return resolve_base(s.base or "default").name
 
 
 def random_model(shape: str, dtype: torch.dtype, device: str, seed: int) -> DecoderModel:
@@ -75,9 +91,30 @@ def _engine(rt: LDMoleRuntime, mode: str, max_seqs: int, s: BenchSettings) -> LL
                                              enable_prefix_caching=False, mode=mode))
 
 
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+class PromptSource:
+    """Bench prompts: random token ids for a random-weights model; windows of real benchmark text
+    for a real base, so that a real adapter routes as it does in use."""
+
+    def __init__(self, vocab: int, tokens: list[int] | None = None):
+        self.vocab, self.tokens = vocab, tokens
+
+    @classmethod
+    def from_text(cls, base, dataset: str, vocab: int) -> "PromptSource":
+        from transformers import AutoTokenizer
+
+        from .training.data import load_dataset
+
+        tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        texts = [getattr(e, "cloze_context", None) or getattr(e, "prompt", "") for e in
+                 load_dataset(dataset, None, "validation", 400)]
+        return cls(vocab, tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+
+    def __call__(self, n: int, length: int, seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed)
+        if self.tokens is None:
+            return torch.randint(3, self.vocab, (n, length), generator=g).tolist()
+        starts = torch.randint(0, len(self.tokens) - length, (n,), generator=g).tolist()
+        return [self.tokens[i:i + length] for i in starts]
 
 
 def decode_tokens_per_s(rt: LDMoleRuntime, variants: dict[str, tuple[str | None, str]], batch: int,
@@ -88,7 +125,7 @@ def decode_tokens_per_s(rt: LDMoleRuntime, variants: dict[str, tuple[str | None,
     for name, (adapter, mode) in variants.items():
         engine = _engine(rt, mode, batch, s)
         params = SamplingParams(max_tokens=s.decode_steps + 2, temperature=0, ignore_eos=True)
-        for i, prompt in enumerate(_prompts(batch, s.prompt_len, rt.cfg.vocab_size, s.seed)):
+        for i, prompt in enumerate(s.prompts(batch, s.prompt_len, s.seed)):
             engine.add_request(f"d{i}", prompt, params, adapter)
         while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
                 or engine.scheduler.waiting:
@@ -107,10 +144,10 @@ def decode_tokens_per_s(rt: LDMoleRuntime, variants: dict[str, tuple[str | None,
 def prefill_tokens_per_s(rt: LDMoleRuntime, adapter: str | None, mode: str, s: BenchSettings) -> float:
     engine = _engine(rt, mode, s.prefill_prompts, s)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    engine.add_request("warm", _prompts(1, 16, rt.cfg.vocab_size, s.seed + 1)[0], params, adapter)
+    engine.add_request("warm", s.prompts(1, 16, s.seed + 1)[0], params, adapter)
     while engine.has_unfinished_requests():
         engine.step()
-    for i, prompt in enumerate(_prompts(s.prefill_prompts, s.prefill_len, rt.cfg.vocab_size, s.seed + 2)):
+    for i, prompt in enumerate(s.prompts(s.prefill_prompts, s.prefill_len, s.seed + 2)):
         engine.add_request(f"p{i}", prompt, params, adapter)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -119,24 +156,72 @@ def prefill_tokens_per_s(rt: LDMoleRuntime, adapter: str | None, mode: str, s: B
 
 
 def mean_active_experts(rt: LDMoleRuntime, adapter: str, s: BenchSettings) -> float:
-    ids = torch.tensor(_prompts(2, 64, rt.cfg.vocab_size, s.seed + 3))
+    """Mean p > 0 per token over the adapted projections, on 4 x 64 bench tokens."""
+    ids = torch.tensor(s.prompts(4, 64, s.seed + 3))
     out = rt.forward(ids, adapter, capture_routing=True)
     return torch.stack([(p > 0).sum(-1).float().mean() for p in out.routing.values()]).mean().item()
 
 
+def random_adapter(rt: LDMoleRuntime, s: BenchSettings, lambda_bias: float = 0.0):
+    return new_adapter_set(rt.cfg, num_experts=s.experts, rank=s.rank, alpha=2.0 * s.rank,
+                           lambda_hidden=s.lambda_hidden, seed=s.seed, b_std=0.02, lambda_bias=lambda_bias)
+
+
+def calibrated_adapter(rt: LDMoleRuntime, s: BenchSettings, target: float):
+    """A random adapter whose λ-network output bias is bisected until its mean active experts on the
+    bench prompts is within 0.1 of `target` (a higher bias raises λ: fewer experts)."""
+    if not 1.0 <= target <= s.experts:
+        raise LDMoleError(f"--target-experts must be in [1, {s.experts}], got {target}")
+    lo, hi = -30.0, 30.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        rt.load_adapter("calibrating", random_adapter(rt, s, mid))
+        got = mean_active_experts(rt, "calibrating", s)
+        rt.unload_adapter("calibrating")
+        if abs(got - target) <= 0.1:
+            break
+        lo, hi = (mid, hi) if got > target else (lo, mid)
+    else:
+        raise LDMoleError(f"could not calibrate routing to {target} active experts (reached {got:.2f})")
+    return random_adapter(rt, s, mid)
+
+
+def _setup(s: BenchSettings) -> tuple[LDMoleRuntime, str]:
+    """The runtime with the bench adapter loaded as "bench", and a description of that adapter."""
+    if s.base is not None or s.adapter is not None:
+        from .adapters.adapter_set import AdapterSet
+        from .default_adapter import resolve_adapter
+        from .default_base import resolve_base
+
+        base = resolve_base(s.base or "default")
+        rt = LDMoleRuntime.from_pretrained(base, dtype=s.dtype, device=s.device)
+        s.prompts = PromptSource.from_text(base, s.text, rt.cfg.vocab_size)
+        if s.adapter is not None:
+            rt.load_adapter("bench", AdapterSet.load(resolve_adapter(s.adapter)))
+            return rt, str(resolve_adapter(s.adapter))
+    else:
+        rt = LDMoleRuntime(random_model(s.shape, resolve_dtype(s.dtype), s.device, s.seed))
+        s.prompts = PromptSource(rt.cfg.vocab_size)
+    if s.target_experts is not None:
+        rt.load_adapter("bench", calibrated_adapter(rt, s, s.target_experts))
+    else:
+        rt.load_adapter("bench", random_adapter(rt, s))
+    return rt, "random"
+
+
 def run(s: BenchSettings) -> dict:
     torch.manual_seed(s.seed)
-    model = random_model(s.shape, resolve_dtype(s.dtype), s.device, s.seed)
-    rt = LDMoleRuntime(model)
-    rt.load_adapter("bench", new_adapter_set(rt.cfg, num_experts=s.experts, rank=s.rank, alpha=2.0 * s.rank,
-                                             lambda_hidden=s.lambda_hidden, seed=s.seed, b_std=0.02))
+    rt, adapter_source = _setup(s)
+    c = rt.bank.slots[rt.adapter_index("bench")].config
     variants = {"base": (None, "sparse"), "ldmole_sparse": ("bench", "sparse"), "ldmole_dense": ("bench", "dense")}
     warm = BenchSettings(**{**s.__dict__, "decode_steps": 2, "prefill_prompts": 1, "prefill_len": 32})
     decode_tokens_per_s(rt, variants, max(s.batch_sizes), warm)  # first calls pay for allocator growth, kernel builds
     result: dict = {
-        "shape": s.shape, "device": s.device, "dtype": s.dtype, "threads": torch.get_num_threads(),
-        "adapter": {"experts": s.experts, "rank": s.rank, "lambda_hidden": s.lambda_hidden,
-                    "target_modules": "all seven", "router": "sparsegen"},
+        "shape": s.shape if s.base is None and s.adapter is None else str(rt_base_name(s)),
+        "device": s.device, "dtype": s.dtype, "threads": torch.get_num_threads(),
+        "adapter": {"source": adapter_source, "experts": c.num_experts, "rank": c.rank,
+                    "lambda_hidden": c.lambda_hidden, "target_modules": c.target_modules, "router": c.router,
+                    "target_experts": s.target_experts},
         "prompt_len": s.prompt_len, "decode_steps": s.decode_steps,
         "decode_tokens_per_s": {}, "prefill_tokens_per_s": {},
     }

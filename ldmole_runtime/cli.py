@@ -68,7 +68,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.shape not in SHAPES:
         raise LDMoleError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
-    settings = BenchSettings(shape=args.shape, dtype=args.dtype, device=args.device)
+    settings = BenchSettings(shape=args.shape, dtype=args.dtype, device=args.device, base=args.base,
+                             adapter=args.adapter, target_experts=args.target_experts, text=args.text)
+    if args.adapter is not None and args.target_experts is not None:
+        raise LDMoleError("--adapter routes as it was trained; --target-experts calibrates a random adapter: "
+                          "give one of them")
     if args.quick:
         settings.prompt_len, settings.decode_steps, settings.prefill_prompts, settings.prefill_len = 16, 4, 1, 128
     if args.batch_sizes:
@@ -269,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the random weights (default float32)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    b.add_argument("--base", help="a real base model folder, or 'default' (SmolLM2-135M-Instruct), instead of "
+                   "--shape's random weights; prompts are then cut from real text (--text)")
+    b.add_argument("--adapter", help="a real adapter folder, or 'default', on its base (--base, default 'default'): "
+                   "speed under the routing it learned")
+    b.add_argument("--target-experts", type=float, help="calibrate the random adapter's λ-network so that tokens "
+                   "use this many active experts on average (1 to E)")
+    b.add_argument("--text", default="social_iqa", help="built-in dataset whose validation text makes the prompts "
+                   "of a real base (default social_iqa)")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train an LD-MoLE adapter (runs data-parallel under torchrun)")

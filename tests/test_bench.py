@@ -24,3 +24,44 @@ def test_bench_quick_json():
     assert set(result["ratios"]) == {"decode_b1", "decode_b8", "decode_b32", "prefill"}
     assert 1.0 <= result["mean_active_experts_per_token"] <= 8.0
     assert result["adapter"]["experts"] == 8 and result["adapter"]["rank"] == 8
+
+
+def test_target_experts_calibrates_real_sparsegen_routing():
+    """The calibrated adapter routes each token to a varying number of experts whose mean is the
+    target, counted here on the dense path's routing of the same prompts."""
+    import torch
+
+    from ldmole_runtime.bench import BenchSettings, _setup
+
+    for target in (2.0, 5.0):
+        s = BenchSettings(shape="tiny", target_experts=target)
+        rt, _ = _setup(s)
+        ids = torch.tensor(s.prompts(4, 64, s.seed + 3))
+        routing = rt.forward(ids, "bench", mode="dense", capture_routing=True).routing
+        counts = torch.stack([(p > 0).sum(-1).float() for p in routing.values()])
+        assert abs(counts.mean().item() - target) <= 0.1
+        assert counts.min() < counts.max()  # per-token, per-layer counts still vary
+
+
+def test_bench_takes_a_real_adapter_on_its_base(tmp_path):
+    from ldmole_runtime import LDMoleRuntime, new_adapter_set
+    from ldmole_runtime.bench import BenchSettings, run
+    from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
+
+    base = write_char_tokenizer(write_tiny_model(tmp_path / "base", tiny_config("llama", vocab_size=100,
+                                                                                   max_position_embeddings=512)))
+    rt = LDMoleRuntime.from_pretrained(base)
+    new_adapter_set(rt.cfg, num_experts=4, rank=2, lambda_hidden=8, target_modules=["q_proj", "v_proj"],
+                    seed=2, b_std=0.1).save(tmp_path / "adapter")
+    s = BenchSettings(base=str(base), adapter=str(tmp_path / "adapter"), batch_sizes=(1, 2), prompt_len=8,
+                      decode_steps=2, prefill_prompts=1, prefill_len=32)
+    result = run(s)
+    assert result["shape"] == "base" and result["adapter"]["experts"] == 4
+    assert result["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert 1.0 <= result["mean_active_experts_per_token"] <= 4.0
+    assert set(result["ratios"]) == {"decode_b1", "decode_b2", "prefill"}
+    # the prompts are real text (SocialIQA's validation contexts) in the base's tokenizer
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(str(base)).decode(s.prompts(1, 32, 0)[0])
+    assert sum(ch.isalpha() or ch == " " for ch in text) > 24
