@@ -308,7 +308,9 @@ def train(cfg: TrainConfig) -> dict:
     groups = [{"params": list(adapter.lora), "lr": cfg.lr}]
     if len(adapter.lambda_net):
         groups.append({"params": list(adapter.lambda_net), "lr": cfg.lambda_lr or cfg.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all tensors; the default on CPU steps each of the ~460 tensors in a
+    # Python loop of ~10 ops, a tenth of a training step's ops
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
     per_rank = math.ceil(len(train_enc) / world)
     steps_per_epoch = math.ceil(per_rank / (cfg.batch_size * cfg.grad_accum))
     scheduler = _schedule(cfg, optimizer, steps_per_epoch)
@@ -345,7 +347,7 @@ def train(cfg: TrainConfig) -> dict:
                 terms = model(batch)
             (terms["loss"] / cfg.grad_accum).backward()
             if last_of_group:
-                torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.clip)
+                torch.nn.utils.clip_grad_norm_(adapter.parameters(), cfg.clip, foreach=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
