@@ -85,6 +85,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench import SHAPES
+    from .bench_train import TrainBenchSettings, run
+
+    if args.shape not in SHAPES:
+        raise LDMoleError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
+    for name in ("experts", "rank", "lambda_hidden", "batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise LDMoleError(f"--{name.replace('_', '-')} must be >= 1")
+    settings = TrainBenchSettings(shape=args.shape, experts=args.experts, rank=args.rank,
+                                  lambda_hidden=args.lambda_hidden, preset=args.preset,
+                                  target_modules=args.target_modules.split(",") if args.target_modules else None,
+                                  batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps)
+    print(json.dumps(run(settings)))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
@@ -283,6 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "of a real base (default social_iqa)")
     b.set_defaults(func=cmd_bench)
 
+    bt = sub.add_parser("bench-train", help="training tokens/s (CPU): LD-MoLE against plain LoRA of rank E·r, "
+                        "steps interleaved on the same batches, medians; prints one JSON object")
+    bt.add_argument("--shape", default="smollm2-135m", help="model shape with random weights: smollm2-135m, "
+                    "qwen3-0.6b, tiny (default smollm2-135m)")
+    bt.add_argument("--experts", type=int, default=8, help="LoRA experts per projection, E (default 8)")
+    bt.add_argument("--rank", type=int, default=8, help="rank of each expert, r; LoRA gets E·r (default 8)")
+    bt.add_argument("--lambda-hidden", type=int, default=256, help="λ-network hidden width (default 256)")
+    bt.add_argument("--target-modules", help="projections to adapt, comma-separated (default all seven)")
+    bt.add_argument("--preset", default="paper", choices=["paper", "sparse"],
+                    help="LD-MoLE's routing recipe (its loss terms are part of the step)")
+    bt.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    bt.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    bt.add_argument("--steps", type=int, default=8, help="timed steps per variant (default 8)")
+    bt.set_defaults(func=cmd_bench_train)
+
     t = sub.add_parser("train", help="train an LD-MoLE adapter (runs data-parallel under torchrun)")
     _add_train_flags(t)
     t.add_argument("--load-into", metavar="URL", help="when done, load the adapter into the `ldmole serve` at URL "
@@ -349,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "compare", "serve", "bench-serve"):  # train needs autograd; serve runs its own threads
+        if args.command in ("train", "compare", "bench-train", "serve", "bench-serve"):  # train needs autograd; serve runs its own threads
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

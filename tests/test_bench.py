@@ -65,3 +65,13 @@ def test_bench_takes_a_real_adapter_on_its_base(tmp_path):
 
     text = AutoTokenizer.from_pretrained(str(base)).decode(s.prompts(1, 32, 0)[0])
     assert sum(ch.isalpha() or ch == " " for ch in text) > 24
+
+
+def test_bench_train_times_ldmole_against_lora_on_shared_batches():
+    from ldmole_runtime.bench_train import TrainBenchSettings, run
+
+    result = run(TrainBenchSettings(shape="tiny", steps=2, seq_len=32, batch_size=2, lambda_hidden=16))
+    assert result["lora_rank"] == 64 and set(result["train_tokens_per_s"]) == {"ldmole", "lora"}
+    assert all(v > 0 for v in result["train_tokens_per_s"].values())
+    assert result["ldmole_over_lora"] == round(result["train_tokens_per_s"]["ldmole"]
+                                               / result["train_tokens_per_s"]["lora"], 3)
