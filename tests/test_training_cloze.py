@@ -63,7 +63,7 @@ def test_answer_text_loss_matches_a_hand_computation(base):
         ctx_len = len(e.options[0])
         answer = e.input_ids[ctx_len:]
         logprobs += [lp[ctx_len - 1 + i, t].item() for i, t in enumerate(answer)]
-    assert float(ce) == pytest.approx(-sum(logprobs) / len(logprobs), abs=1e-5)
+    assert float(ce.detach()) == pytest.approx(-sum(logprobs) / len(logprobs), abs=1e-5)
 
 
 def test_acc_and_acc_norm_are_lm_evals_definitions():
