@@ -1,7 +1,7 @@
 # ldmole server image. The steps are the README's install steps (`make install`), then `make serve`'s command.
 #
 #   docker build -t ldmole .                      # default: runs on CPU
-#   docker run -p 8000:8000 ldmole                # SmolLM2-135M-Instruct + the embedded `arc-easy` adapter
+#   docker run -p 8000:8000 ldmole                # SmolLM2-135M-Instruct + the embedded `social-iqa` adapter
 #
 # GPU hosts: pass the PyTorch wheel index that matches the host's CUDA driver, and serve on the GPU:
 #   docker build --build-arg TORCH_INDEX_URL=<PyTorch's CUDA wheel index> -t ldmole:cuda .

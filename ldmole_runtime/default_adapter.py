@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-DEFAULT_ADAPTER_NAME = "arc-easy"
+DEFAULT_ADAPTER_NAME = "social-iqa"
 DEFAULT_ADAPTER_DIR = Path(__file__).parent / "assets" / "default_adapter"
 
 

@@ -57,9 +57,9 @@ def build_state(args, executor=None) -> ServerState:
 def curl_examples(state: ServerState, url: str) -> list[str]:
     """Ready-to-paste calls: a completion under the first adapter set, one under the base, a score."""
     auth = ' -H "Authorization: Bearer $LDMOLE_API_KEY"' if state.settings.api_key else ""
-    question = ("Below is a multiple-choice question. Please choose the correct answer.\n"
-                "Which gas do plants take in from the air to make food?\n"
-                "Options:\nA. oxygen\nB. carbon dioxide\nC. helium\nD. neon\n\nAnswer: ")
+    # SocialIQA's cloze form (lm-eval's prompt), the task of the embedded default adapter
+    question = "Q: Jordan stayed up all night to finish the project before the deadline. How would Jordan feel?\nA:"
+    choices = [" proud but tired", " bored", " angry at the teacher"]
     adapter = next(iter(state.adapter_paths), None)
 
     def call(path: str, body: dict) -> str:
@@ -68,11 +68,10 @@ def curl_examples(state: ServerState, url: str) -> list[str]:
 
     lines = []
     if adapter:
-        lines.append(call("/v1/completions", {"model": adapter, "prompt": question, "max_tokens": 4, "temperature": 0}))
+        lines.append(call("/v1/completions", {"model": adapter, "prompt": question, "max_tokens": 8, "temperature": 0}))
     lines.append(call("/v1/completions", {"model": state.base_name, "prompt": "The capital of France is",
                                           "max_tokens": 12, "temperature": 0}))
-    lines.append(call("/v1/score", {"model": adapter or state.base_name, "context": question,
-                                    "choices": ["A", "B", "C", "D"]}))
+    lines.append(call("/v1/score", {"model": adapter or state.base_name, "context": question, "choices": choices}))
     return lines
 
 
