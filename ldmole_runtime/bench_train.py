@@ -38,7 +38,7 @@ class TrainBenchSettings:
 def _trainer(model, s: TrainBenchSettings, variant: str):
     from .training.config import TrainConfig
     from .training.trainable import TrainableAdapter
-    from .training.trainer import ADAPTER_NAME, TrainStep
+    from .training.step import ADAPTER_NAME, TrainStep, make_optimizer
 
     cfg = TrainConfig.from_sources(None, {"preset": s.preset, "experts": s.experts, "rank": s.rank,
                                           "alpha": 2.0 * s.rank, "lambda_hidden": s.lambda_hidden,
@@ -52,10 +52,7 @@ def _trainer(model, s: TrainBenchSettings, variant: str):
         lambda_init=cfg.lambda_init, b_std=0.02))
     adapter = TrainableAdapter(rt, ADAPTER_NAME)
     step = TrainStep(rt, adapter, "mc", cfg).train()
-    groups = [{"params": list(adapter.lora), "lr": cfg.lr}]
-    if len(adapter.lambda_net):
-        groups.append({"params": list(adapter.lambda_net), "lr": cfg.lambda_lr or cfg.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    optimizer = make_optimizer(adapter, cfg)
 
     def run(batch) -> None:
         terms = step(batch)
@@ -68,7 +65,7 @@ def _trainer(model, s: TrainBenchSettings, variant: str):
 
 
 def _batch(s: TrainBenchSettings, vocab: int, seed: int):
-    from .training.trainer import Batch
+    from .training.step import Batch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (s.batch_size, s.seq_len), generator=g)

@@ -13,7 +13,8 @@ from ldmole_runtime.training.config import TrainConfig
 from ldmole_runtime.training.data import MCExample, cloze_pair, encode, load_jsonl
 from ldmole_runtime.training.mc_eval import lm_eval_choices
 from ldmole_runtime.training.trainable import TrainableAdapter
-from ldmole_runtime.training.trainer import ADAPTER_NAME, TrainStep, collate, train
+from ldmole_runtime.training.step import ADAPTER_NAME, TrainStep, collate
+from ldmole_runtime.training.trainer import train
 from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 

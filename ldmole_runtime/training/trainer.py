@@ -15,56 +15,23 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.adapter_set import AdapterSet
 from ..adapters.init import new_adapter_set
-from ..attention import DenseCausalAttention
 from ..default_base import resolve_base
 from ..errors import LDMoleError
-from ..lora.adapter_batch import AdapterBatch
-from ..model import ForwardContext
 from ..runtime import LDMoleRuntime
 from .config import TrainConfig
 from .data import ClassificationExample, CompletionExample, MCExample, check_labels, encode, load_dataset
-from .losses import LossWeights, TrainingCapture, objective
-from .mc_eval import cloze_accuracy
+from .step import ADAPTER_NAME, TrainStep, collate, make_optimizer
 from .trainable import TrainableAdapter
-
-ADAPTER_NAME = "train"
+from .validation import evaluate_all, make_scorer
 TASK_OF = {MCExample: "mc", CompletionExample: "completion", ClassificationExample: "classification"}
-
-
-# ---- data --------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T], right-padded
-    labels: torch.Tensor  # [B, T], -100 outside the loss; labels[i] is the target of position i
-    mask: torch.Tensor  # [B, T] real tokens
-    lengths: torch.Tensor  # [B]
-    answers: torch.Tensor  # [B] (mc: option index, classification: label; else -1)
-    choice_ids: list[list[int]] | None
-
-
-def collate(encoded: list, pad_id: int) -> Batch:
-    T = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(encoded), T), dtype=torch.bool)
-    for i, e in enumerate(encoded):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = True
-    answers = torch.tensor([-1 if e.answer is None else e.answer for e in encoded])
-    choices = [e.choice_token_ids for e in encoded] if encoded[0].choice_token_ids is not None else None
-    return Batch(ids, labels, mask, mask.sum(1), answers, choices)
 
 
 def load_examples(cfg: TrainConfig, tokenizer):
@@ -96,126 +63,6 @@ def load_examples(cfg: TrainConfig, tokenizer):
         return [encode(e, task, tokenizer, cfg.max_length, cfg.mc_format) for e in examples]
 
     return task, enc(train), {name: enc(examples) for name, examples in val.items()}
-
-
-# ---- the training forward --------------------------------------------------------------------------
-class TrainStep(nn.Module):
-    """One forward of the frozen base with the trainable adapter: returns every loss term."""
-
-    def __init__(self, runtime: LDMoleRuntime, adapter: TrainableAdapter, task: str, cfg: TrainConfig):
-        super().__init__()
-        self.runtime, self.adapter, self.task, self.cfg = runtime, adapter, task, cfg
-        self.weights = LossWeights(cfg.ce, cfg.lb, cfg.reg, cfg.lam, cfg.k)
-
-    def hidden(self, batch: Batch, dropout: float, capture=None, mode: str = "dense") -> torch.Tensor:
-        B, T = batch.input_ids.shape
-        device = self.runtime.device
-        ctx = ForwardContext(AdapterBatch.build(torch.zeros(B * T, dtype=torch.long), 1), self.runtime.bank,
-                             DenseCausalAttention(B, T), mode, capture, dropout)
-        positions = torch.arange(T, device=device).repeat(B)
-        return self.runtime.model(batch.input_ids.to(device).reshape(-1), positions, ctx).view(B, T, -1)
-
-    def logits(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets) of the positions in the loss."""
-        device = hidden.device
-        if self.task == "classification":
-            pooled = hidden[torch.arange(hidden.shape[0], device=device), batch.lengths.to(device) - 1]
-            weight, bias = self.adapter.slot.score
-            return F.linear(pooled, weight, bias), batch.answers.to(device)
-        labels = batch.labels.to(device)
-        selected = labels != -100
-        return F.linear(hidden[selected], self.runtime.model.lm_head_weight), labels[selected]
-
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        capture = TrainingCapture()
-        hidden = self.hidden(batch, self.cfg.dropout, capture)
-        logits, targets = self.logits(batch, hidden)
-        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
-        return objective(ce, capture, batch.mask.to(hidden.device).reshape(-1), self.weights)
-
-
-def evaluate_all(step: "TrainStep", val: dict[str, list], cfg: TrainConfig, pad_id: int,
-                 scorer=None) -> tuple[dict, dict]:
-    """(validation metrics, per-item correctness) per dataset; with several datasets the metrics
-    also carry their mean accuracy under "accuracy". Correctness is kept where it is known per
-    item (cloze evaluation), for paired tests between runs."""
-    per_task = {name: evaluate(step, encoded, cfg, pad_id, scorer) for name, encoded in val.items()}
-    items = {name: m.pop("correct") for name, m in per_task.items() if "correct" in m}
-    if len(per_task) == 1:
-        return next(iter(per_task.values())), items
-    scored = [m for m in per_task.values() if "accuracy" in m]
-    mean = {"accuracy": sum(m["accuracy"] for m in scored) / len(scored)} if scored else {}
-    return mean | {"per_task": per_task}, items
-
-
-@torch.no_grad()
-def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int, scorer=None) -> dict:
-    """mc cloze: acc / acc_norm by option log-likelihood (lm-eval's definitions) through the serving
-    engine `scorer`; mc letter / classification: accuracy (letter: argmax over the option letters'
-    logits after "Answer: "); completion: mean loss on the completions."""
-    if not encoded:
-        return {}
-    step.adapter.refresh_lambda_bias()
-    if encoded[0].options is not None:
-        return _evaluate_cloze(scorer, encoded)
-    correct, total, loss_sum = 0, 0, 0.0
-    active = []
-    for start in range(0, len(encoded), cfg.eval_batch_size):
-        batch = collate(encoded[start:start + cfg.eval_batch_size], pad_id)
-        capture = TrainingCapture()
-        # CPU: the sparse path serving uses (its fused kernel is also the fastest there); GPU: dense,
-        # until the GPU kernels remove the sparse path's host syncs
-        mode = "sparse" if step.runtime.device.type == "cpu" else "dense"
-        hidden = step.hidden(batch, 0.0, capture, mode=mode)
-        mask = batch.mask.reshape(-1).to(hidden.device)
-        active.append(torch.stack([(p > 0).float()[mask].sum(-1).mean() for p in capture.p.values()]).mean().item())
-        if step.task == "mc":
-            first = (batch.labels != -100).int().argmax(1).to(hidden.device)  # the position that predicts the letter
-            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
-            width = max(len(c) for c in batch.choice_ids)  # questions may have 3, 4 or 5 options
-            letters = torch.tensor([c + [c[0]] * (width - len(c)) for c in batch.choice_ids], device=h.device)
-            valid = torch.arange(width, device=h.device)[None, :] < torch.tensor([len(c) for c in batch.choice_ids],
-                                                                                    device=h.device)[:, None]
-            scores = torch.gather(F.linear(h, step.runtime.model.lm_head_weight), 1, letters)
-            scores = scores.masked_fill(~valid, float("-inf"))
-            correct += (scores.argmax(1).cpu() == batch.answers).sum().item()
-        elif step.task == "classification":
-            logits, targets = step.logits(batch, hidden)
-            correct += (logits.argmax(1) == targets).sum().item()
-        else:
-            logits, targets = step.logits(batch, hidden)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            total += targets.numel()
-            continue
-        total += len(batch.answers)
-    metrics = {"active_experts": sum(active) / len(active)}
-    if step.task == "completion":
-        metrics |= {"loss": loss_sum / max(total, 1)}
-    else:
-        metrics |= {"accuracy": correct / max(total, 1), "examples": total}
-    return metrics
-
-
-def _evaluate_cloze(scorer, encoded: list) -> dict:
-    histogram = scorer.engine.expert_histogram.by_adapter
-    before = list(histogram.get(ADAPTER_NAME, [None, 0.0, 0]))[1:]
-    metrics = cloze_accuracy(scorer, encoded, ADAPTER_NAME)
-    after = list(histogram.get(ADAPTER_NAME, [None, 0.0, 0]))[1:]
-    tokens = after[1] - before[1]
-    return {"active_experts": (after[0] - before[0]) / tokens if tokens else float("nan")} | metrics
-
-
-def make_scorer(runtime: LDMoleRuntime, tokenizer, cfg: TrainConfig):
-    """The serving engine over the training runtime (it reads the adapter's current weights), for
-    cloze evaluation. No prefix cache: the weights change between evaluations under the same set
-    identity, so cached blocks would be stale. CPU: the sparse path serving uses; GPU: dense, until
-    the GPU kernels remove the sparse path's host syncs."""
-    from ..engine.llm import LLM
-
-    mode = "sparse" if runtime.device.type == "cpu" else "dense"
-    return LLM(runtime, tokenizer=tokenizer, mode=mode, expert_sample_every=1, kv_cache_gib=cfg.eval_kv_cache_gib,
-               enable_prefix_caching=False,
-               max_model_len=min(cfg.max_length + 2, runtime.cfg.max_position_embeddings))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
@@ -305,12 +152,7 @@ def train(cfg: TrainConfig) -> dict:
     step_module = TrainStep(runtime, adapter, task, cfg)
     model = nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
 
-    groups = [{"params": list(adapter.lora), "lr": cfg.lr}]
-    if len(adapter.lambda_net):
-        groups.append({"params": list(adapter.lambda_net), "lr": cfg.lambda_lr or cfg.lr})
-    # fused: one kernel over all tensors; the default on CPU steps each of the ~460 tensors in a
-    # Python loop of ~10 ops, a tenth of a training step's ops
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    optimizer = make_optimizer(adapter, cfg)
     per_rank = math.ceil(len(train_enc) / world)
     steps_per_epoch = math.ceil(per_rank / (cfg.batch_size * cfg.grad_accum))
     scheduler = _schedule(cfg, optimizer, steps_per_epoch)
