@@ -138,14 +138,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .training.compare import _preset_keys, compare, format_table
+    from .training.compare import compare, format_table
     from .training.config import TrainConfig
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    fixed = sorted(k for k in overrides if k in _preset_keys() | {"router", "resume"})
-    if fixed:
-        raise LDMoleError(f"ldmole compare sets {', '.join('--' + k.replace('_', '-') for k in fixed)} per row "
-                          "(base, lora, paper, sparse); leave them out")
     overrides["progress"] = not args.no_progress
     cfg = TrainConfig.from_sources(args.config, overrides)
     table = compare(cfg, [r.strip() for r in args.rows.split(",") if r.strip()], Path(args.out),
@@ -327,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train and evaluate, on the same items: the zero-shot base, plain LoRA at "
                        "an equal parameter budget, LD-MoLE with the paper recipe and with the sparse recipe; "
                        "prints accuracies with 95%% intervals and McNemar tests, writes JSON and a plot")
-    _add_train_flags(c, skip=("out", "resume", "preset", "router"))
+    from .training.compare import ROW_SETTINGS
+
+    _add_train_flags(c, skip=("out", *ROW_SETTINGS))  # the rows set these; --out is the comparison's
     c.add_argument("--out", default="runs/compare", help="folder of the comparison: one run folder per row, "
                    "compare.json and compare.png (finished rows of the same settings are reused)")
     c.add_argument("--rows", default=",".join(("base", "lora", "paper", "sparse")),

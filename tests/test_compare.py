@@ -151,8 +151,12 @@ def test_compare_rows_statistics_plot_and_reuse(base, data, tmp_path, capsys):
 
 def test_compare_cli_refuses_what_the_rows_set(base, data, tmp_path, capsys):
     args = ["compare", "--base", str(base), "--data", str(data[0]), "--task", "mc", "--out", str(tmp_path / "c")]
-    assert cli_main(args + ["--reg", "0.5"]) == 2
-    assert "sets --reg per row" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the rows set the objective: no such flag
+        cli_main(args + ["--reg", "0.5"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("reg: 0.5\n")
+    assert cli_main(args + ["--config", str(yaml_file)]) == 2
+    assert "ldmole compare sets reg per row" in capsys.readouterr().err
     assert cli_main(args + ["--rows", "base,best"]) == 2
     assert "unknown compare rows ['best']" in capsys.readouterr().err
     assert cli_main(args + ["--mc-format", "letter"]) == 2

@@ -19,7 +19,7 @@ from ..adapters.spec import projection_shapes
 from ..config import ModelConfig
 from ..default_base import resolve_base
 from ..errors import LDMoleError
-from .config import TrainConfig
+from .config import PRESETS, TrainConfig
 from .stats import mcnemar, wilson_interval
 
 ROWS = ("base", "lora", "paper", "sparse")
@@ -56,9 +56,11 @@ def row_config(cfg: TrainConfig, row: str, out: Path, base_cfg) -> TrainConfig:
 
 
 def _preset_keys() -> set[str]:
-    from .config import PRESETS
-
     return {"preset", *(k for values in PRESETS.values() for k in values)}
+
+
+# settings each row sets itself (a comparison's settings file giving them is an error)
+ROW_SETTINGS = ("resume", "router", *sorted(_preset_keys()))
 
 
 def _finished(cfg: TrainConfig) -> dict | None:
@@ -196,6 +198,11 @@ def compare(cfg: TrainConfig, rows: list[str], out: Path, make_plot: bool = True
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         raise LDMoleError(f"unknown compare rows {unknown or '[]'}; choose from {', '.join(ROWS)}")
+    defaults = TrainConfig.from_sources(None, {})
+    fixed = [k for k in ROW_SETTINGS if k != "resume" and getattr(cfg, k) != getattr(defaults, k)]
+    if fixed:
+        raise LDMoleError(f"ldmole compare sets {', '.join(fixed)} per row (base, lora, paper, sparse); "
+                          "leave them out of its settings")
     if cfg.epochs < 1:
         raise LDMoleError("ldmole compare trains its adapters: --epochs must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
