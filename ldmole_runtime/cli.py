@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "compare", "bench-train", "serve", "bench-serve"):  # train needs autograd; serve runs its own threads
+        # training needs autograd; serve runs its own threads
+        if args.command in ("train", "compare", "bench-train", "serve", "bench-serve"):
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

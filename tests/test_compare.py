@@ -62,7 +62,8 @@ def test_presets_set_defaults_that_files_and_flags_override(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("preset: sparse\nreg: 0.5\n")
     from_file = TrainConfig.from_sources(str(yaml_file), {})
-    assert from_file.preset == "sparse" and from_file.reg == 0.5 and from_file.lambda_lr == PRESETS["sparse"]["lambda_lr"]
+    assert (from_file.preset, from_file.reg) == ("sparse", 0.5)
+    assert from_file.lambda_lr == PRESETS["sparse"]["lambda_lr"]
     paper = TrainConfig.from_sources(None, {})
     assert (paper.preset, paper.reg, paper.lam, paper.lambda_lr) == ("paper", 0.0, 0.0, None)
     from ldmole_runtime.errors import LDMoleError
