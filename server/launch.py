@@ -58,8 +58,8 @@ def curl_examples(state: ServerState, url: str) -> list[str]:
     """Ready-to-paste calls: a completion under the first adapter set, one under the base, a score."""
     auth = ' -H "Authorization: Bearer $LDMOLE_API_KEY"' if state.settings.api_key else ""
     # SocialIQA's cloze form (lm-eval's prompt), the task of the embedded default adapter
-    question = "Q: Jordan stayed up all night to finish the project before the deadline. How would Jordan feel?\nA:"
-    choices = [" proud but tired", " bored", " angry at the teacher"]
+    question = "Q: Casey won the race after months of training. How would Casey feel?\nA:"
+    choices = [" proud", " bored", " sad"]
     adapter = next(iter(state.adapter_paths), None)
 
     def call(path: str, body: dict) -> str:
