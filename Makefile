@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml Makefile
+$(STAMP): $(PY) pyproject.toml setup.py Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e '.[test]' $(TORCH_PIN)

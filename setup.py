@@ -24,10 +24,12 @@ class BuildPyWithHook(build_py):
 
 
 setup(
-    packages=[*find_packages(include=["ldmole_runtime*", "kernels*", "server*"]), "ldmole_eval"],
-    package_dir={"ldmole_eval": "eval"},
+    # eval/ and kernels/ install under project-unique names: a top-level `eval` or `kernels` would
+    # shadow other distributions (Hugging Face's `kernels`, which transformers probes for)
+    packages=[*find_packages(include=["ldmole_runtime*", "server*"]), "ldmole_eval", "ldmole_kernels"],
+    package_dir={"ldmole_eval": "eval", "ldmole_kernels": "kernels"},
     package_data={
-        "kernels": ["cpu/*.c"],
+        "ldmole_kernels": ["cpu/*.c"],
         "ldmole_runtime": ["assets/default_adapter/*"],
         "ldmole_eval": ["tasks/*.yaml", "tasks/*.py"],
     },

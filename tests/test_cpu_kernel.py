@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.cpu_kernels import cpu_kernels
+from ldmole_kernels.cpu_kernels import cpu_kernels
 from ldmole_runtime.adapters.init import new_adapter_set
 from ldmole_runtime.config import ModelConfig
 from ldmole_runtime.lora import mixture

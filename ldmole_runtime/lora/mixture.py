@@ -19,7 +19,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_kernels import cpu_kernels, ptr
+from ldmole_kernels.cpu_kernels import cpu_kernels, ptr
 
 from ..routing import SPARSEGEN_EPS, lambda_from_mlp
 from .adapter_batch import AdapterBatch
