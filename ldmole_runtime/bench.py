@@ -63,12 +63,6 @@ class BenchSettings:
     prompts: PromptSource | None = field(default=None, repr=False)  # set up by run()
 
 
-def rt_base_name(s: BenchSettings) -> str:
-    from .default_base import resolve_base
-
-    return resolve_base(s.base or "default").name
-
-
 def random_model(shape: str, dtype: torch.dtype, device: str, seed: int) -> DecoderModel:
     """A base model of the named shape with random weights (throughput does not depend on them)."""
     cfg = ModelConfig.from_hf(SHAPES[shape]())
@@ -186,8 +180,8 @@ def calibrated_adapter(rt: LDMoleRuntime, s: BenchSettings, target: float):
     return random_adapter(rt, s, mid)
 
 
-def _setup(s: BenchSettings) -> tuple[LDMoleRuntime, str]:
-    """The runtime with the bench adapter loaded as "bench", and a description of that adapter."""
+def _setup(s: BenchSettings) -> tuple[LDMoleRuntime, str, str]:
+    """The runtime with the bench adapter loaded as "bench", the base's name, and the adapter's source."""
     if s.base is not None or s.adapter is not None:
         from .adapters.adapter_set import AdapterSet
         from .default_adapter import resolve_adapter
@@ -198,26 +192,28 @@ def _setup(s: BenchSettings) -> tuple[LDMoleRuntime, str]:
         s.prompts = PromptSource.from_text(base, s.text, rt.cfg.vocab_size)
         if s.adapter is not None:
             rt.load_adapter("bench", AdapterSet.load(resolve_adapter(s.adapter)))
-            return rt, str(resolve_adapter(s.adapter))
+            return rt, base.name, str(resolve_adapter(s.adapter))
+        name = base.name
     else:
         rt = LDMoleRuntime(random_model(s.shape, resolve_dtype(s.dtype), s.device, s.seed))
         s.prompts = PromptSource(rt.cfg.vocab_size)
+        name = s.shape
     if s.target_experts is not None:
         rt.load_adapter("bench", calibrated_adapter(rt, s, s.target_experts))
     else:
         rt.load_adapter("bench", random_adapter(rt, s))
-    return rt, "random"
+    return rt, name, "random"
 
 
 def run(s: BenchSettings) -> dict:
     torch.manual_seed(s.seed)
-    rt, adapter_source = _setup(s)
+    rt, shape, adapter_source = _setup(s)
     c = rt.bank.slots[rt.adapter_index("bench")].config
     variants = {"base": (None, "sparse"), "ldmole_sparse": ("bench", "sparse"), "ldmole_dense": ("bench", "dense")}
     warm = BenchSettings(**{**s.__dict__, "decode_steps": 2, "prefill_prompts": 1, "prefill_len": 32})
     decode_tokens_per_s(rt, variants, max(s.batch_sizes), warm)  # first calls pay for allocator growth, kernel builds
     result: dict = {
-        "shape": s.shape if s.base is None and s.adapter is None else str(rt_base_name(s)),
+        "shape": shape,
         "device": s.device, "dtype": s.dtype, "threads": torch.get_num_threads(),
         "adapter": {"source": adapter_source, "experts": c.num_experts, "rank": c.rank,
                     "lambda_hidden": c.lambda_hidden, "target_modules": c.target_modules, "router": c.router,

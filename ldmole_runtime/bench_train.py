@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters.init import new_adapter_set
 from .bench import random_model
 from .runtime import LDMoleRuntime
 
@@ -38,18 +37,15 @@ class TrainBenchSettings:
 def _trainer(model, s: TrainBenchSettings, variant: str):
     from .training.config import TrainConfig
     from .training.trainable import TrainableAdapter
-    from .training.step import ADAPTER_NAME, TrainStep, make_optimizer
+    from .training.step import ADAPTER_NAME, TrainStep, make_optimizer, new_training_adapter
 
     cfg = TrainConfig.from_sources(None, {"preset": s.preset, "experts": s.experts, "rank": s.rank,
                                           "alpha": 2.0 * s.rank, "lambda_hidden": s.lambda_hidden,
-                                          "target_modules": s.target_modules, "dropout": 0.1})
+                                          "target_modules": s.target_modules, "dropout": 0.1, "seed": s.seed})
     if variant == "lora":
         cfg.router, cfg.experts, cfg.rank, cfg.alpha = "lora", 1, s.experts * s.rank, 2.0 * s.experts * s.rank
     rt = LDMoleRuntime(model)  # the base's weights are shared, each runtime has its own bank
-    rt.load_adapter(ADAPTER_NAME, new_adapter_set(
-        rt.cfg, num_experts=cfg.experts, rank=cfg.rank, alpha=cfg.alpha, router=cfg.router_kind,
-        target_modules=cfg.target_modules, lambda_hidden=cfg.lambda_hidden, seed=s.seed,
-        lambda_init=cfg.lambda_init, b_std=0.02))
+    rt.load_adapter(ADAPTER_NAME, new_training_adapter(rt.cfg, cfg, "mc", b_std=0.02))
     adapter = TrainableAdapter(rt, ADAPTER_NAME)
     step = TrainStep(rt, adapter, "mc", cfg).train()
     optimizer = make_optimizer(adapter, cfg)

@@ -35,7 +35,7 @@ def test_target_experts_calibrates_real_sparsegen_routing():
 
     for target in (2.0, 5.0):
         s = BenchSettings(shape="tiny", target_experts=target)
-        rt, _ = _setup(s)
+        rt, _, _ = _setup(s)
         ids = torch.tensor(s.prompts(4, 64, s.seed + 3))
         routing = rt.forward(ids, "bench", mode="dense", capture_routing=True).routing
         counts = torch.stack([(p > 0).sum(-1).float() for p in routing.values()])

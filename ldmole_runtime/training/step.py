@@ -80,6 +80,17 @@ class TrainStep(nn.Module):
         return objective(ce, capture, batch.mask.to(hidden.device).reshape(-1), self.weights)
 
 
+def new_training_adapter(base_cfg, cfg: TrainConfig, task: str, **extra):
+    """A fresh adapter set shaped by the training settings (B = 0 unless `extra` says otherwise)."""
+    from ..adapters.init import new_adapter_set
+
+    return new_adapter_set(
+        base_cfg, num_experts=cfg.experts, rank=cfg.rank, alpha=cfg.alpha, router=cfg.router_kind,
+        target_modules=cfg.target_modules, lambda_hidden=cfg.lambda_hidden,
+        num_labels=cfg.num_labels if task == "classification" else None, seed=cfg.seed,
+        lambda_init=cfg.lambda_init, top_k=cfg.top_k, **extra)
+
+
 def make_optimizer(adapter: TrainableAdapter, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the experts and routers, and the λ-network in its own group (--lambda-lr). Fused:
     one kernel over all tensors; the default on CPU steps each of the ~460 tensors in a Python loop

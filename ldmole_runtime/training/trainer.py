@@ -22,13 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..adapters.adapter_set import AdapterSet
-from ..adapters.init import new_adapter_set
 from ..default_base import resolve_base
 from ..errors import LDMoleError
 from ..runtime import LDMoleRuntime
 from .config import TrainConfig
 from .data import ClassificationExample, CompletionExample, MCExample, check_labels, encode, load_dataset
-from .step import ADAPTER_NAME, TrainStep, collate, make_optimizer
+from .step import ADAPTER_NAME, TrainStep, collate, make_optimizer, new_training_adapter
 from .trainable import TrainableAdapter
 from .validation import evaluate_all, make_scorer
 TASK_OF = {MCExample: "mc", CompletionExample: "completion", ClassificationExample: "classification"}
@@ -142,11 +141,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         adapter_set = AdapterSet.load(resume_from / "adapter")
     else:
-        adapter_set = new_adapter_set(
-            runtime.cfg, num_experts=cfg.experts, rank=cfg.rank, alpha=cfg.alpha, router=cfg.router_kind,
-            target_modules=cfg.target_modules, lambda_hidden=cfg.lambda_hidden,
-            num_labels=cfg.num_labels if task == "classification" else None, seed=cfg.seed,
-            lambda_init=cfg.lambda_init, top_k=cfg.top_k)
+        adapter_set = new_training_adapter(runtime.cfg, cfg, task)
     runtime.load_adapter(ADAPTER_NAME, adapter_set)
     adapter = TrainableAdapter(runtime, ADAPTER_NAME)
     step_module = TrainStep(runtime, adapter, task, cfg)
