@@ -6,7 +6,8 @@
     active=NAME                         which loaded set answers (default: the only one; "base": none)
     dtype=float32|bfloat16|float16      weights' dtype (default float32)
     max_length=N                        tokens per scored sequence, as the `hf` backend's max_length
-    mode=sparse|dense                   the adapters' expert path (sparse serves; dense is the reference)
+    mode=sparse|dense|torch|cpu|triton  the adapters' compute (sparse: the device's fastest backend; dense: the
+                                        torch reference; or a backend by name)
     kv_cache_gib=F, max_num_batched_tokens=N
                                         engine sizing
     add_bos_token=true|false            as the `hf` backend's option (default: the tokenizer's own habit)
@@ -24,10 +25,10 @@ from pathlib import Path
 from ldmole_runtime.default_adapter import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.default_base import DEFAULT_BASE_NAME
 from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.lora.ops import MODES
 
 BASE_ONLY = "base"  # active=base: no adapter set, even when some are loaded
 DTYPES = ("float32", "bfloat16", "float16")
-MODES = ("sparse", "dense")
 DEFAULT_BATCH = 64  # batch_size=auto: the engine's own default of sequences per step
 
 

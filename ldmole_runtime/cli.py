@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import LDMoleError
+from .lora.ops import MODES
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
@@ -269,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the weights and the computation (default float32)")
     f.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    f.add_argument("--mode", default="sparse", choices=["sparse", "dense"],
-                   help="sparse: only experts with p > 0 (serving path); dense: all experts (reference)")
+    f.add_argument("--mode", default="sparse", choices=MODES,
+                   help="the adapters' compute: sparse (only experts with p > 0, the fastest backend for the "
+                   "device), dense (all experts, the torch reference), or a backend by name: torch, cpu, triton")
     f.set_defaults(func=cmd_forward)
 
     i = sub.add_parser("import", help="convert a reference LD-MoLE checkpoint to the native format")

@@ -18,7 +18,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .config import ModelConfig
 from .lora.adapter_batch import AdapterBatch
 from .lora.bank import AdapterBank
-from .lora.mixture import RoutingCapture, apply_group
+from .lora.capture import RoutingCapture
+from .lora.ops import lora_ops
 
 
 @dataclass
@@ -27,9 +28,14 @@ class ForwardContext:
     batch: AdapterBatch
     bank: AdapterBank | None
     attention: object  # any backend with attend(layer, q, k, v); see attention.py
-    mode: str = "sparse"  # "sparse" (serving) or "dense" (all experts, the training-code reference)
+    # a LoRA-ops backend, or a mode naming one: "sparse" (serving), "dense" (the torch reference)
+    ops: object = "sparse"
     capture: RoutingCapture | None = None
     dropout: float = 0.0  # adapters' input dropout, training only
+
+    def __post_init__(self):
+        if isinstance(self.ops, str):
+            self.ops = lora_ops(self.ops, "cpu" if self.bank is None else self.bank.device)
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -94,8 +100,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if ctx.bank is not None and not ctx.batch.is_bare:
-            apply_group(y, x, ctx.bank, ctx.bank.group(self.layer, self.group), ctx.batch, ctx.mode, ctx.capture,
-                        ctx.dropout)
+            ctx.ops.apply(y, x, ctx.bank, ctx.bank.group(self.layer, self.group), ctx.batch, ctx.capture, ctx.dropout)
         return y
 
 

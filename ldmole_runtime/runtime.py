@@ -20,7 +20,8 @@ from .default_base import resolve_base
 from .errors import LDMoleError, UnknownAdapterError
 from .lora.adapter_batch import BASE, AdapterBatch
 from .lora.bank import AdapterBank
-from .lora.mixture import MODES, RoutingCapture
+from .lora.capture import RoutingCapture
+from .lora.ops import lora_ops
 from .model import DecoderModel, ForwardContext
 from .weights import load_base_model
 
@@ -97,8 +98,7 @@ class LDMoleRuntime:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, adapters: str | Sequence[str | None] | torch.Tensor | None = None,
                 mode: str = "sparse", capture_routing: bool = False) -> ForwardOutput:
-        if mode not in MODES:
-            raise LDMoleError(f"unknown mode {mode!r}; choose one of {MODES}")
+        ops = lora_ops(mode, self.device)
         if input_ids.dim() != 2:
             raise LDMoleError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         input_ids = input_ids.to(self.device).long()
@@ -112,7 +112,7 @@ class LDMoleRuntime:
             E = max((self.bank.slots[s.set_index].num_experts for s in batch.segments), default=1)
             capture = RoutingCapture(B * T, E)
         positions = torch.arange(T, device=self.device).repeat(B)
-        ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), mode, capture)
+        ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), ops, capture)
         hidden = self.model(input_ids.reshape(-1), positions, ctx).view(B, T, -1)
         out = ForwardOutput(hidden, self._logits(hidden, input_ids, set_ids[:, -1]))
         if capture is not None:

@@ -18,6 +18,7 @@ from ldmole_runtime.engine.llm import load_tokenizer
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.engine.main_thread_executor import MainThreadExecutor
 from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.lora.ops import MODES
 from ldmole_runtime.runtime import LDMoleRuntime
 
 from .app import build_app
@@ -47,7 +48,8 @@ def build_state(args, executor=None) -> ServerState:
     runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(base)
     config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                          mode=args.lora_backend)
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
     settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
@@ -133,5 +135,8 @@ def add_serve_flags(s) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype (default float32)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    s.add_argument("--lora-backend", default="sparse", choices=MODES,
+                   help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "
+                        "experts, the torch reference), or a backend by name: torch, cpu, triton")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")

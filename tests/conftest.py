@@ -2,6 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter; it reads this when kernels are
+# decorated, so it is set before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("LDMOLE_FIXTURES", REPO.parent / "shared" / "fixtures" / "official-ldmole"))

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (kernels/cpu/ldmole_cpu.c) against its torch reference (route + sparse dispatch)."""
+"""The fused CPU kernel (kernels/cpu/ldmole_cpu.c) against its torch reference (the `torch` backend)."""
 
 import pytest
 import torch
@@ -6,8 +6,10 @@ import torch
 from ldmole_kernels.cpu_kernels import cpu_kernels
 from ldmole_runtime.adapters.init import new_adapter_set
 from ldmole_runtime.config import ModelConfig
-from ldmole_runtime.lora import mixture
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.capture import RoutingCapture
+from ldmole_runtime.lora.ops.cpu import CpuOps
+from ldmole_runtime.lora.ops.torch_ref import TorchRefOps
 from ldmole_runtime.lora.bank import AdapterBank
 from tiny_models import tiny_config
 
@@ -28,16 +30,12 @@ def bank():
 
 
 def run_group(bank, gb, x, set_ids, use_kernel):
-    saved = mixture.CPU_KERNEL_MAX_TOKENS
-    mixture.CPU_KERNEL_MAX_TOKENS = 10**9 if use_kernel else -1
-    try:
-        y = torch.randn(x.shape[0], sum(gb.fan_outs), generator=torch.Generator().manual_seed(9))
-        capture = mixture.RoutingCapture(x.shape[0], 8)
-        with torch.inference_mode():
-            mixture.apply_group(y, x, bank, gb, AdapterBatch.build(set_ids, len(bank.slots)), "sparse", capture)
-        return y, capture
-    finally:
-        mixture.CPU_KERNEL_MAX_TOKENS = saved
+    y = torch.randn(x.shape[0], sum(gb.fan_outs), generator=torch.Generator().manual_seed(9))
+    capture = RoutingCapture(x.shape[0], 8)
+    ops = CpuOps() if use_kernel else TorchRefOps()
+    with torch.inference_mode():
+        ops.apply(y, x, bank, gb, AdapterBatch.build(set_ids, len(bank.slots)), capture)
+    return y, capture
 
 
 @pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])

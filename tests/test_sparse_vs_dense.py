@@ -25,27 +25,17 @@ def runtime(tmp_path_factory):
     return rt
 
 
-@pytest.fixture(params=["cpu-kernel", "torch-gathered", "torch-grouped"])
-def sparse_impl(request, monkeypatch):
-    """The sparse path's implementations: the fused C kernel (CPU), and in torch (GPU, or no C
-    compiler) a gathered one for few pairs and a per-expert grouped one for many."""
-    from ldmole_runtime.lora import mixture
-
-    if request.param != "cpu-kernel":
-        monkeypatch.setattr(mixture, "CPU_KERNEL_MAX_TOKENS", -1)
-    if request.param == "torch-grouped":
-        monkeypatch.setattr(mixture, "GATHER_MAX_PAIRS", -1)
-    return request.param
-
-
-def test_mixed_batch_sparse_equals_dense(runtime, sparse_impl):
+@pytest.mark.parametrize("backend", ["sparse", "cpu", "triton"])
+def test_mixed_batch_sparse_equals_dense(runtime, backend):
+    """Every sparse backend (the C kernel; the Triton kernels, interpreted on CPU) against the
+    dense torch reference."""
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, 300, (7, 13), generator=g)
     rows = ["wide", "narrow", None, "lora", "all", "soft", "wide"]
     ids = torch.tensor([runtime.adapter_index(a) for a in rows])[:, None].repeat(1, 13)
     ids[6, ::3] = runtime.adapter_index("narrow")  # sets also mix inside one row
     ids[6, 1::4] = -1
-    sparse = runtime.forward(input_ids, ids, mode="sparse", capture_routing=True)
+    sparse = runtime.forward(input_ids, ids, mode=backend, capture_routing=True)
     dense = runtime.forward(input_ids, ids, mode="dense", capture_routing=True)
     assert (sparse.logits - dense.logits).abs().max() <= 1e-5
     for key in dense.routing:

@@ -35,7 +35,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the base model's max_position_embeddings
     enable_prefix_caching: bool = True
-    mode: str = "sparse"  # adapters' expert path: "sparse" (serving) or "dense" (reference)
+    mode: str = "sparse"  # the LoRA-ops backend, or "sparse" (fastest for the device) / "dense" (torch reference)
+    # decode steps from static buffers: "auto" replays CUDA graphs on a GPU with the triton backend;
+    # "off" never; "eager" runs the static-buffer step without capture (tests prove it on CPU)
+    decode_graphs: str = "auto"
     expert_sample_every: int = 16  # count active experts per token on every N-th step (0: never), for metrics
 
 
@@ -65,7 +68,8 @@ class LLMEngine:
                               f"of max_model_len={self.max_model_len} tokens")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(runtime, num_blocks, config.block_size, config.mode)
+        self.runner = ModelRunner(runtime, num_blocks, config.block_size, config.mode, self.max_model_len,
+                                  config.decode_graphs)
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished contexts whose KV blocks stay for forks
         self.eos_token_ids = self._eos_ids()

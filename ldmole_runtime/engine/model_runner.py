@@ -16,10 +16,15 @@ import torch.nn.functional as F
 from ..attention import PagedAttention
 from ..errors import LDMoleError
 from ..lora.adapter_batch import AdapterBatch
+from ..lora.ops import lora_ops
 from ..model import ForwardContext
 from ..runtime import LDMoleRuntime
+from .decode_graphs import DecodeGraphs
 from .expert_stats import ActiveExpertCount
 from .sequence import Sequence
+
+
+DECODE_GRAPH_SETTINGS = ("auto", "off", "eager")
 
 
 @dataclass
@@ -35,14 +40,29 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, runtime: LDMoleRuntime, num_blocks: int, block_size: int, mode: str = "sparse"):
+    def __init__(self, runtime: LDMoleRuntime, num_blocks: int, block_size: int, mode: str = "sparse",
+                 max_model_len: int | None = None, decode_graphs: str = "auto"):
         cfg = runtime.cfg
         if runtime.model.lm_head_weight is None:
             raise LDMoleError("the engine generates text: the base model needs an LM head "
                               "(a sequence-classification checkpoint has none)")
-        self.runtime, self.block_size, self.mode = runtime, block_size, mode
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+        self.runtime, self.block_size, self.num_blocks = runtime, block_size, num_blocks
+        self.max_blocks_per_seq = -(-(max_model_len or cfg.max_position_embeddings) // block_size)
+        self.ops = lora_ops(mode, runtime.device)  # the LoRA-ops backend, chosen once
+        # one block more than the block manager hands out: a static decode step's padding rows write there
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=runtime.dtype, device=runtime.device)
+        self.graphs = self._decode_graphs(decode_graphs)
+
+    def _decode_graphs(self, setting: str) -> DecodeGraphs | None:
+        """CUDA graphs need a backend that keeps its metadata on the device (triton), and a GPU."""
+        if setting not in DECODE_GRAPH_SETTINGS:
+            raise LDMoleError(f"decode_graphs must be one of {DECODE_GRAPH_SETTINGS}, got {setting!r}")
+        if setting == "eager":
+            return DecodeGraphs(self, "eager")
+        if setting == "auto" and self.runtime.device.type == "cuda" and self.ops.name == "triton":
+            return DecodeGraphs(self, "graph")
+        return None
 
     @torch.inference_mode()
     def copy_block(self, src: int, dst: int) -> None:
@@ -50,6 +70,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], count_experts: bool = False) -> StepLogits:
+        if self.graphs is not None and not count_experts and all(
+                n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.next_prompt_logprob is None
+                for seq, n in batch):
+            step = self._static_decode([seq for seq, _ in batch])
+            if step is not None:
+                return step
+        return self._run_eager(batch, count_experts)
+
+    def _static_decode(self, seqs: list[Sequence]) -> StepLogits | None:
+        """A decode-only step through the static buffers (a CUDA graph replay on a GPU)."""
+        bs = self.block_size
+        index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
+        positions = [seq.num_computed_tokens for seq in seqs]
+        hidden = self.graphs.run([seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
+                                 [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
+                                 [seq.block_table for seq in seqs],
+                                 [-1 if seq.adapter is None else index_of[seq.adapter] for seq in seqs])
+        if hidden is None:
+            return None
+        logits = F.linear(hidden, self.runtime.model.lm_head_weight).float()
+        return StepLogits(seqs, logits, [], logits[:0])
+
+    def _run_eager(self, batch: list[tuple[Sequence, int]], count_experts: bool) -> StepLogits:
         device, bs = self.runtime.device, self.block_size
         input_ids: list[int] = []
         q_lens, ctx_lens, starts, set_ids, tables = [], [], [], [], []
@@ -83,15 +126,15 @@ class ModelRunner:
         slots = table_t[owner, positions // bs] * bs + positions % bs
 
         attention = PagedAttention.build(self.kv_cache, q_lens, ctx_lens, tables, slots)
-        token_sets = torch.tensor(set_ids, device=device)[owner]
-        adapters = AdapterBatch.build(token_sets, len(self.runtime.bank.slots))
+        adapters = AdapterBatch.from_runs(list(zip(set_ids, q_lens)), len(self.runtime.bank.slots), device)
         counter = ActiveExpertCount(len(input_ids), device) if count_experts and not adapters.is_bare else None
-        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.mode, counter)
+        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.ops, counter)
         hidden = self.runtime.model(torch.tensor(input_ids, device=device), positions, ctx)
 
         rows = torch.tensor(sample_rows + prompt_index, device=device, dtype=torch.long)
         logits = F.linear(hidden[rows], self.runtime.model.lm_head_weight).float()
         step = StepLogits(sample_seqs, logits[:len(sample_rows)], prompt_spans, logits[len(sample_rows):])
         if counter is not None:
-            step.expert_means, step.token_sets = counter.per_token_mean(), token_sets
+            step.expert_means = counter.per_token_mean()
+            step.token_sets = torch.tensor(set_ids, device=device)[owner]
         return step

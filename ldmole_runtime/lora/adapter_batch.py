@@ -1,8 +1,16 @@
-"""Per-forward adapter metadata: which tokens belong to which adapter set.
+"""Per-forward adapter metadata: which tokens belong to which adapter set, built once on the host.
 
-Every token carries an adapter-set index (-1: the bare base). Routing runs per set, so the tokens
-are grouped into one segment per set present. This is built once per forward with tensor ops and a
-single host sync (the segment sizes), then reused by every adapted projection of every layer.
+Every token carries an adapter-set index (-1: the bare base). The caller knows these on the host
+(the model runner: one set per sequence), so everything every layer needs is derived there, with
+no device→host sync, and copied to the device once per forward:
+
+* `segments`: per set present, its token rows (for backends that route one set at a time);
+* `sorted_tokens` [M] int64: the rows of all adapted tokens, grouped by set (bare-base rows left
+  out);
+* `blocks` [capacity, 3] int32: (set, start, end) into `sorted_tokens`, at most `TOKEN_BLOCK`
+  tokens of one set each: one program of a Triton kernel each. The capacity depends only on the
+  token count and the number of loaded sets, and unused rows have set -1, so a captured CUDA graph
+  can replay with new contents in the same buffers.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 from ..errors import LDMoleError
 
 BASE = -1  # the adapter-set index of tokens that run on the bare base model
+TOKEN_BLOCK = 16  # tokens per kernel program; the Triton kernels' BLOCK_M (tl.dot wants >= 16)
 
 
 @dataclass(frozen=True)
@@ -27,27 +36,66 @@ class Segment:
 class AdapterBatch:
     num_tokens: int
     segments: tuple[Segment, ...]
+    sorted_tokens: torch.Tensor | None = None  # [M] rows of adapted tokens, grouped by set
+    blocks: torch.Tensor | None = None  # [capacity, 3] (set, start, end) into sorted_tokens
 
     @property
     def is_bare(self) -> bool:
-        return not self.segments
+        """No adapted token (a static decode step's buffers count as adapted: their contents vary)."""
+        return self.blocks is None
+
+    @classmethod
+    def from_runs(cls, runs: list[tuple[int, int]], num_sets: int, device: torch.device | str = "cpu") -> "AdapterBatch":
+        """From (set index, token count) runs in token order, e.g. one run per sequence of a step."""
+        n = sum(count for _, count in runs)
+        for set_index, _ in runs:
+            if not BASE <= set_index < num_sets:
+                raise LDMoleError(f"adapter-set index out of range [{BASE}, {num_sets - 1}]: found {set_index}")
+        present = sorted({s for s, c in runs if s != BASE and c})
+        if not present:
+            return cls(n, ())
+        starts = torch.tensor([0] + [c for _, c in runs]).cumsum(0)[:-1]
+        run_sets = torch.tensor([s for s, _ in runs])
+        run_counts = torch.tensor([c for _, c in runs])
+        order = torch.argsort(run_sets, stable=True)
+        order = order[run_sets[order] != BASE]
+        counts = run_counts[order]
+        # rows of the adapted runs, set by set: each run's start repeated, plus its offset within
+        offsets = torch.cumsum(counts, 0) - counts
+        sorted_rows = torch.repeat_interleave(starts[order] - offsets, counts) + torch.arange(int(counts.sum()))
+        per_set = {s: sum(c for r, c in runs if r == s) for s in present}
+        blocks, start = [], 0
+        for s in present:
+            for lo in range(start, start + per_set[s], TOKEN_BLOCK):
+                blocks.append((s, lo, min(lo + TOKEN_BLOCK, start + per_set[s])))
+            start += per_set[s]
+        capacity = -(-n // TOKEN_BLOCK) + min(n, num_sets)
+        blocks += [(BASE, 0, 0)] * (capacity - len(blocks))
+
+        device = torch.device(device)
+        pin = device.type == "cuda"
+        sorted_tokens = _to_device(sorted_rows, device, pin)
+        block_table = _to_device(torch.tensor(blocks, dtype=torch.int32), device, pin)
+        if len(present) == 1 and per_set[present[0]] == n:
+            segments = (Segment(present[0], None, n),)
+        else:
+            segments, start = [], 0
+            for s in present:
+                segments.append(Segment(s, sorted_tokens[start:start + per_set[s]], per_set[s]))
+                start += per_set[s]
+        return cls(n, tuple(segments), sorted_tokens, block_table)
 
     @classmethod
     def build(cls, set_ids: torch.Tensor, num_sets: int) -> "AdapterBatch":
-        set_ids = set_ids.reshape(-1)
-        n = set_ids.numel()
-        if n == 0:
+        """From a per-token index tensor (any shape): reads it on the host once, before the forward."""
+        flat = set_ids.reshape(-1).cpu()
+        if flat.numel() == 0:
             return cls(0, ())
-        lo, hi = int(set_ids.min()), int(set_ids.max())
-        if lo < BASE or hi >= num_sets:
-            raise LDMoleError(f"adapter-set index out of range [{BASE}, {num_sets - 1}]: found {lo if lo < BASE else hi}")
-        if lo == hi:
-            return cls(n, () if lo == BASE else (Segment(lo, None, n),))
-        order = torch.argsort(set_ids, stable=True)
-        ids, counts = torch.unique_consecutive(set_ids[order], return_counts=True)
-        segments, start = [], 0
-        for set_index, count in zip(ids.tolist(), counts.tolist()):
-            if set_index != BASE:
-                segments.append(Segment(set_index, order[start:start + count], count))
-            start += count
-        return cls(n, tuple(segments))
+        values, counts = torch.unique_consecutive(flat, return_counts=True)
+        return cls.from_runs(list(zip(values.tolist(), counts.tolist())), num_sets, set_ids.device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    return (t.pin_memory() if pin else t).to(device, non_blocking=True)

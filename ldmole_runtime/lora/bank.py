@@ -27,6 +27,7 @@ from ..errors import LDMoleError
 from ..routing import ROUTERS, Router
 from ..adapters.adapter_set import AdapterSet, lambda_key
 from ..adapters.spec import PROJECTION_GROUPS, AdapterConfig, projection_shapes
+from .kernel_tables import KernelTables, build_tables
 
 
 _slot_uids = itertools.count()
@@ -87,6 +88,8 @@ class AdapterBank:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.slots: list[SetSlot] = []
         self.rank_max = 0
+        self._tables: KernelTables | None = None
+        self.version = 0  # bumped whenever sets are added or removed: the stacked tensors are new
         shapes = projection_shapes(cfg)
         self.groups: dict[tuple[int, str], GroupBank] = {}
         for layer in range(cfg.num_layers):
@@ -115,6 +118,17 @@ class AdapterBank:
 
     def group(self, layer: int, group: str) -> GroupBank:
         return self.groups[(layer, group)]
+
+    def kernel_tables(self) -> KernelTables:
+        """Per-set device tables for the one-launch kernels; rebuilt after the sets change."""
+        if self._tables is None:
+            self._tables = build_tables(self)
+        return self._tables
+
+    def invalidate_kernel_tables(self) -> None:
+        """The sets' tensors changed (training): tables copy λ, captured graphs hold old pointers."""
+        self._tables = None
+        self.version += 1
 
     @property
     def total_experts(self) -> int:
@@ -152,6 +166,8 @@ class AdapterBank:
             gb.router = torch.cat([gb.router, R])
             gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs)]
         self.slots.append(slot)
+        self._tables = None
+        self.version += 1
         return len(self.slots) - 1
 
     def remove(self, name: str) -> None:
@@ -165,6 +181,8 @@ class AdapterBank:
             gb.B = [b[keep].contiguous() for b in gb.B]
         for later in self.slots[index:]:
             later.offset -= slot.num_experts
+        self._tables = None
+        self.version += 1
 
     def export(self, name: str) -> AdapterSet:
         """The set's current weights in the native layout (after training, for saving)."""

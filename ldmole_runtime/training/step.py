@@ -56,7 +56,7 @@ class TrainStep(nn.Module):
     def hidden(self, batch: Batch, dropout: float, capture=None, mode: str = "dense") -> torch.Tensor:
         B, T = batch.input_ids.shape
         device = self.runtime.device
-        ctx = ForwardContext(AdapterBatch.build(torch.zeros(B * T, dtype=torch.long), 1), self.runtime.bank,
+        ctx = ForwardContext(AdapterBatch.from_runs([(0, B * T)], 1, device), self.runtime.bank,
                              DenseCausalAttention(B, T), mode, capture, dropout)
         positions = torch.arange(T, device=device).repeat(B)
         return self.runtime.model(batch.input_ids.to(device).reshape(-1), positions, ctx).view(B, T, -1)

@@ -34,6 +34,7 @@ class TrainableAdapter(nn.Module):
             weight, bias = slot.score
             slot.score = (self._param(self.lora, weight), None if bias is None else self._param(self.lora, bias))
         self.slot = slot
+        bank.invalidate_kernel_tables()
 
     @staticmethod
     def _param(params: nn.ParameterList, t: torch.Tensor) -> nn.Parameter:
@@ -45,5 +46,7 @@ class TrainableAdapter(nn.Module):
         return self.runtime.bank.export(self.name)
 
     def refresh_lambda_bias(self) -> None:
-        """The fused CPU kernel reads λ's output bias as a Python float: update it after training."""
+        """Kernels read copies of λ (the CPU kernel its output bias as a Python float, the Triton
+        kernels the bank's stacked tables): update them after training steps."""
         self.slot.lambda_out_bias = {w: float(net[3].detach()) for w, net in self.slot.lambda_nets.items()}
+        self.runtime.bank.invalidate_kernel_tables()

@@ -1,0 +1,166 @@
+"""Routing of every adapted token of a step in one launch, and its torch reference.
+
+One program per block of the step's block table (at most BLOCK_M tokens of one set; see
+`ldmole_runtime/lora/adapter_batch.py`). It computes, for the group's shared input x:
+
+    u = x @ router[set]ᵀ                      router logits of every projection, [BLOCK_M, E·P]
+    λ = logsigmoid(w2 · ReLU(x @ w1ᵀ + b1) + b2) + 1 - eps       (sparsegen sets only)
+
+and then the router itself over E ≤ 16 logits per projection, in registers: sparsegen-lin without
+a sort (an element is in the support iff 1 - λ + k·u_e > Σ of the k logits ≥ u_e, which is the
+sorted test at the last position of u_e's ties), softmax, top-k, or p = 1 for E = 1. p [N, P, E_max]
+(fp32, zero where a token has no set or an expert is inactive) is what the expert kernels read.
+
+Why fused: after the two small GEMMs, everything else is elementwise work on a few dozen numbers
+per token; as separate torch ops it was ~30 launches per group and set, each reading and writing
+the whole tile again.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_ptr, router_ptr,
+                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, lam_ptr, IN, H, eps,
+                  P: tl.constexpr, EMAX: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, STORE_LAMBDA: tl.constexpr):
+    b = tl.program_id(0)
+    s = tl.load(blocks_ptr + 3 * b)
+    if s >= 0:
+        start = tl.load(blocks_ptr + 3 * b + 1)
+        end = tl.load(blocks_ptr + 3 * b + 2)
+        offset = tl.load(set_info_ptr + 4 * s)
+        E = tl.load(set_info_ptr + 4 * s + 1)
+        kind = tl.load(set_info_ptr + 4 * s + 2)
+        top_k = tl.load(set_info_ptr + 4 * s + 3)
+
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+        cols = tl.arange(0, EP)  # column c is expert c // P of projection c % P, as router[g] is [P, in]
+        e_of = cols // P
+        i_of = cols % P
+        col_ok = e_of < E
+        hs = tl.arange(0, BLOCK_H)
+        h_ok = hs < H
+        load_u = e_of < tl.where(kind != 2, E, 0)  # E = 1 (kind 2) has no router weights
+        load_h = hs < tl.where(kind == 0, H, 0)  # only sparsegen sets have a λ-network
+
+        acc_u = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        acc_h = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < IN
+            xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0).to(tl.float32)
+            r = tl.load(router_ptr + (offset * P + cols)[:, None] * IN + ks[None, :],
+                        mask=load_u[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc_u += tl.dot(xk, tl.trans(r), input_precision="ieee")
+            w1 = tl.load(w1_ptr + s * H * IN + hs[:, None] * IN + ks[None, :],
+                         mask=load_h[:, None] & k_ok[None, :], other=0.0)
+            acc_h += tl.dot(xk, tl.trans(w1), input_precision="ieee")
+
+        b1 = tl.load(b1_ptr + s * H + hs, mask=h_ok, other=0.0)
+        w2 = tl.load(w2_ptr + s * H + hs, mask=h_ok, other=0.0)
+        z = tl.sum(tl.maximum(acc_h + b1[None, :], 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr + s)
+        lam = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z))) + (1.0 - eps)  # logsigmoid + 1 - eps
+
+        u = tl.where(col_ok[None, :], acc_u, 0.0)
+        # for every column: how many logits of its projection are >= it, their sum, and its rank
+        count_ge = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        sum_ge = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        rank = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        for c in range(0, EMAX * P):
+            uc = tl.sum(tl.where(cols[None, :] == c, u, 0.0), axis=1)[:, None]
+            peer = (i_of[None, :] == c % P) & (c // P < E)
+            ge = peer & (uc >= u)
+            count_ge += tl.where(ge, 1.0, 0.0)
+            sum_ge += tl.where(ge, uc, 0.0)
+            rank += tl.where(peer & ((uc > u) | ((uc == u) & (c < cols[None, :]))), 1.0, 0.0)
+
+        support = ((1.0 - lam[:, None] + count_ge * u) > sum_ge) & col_ok[None, :]
+        chosen = (rank < top_k) & col_ok[None, :]
+        tau = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        big = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        denom = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        for i in tl.static_range(P):
+            mine = (i_of == i)[None, :]
+            k_i = tl.sum(tl.where(support & mine, 1.0, 0.0), axis=1)
+            s_i = tl.sum(tl.where(support & mine, u, 0.0), axis=1)
+            tau = tl.where(mine, ((s_i - 1.0 + lam) / tl.maximum(k_i, 1.0))[:, None], tau)
+            keep = mine & col_ok[None, :] & ((kind != 3) | chosen)
+            m_i = tl.max(tl.where(keep, u, -float("inf")), axis=1)
+            big = tl.where(mine, m_i[:, None], big)
+            ex_i = tl.where(keep, tl.exp(u - m_i[:, None]), 0.0)
+            denom = tl.where(mine, tl.sum(ex_i, axis=1)[:, None], denom)
+
+        p_sparsegen = tl.maximum(u - tau, 0.0) / tl.maximum(1.0 - lam, eps)[:, None]
+        keep = col_ok[None, :] & ((kind != 3) | chosen)
+        p_softmax = tl.where(keep, tl.exp(u - big) / denom, 0.0)
+        p = tl.where(kind == 0, p_sparsegen, tl.where(kind == 2, 1.0, p_softmax))
+        p = tl.where(col_ok[None, :], p, 0.0) * tl.load(mask_ptr + s * P + i_of)[None, :]
+        tl.store(p_ptr + tok[:, None] * (P * EMAX) + (i_of * EMAX + e_of)[None, :], p,
+                 mask=row_ok[:, None] & col_ok[None, :])
+        if STORE_LAMBDA:
+            tl.store(lam_ptr + tok, lam, mask=rows < tl.where(kind == 0, end, 0))  # λ: sparsegen sets only
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Tensor, set_info: torch.Tensor,
+                 masks: torch.Tensor, router: torch.Tensor, lambdas: tuple[torch.Tensor, ...] | None,
+                 max_experts: int, eps: float, block_m: int, lam_out: torch.Tensor | None = None) -> torch.Tensor:
+    """p [N, P, max_experts] fp32 for every token in `blocks` (zeros elsewhere); λ into lam_out.
+
+    x [N, in]; router [G, P, in] (the bank's); masks [S, P]; lambdas (w1 [S, H, in], b1, w2, b2)
+    for this fan-in, or None when no loaded set has a λ-network of this width."""
+    N, IN = x.shape
+    P = router.shape[1]
+    assert x.stride(1) == 1 and router.is_contiguous() and masks.is_contiguous()
+    p = torch.zeros(N, P, max_experts, device=x.device, dtype=torch.float32)
+    if lambdas is None:
+        zero = torch.zeros(1, device=x.device)
+        w1, b1, w2, b2, H = zero, zero, zero, zero, 1
+    else:
+        w1, b1, w2, b2 = lambdas
+        H = w1.shape[1]
+    lam = lam_out if lam_out is not None else p
+    _route_kernel[(blocks.shape[0],)](
+        x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, p, lam, IN, H, eps,
+        P=P, EMAX=max_experts, EP=_pow2(max_experts * P), BLOCK_M=block_m, BLOCK_K=32,
+        BLOCK_H=_pow2(H), STORE_LAMBDA=lam_out is not None)
+    return p
+
+
+def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, lambdas, max_experts, eps,
+                           block_m=None, lam_out=None):
+    """The same contract in torch, through the runtime's routers (routing.py, the LD-MoLE contract)."""
+    from ldmole_runtime.lora.kernel_tables import KERNEL_ROUTERS
+    from ldmole_runtime.routing import ROUTERS, lambda_from_mlp
+
+    kinds = {v: k for k, v in KERNEL_ROUTERS.items()}
+    N, P = x.shape[0], router.shape[1]
+    p = torch.zeros(N, P, max_experts, dtype=torch.float32)
+    for s, start, end in blocks.tolist():
+        if s < 0:
+            continue
+        offset, E, kind, top_k = set_info[s].tolist()
+        rows = sorted_tokens[start:end]
+        xs = x[rows].float()
+        name = kinds[kind]
+        u = (xs @ router[offset:offset + E].reshape(E * P, -1).float().T).view(-1, E, P).transpose(1, 2)
+        lam = None
+        if name == "sparsegen":
+            w1, b1, w2, b2 = (t[s] for t in lambdas)
+            lam = lambda_from_mlp(xs, w1, b1, w2[None], b2[None], eps)
+            if lam_out is not None:
+                lam_out[rows] = lam
+        options = {"k": top_k} if name == "topk" else {}
+        p[rows, :, :E] = ROUTERS[name].route(u, None if lam is None else lam[:, None], eps=eps, **options) * masks[s][:, None]
+    return p

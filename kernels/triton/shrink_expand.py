@@ -1,0 +1,150 @@
+"""The active experts' LoRA of every adapted token of a step: shrink, then expand. Torch reference below.
+
+    shrink:  h[t, i, e] = (alpha/r) · p[t, i, e] · A[set_t + e, i] x_t          [N, P, E_max, r_max] fp32
+    expand:  y[t, cols_i] += Σ_e h[t, i, e] · B_i[set_t + e]
+
+Both run over the step's block table (at most BLOCK_M tokens of one set per program). Shrink has
+one program per (block, projection, expert) and returns at once when no token of the block gives
+that expert p > 0: inactive experts cost no weight reads and no FLOPs. Expand has one program per
+(block, column tile of one projection): q/k/v (or gate/up) are one launch ("multi-slice"); it
+loops over the set's experts, skipping the same inactive ones, and owns its output tile, so it
+adds into y without atomics and the result does not depend on scheduling (reproducible scores).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, scaling_ptr, p_ptr, a_ptr, h_ptr,
+                   IN, R, P: tl.constexpr, EMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.program_id(1) // EMAX
+    e = tl.program_id(1) % EMAX
+    s = tl.load(blocks_ptr + 3 * b)
+    if s >= 0:
+        start = tl.load(blocks_ptr + 3 * b + 1)
+        end = tl.load(blocks_ptr + 3 * b + 2)
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+        in_set = rows < tl.where(e < tl.load(set_info_ptr + 4 * s + 1), end, 0)  # expert e exists in the set
+        w = tl.load(p_ptr + tok * (P * EMAX) + i * EMAX + e, mask=in_set, other=0.0)
+        if tl.max(w, axis=0) > 0.0:
+            g = tl.load(set_info_ptr + 4 * s) + e
+            rs = tl.arange(0, BLOCK_R)
+            r_ok = rs < R
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, IN, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < IN
+                xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                a = tl.load(a_ptr + ((g * P + i) * R + rs[:, None]) * IN + ks[None, :],
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                if UPCAST:
+                    acc += tl.dot(xk.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(xk, tl.trans(a))
+            h = acc * (w * tl.load(scaling_ptr + s))[:, None]
+            tl.store(h_ptr + ((tok[:, None] * P + i) * EMAX + e) * R + rs[None, :], h,
+                     mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(y_ptr, stride_y, tokens_ptr, blocks_ptr, set_info_ptr, p_ptr, h_ptr, b0_ptr, b1_ptr, b2_ptr,
+                   R, W0, W1, W2, C1, C2, P: tl.constexpr, EMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    s = tl.load(blocks_ptr + 3 * b)
+    if s >= 0:
+        # which projection this column tile belongs to: tiles of slice 0, then 1, then 2
+        T0 = tl.cdiv(W0, BLOCK_N)
+        T1 = tl.cdiv(W1, BLOCK_N)
+        in1 = tile >= T0
+        in2 = tile >= T0 + T1
+        i = in1.to(tl.int32) + in2.to(tl.int32)
+        n0 = (tile - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))) * BLOCK_N
+        width = tl.where(in2, W2, tl.where(in1, W1, W0))
+        col0 = tl.where(in2, C2, tl.where(in1, C1, 0))
+        b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
+        start = tl.load(blocks_ptr + 3 * b + 1)
+        end = tl.load(blocks_ptr + 3 * b + 2)
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+        offset = tl.load(set_info_ptr + 4 * s)
+        E = tl.load(set_info_ptr + 4 * s + 1)
+        rs = tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_ok = ns < width
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for e in range(0, E):
+            w = tl.load(p_ptr + tok * (P * EMAX) + i * EMAX + e, mask=row_ok, other=0.0)
+            if tl.max(w, axis=0) > 0.0:
+                h = tl.load(h_ptr + ((tok[:, None] * P + i) * EMAX + e) * R + rs[None, :],
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                bm = tl.load(b_ptr + ((offset + e) * R + rs[:, None]) * width + ns[None, :],
+                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    acc += tl.dot(h, bm.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(h.to(bm.dtype), bm)
+        out = y_ptr + tok[:, None] * stride_y + col0 + ns[None, :]
+        ok = row_ok[:, None] & n_ok[None, :]
+        y = tl.load(out, mask=ok, other=0.0)
+        tl.store(out, (y.to(tl.float32) + acc).to(y.dtype), mask=ok)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_tokens: torch.Tensor,
+                  blocks: torch.Tensor, set_info: torch.Tensor, scaling: torch.Tensor, A: torch.Tensor,
+                  Bs: list[torch.Tensor], block_m: int, block_n: int = 64) -> None:
+    """y [N, Σ out] += the experts' delta, for the tokens in `blocks`. A [G, P, r, in], Bs[i] [G, r, out_i]."""
+    N, IN = x.shape
+    _, P, R, _ = A.shape
+    EMAX = p.shape[-1]
+    assert len(Bs) == P <= 3 and A.is_contiguous() and all(b.is_contiguous() for b in Bs)
+    assert x.stride(1) == 1 and y.stride(1) == 1 and p.is_contiguous()
+    upcast = x.dtype == torch.float32 or _interpreted()
+    h = torch.empty(N, P, EMAX, R, device=x.device, dtype=torch.float32)
+    grid = (blocks.shape[0], P * EMAX)
+    _shrink_kernel[grid](x, x.stride(0), sorted_tokens, blocks, set_info, scaling, p, A, h, IN, R,
+                         P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_K=32, UPCAST=upcast)
+    widths = [b.shape[2] for b in Bs] + [0] * (3 - P)
+    ptrs = list(Bs) + [Bs[0]] * (3 - P)
+    tiles = sum(triton.cdiv(w, block_n) for w in widths)
+    _expand_kernel[(blocks.shape[0], tiles)](
+        y, y.stride(0), sorted_tokens, blocks, set_info, p, h, *ptrs, R, *widths,
+        widths[0], widths[0] + widths[1], P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_N=block_n,
+        UPCAST=upcast)
+
+
+def shrink_expand_reference(y, x, p, sorted_tokens, blocks, set_info, scaling, A, Bs, block_m=None, block_n=None):
+    """The same contract in torch: every expert of each block's set, weighted by p (zeros add zeros)."""
+    P = A.shape[1]
+    bounds = torch.tensor([0] + [b.shape[2] for b in Bs]).cumsum(0).tolist()
+    for s, start, end in blocks.tolist():
+        if s < 0:
+            continue
+        offset, E = set_info[s, :2].tolist()
+        rows = sorted_tokens[start:end]
+        xs = x[rows].float()
+        for i in range(P):
+            h = torch.einsum("nk,erk->ner", xs, A[offset:offset + E, i].float())
+            h = h * (p[rows, i, :E] * scaling[s])[..., None]
+            delta = torch.einsum("ner,ero->no", h, Bs[i][offset:offset + E].float())
+            y[rows, bounds[i]:bounds[i + 1]] += delta.to(y.dtype)
+
+
+def _interpreted() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,81 @@
+"""The torch reference of the mixture, and the oracle of every other backend.
+
+    y[:, cols_i] += (alpha / r) * Σ_e p[t, i, e] * B_i,e (A_i,e x_t)
+
+Routing runs once per (adapter set present, group): λ once for the shared input, router logits for
+every projection of the group in one matmul. The experts are then computed rank-stacked: one matmul
+of width E·r per set, weighted by p, so an expert with p = 0 adds exact zeros. That is the path
+autograd trains, and the "dense" alternative to the sparse kernels: no data-dependent shapes, so no
+host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...routing import lambda_from_mlp
+from ..adapter_batch import AdapterBatch
+from ..bank import AdapterBank, GroupBank, SetSlot
+
+
+def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor):
+    """Expert weights p [n, P, E] (fp32), λ [n] (or None) and router logits u [n, P, E] for the
+    tokens xs of one set."""
+    E, P = slot.num_experts, len(gb.projections)
+    router = slot.router
+    lam = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in]) if router.needs_lambda else None
+    if router.needs_logits:
+        weights = gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in)
+        u = (xs @ weights.T).view(-1, E, P).transpose(1, 2)
+    else:
+        u = xs.new_zeros(xs.shape[0], P, 1)
+    p = router.route(u, None if lam is None else lam[:, None], **slot.router_options)
+    mask = slot.group_masks[gb.group]
+    return (p if mask is None else p * mask), lam, u
+
+
+def record(capture, slot: SetSlot, gb: GroupBank, index, p, lam, u=None) -> None:
+    """Only the projections a set adapts make routing decisions (a masked one's p is all zero)."""
+    for i in slot.adapted[gb.group]:
+        capture.record(f"{gb.layer}.{gb.projections[i]}", index, p[:, i], lam, None if u is None else u[:, i])
+
+
+def expert_delta(y: torch.Tensor, xs: torch.Tensor, index, slot: SetSlot, gb: GroupBank, p: torch.Tensor) -> None:
+    """Every expert of the set, weighted by p (zeros included), as the reference training code."""
+    E, P, r = slot.num_experts, len(gb.projections), gb.A.shape[2]
+    A = gb.A[slot.offset:slot.offset + E].reshape(E * P * r, gb.fan_in)
+    h = (xs @ A.T).view(-1, E, P, r) * (p.transpose(1, 2) * slot.scaling).to(xs.dtype)[..., None]
+    for i, cols in enumerate(gb.column_slices):
+        B = gb.B[i][slot.offset:slot.offset + E].reshape(E * r, gb.fan_outs[i])
+        delta = h[:, :, i].reshape(-1, E * r) @ B
+        if index is None:
+            y[:, cols] += delta
+        else:
+            y[:, cols].index_add_(0, index, delta)
+
+
+def apply_segment(y, x, slot: SetSlot, gb: GroupBank, seg, capture=None, dropout: float = 0.0) -> None:
+    xs = x if seg.index is None else x[seg.index]
+    if dropout > 0.0:
+        xs = F.dropout(xs, dropout, training=True)
+    p, lam, u = route(slot, gb, xs)
+    if capture is not None:
+        record(capture, slot, gb, seg.index, p, lam, u)
+    expert_delta(y, xs, seg.index, slot, gb, p)
+
+
+class TorchRefOps:
+    """Per set present: route, then the rank-stacked experts. Differentiable (training runs it)."""
+    name = "torch"
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
+              capture=None, dropout: float = 0.0) -> None:
+        """Add the adapters' delta of one group to the fused base output y [N, Σ out] in place.
+
+        `dropout` (training) drops the input of the adapters only (A, router and λ-network), as the
+        reference code does; the base projection has already seen the clean x."""
+        for seg in batch.segments:
+            slot = bank.slots[seg.set_index]
+            if gb.group in slot.group_masks:
+                apply_segment(y, x, slot, gb, seg, capture, dropout)

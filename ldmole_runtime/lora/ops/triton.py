@@ -1,0 +1,43 @@
+"""The Triton backend: three launches per projection group, whatever the mix of sets in the step.
+
+routing (λ, router logits, the router, p) → shrink (active experts only) → expand into y; see
+kernels/triton/. Every launch walks the step's block table (`AdapterBatch.blocks`), so tokens of
+different sets and bare-base tokens share it and nothing depends on the host knowing who routed
+where: no device→host sync, and a CUDA graph can replay the step with new metadata.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ldmole_kernels.triton.routing import route_blocks
+from ldmole_kernels.triton.shrink_expand import shrink_expand
+
+from ...routing import SPARSEGEN_EPS
+from ..adapter_batch import TOKEN_BLOCK, AdapterBatch
+from ..bank import AdapterBank, GroupBank
+from . import torch_ref
+
+
+class TritonOps:
+    name = "triton"
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
+              capture=None, dropout: float = 0.0) -> None:
+        if dropout > 0.0 or torch.is_grad_enabled():  # training: the differentiable reference
+            torch_ref.TorchRefOps().apply(y, x, bank, gb, batch, capture, dropout)
+            return
+        tables = bank.kernel_tables()
+        x = x.contiguous()
+        lam = torch.full((x.shape[0],), float("nan"), device=x.device) if capture is not None else None
+        p = route_blocks(x, batch.sorted_tokens, batch.blocks, tables.set_info, tables.masks[gb.group], gb.router,
+                         tables.lambdas.get(gb.fan_in), tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, lam)
+        shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, tables.set_info, tables.scaling, gb.A, gb.B,
+                      TOKEN_BLOCK)
+        if capture is not None:
+            for seg in batch.segments:
+                slot = bank.slots[seg.set_index]
+                if gb.group in slot.group_masks:
+                    rows = slice(None) if seg.index is None else seg.index
+                    torch_ref.record(capture, slot, gb, seg.index, p[rows, :, :slot.num_experts],
+                                     lam[rows] if slot.router.needs_lambda else None)

@@ -1,0 +1,77 @@
+"""A decode step's model forward makes no device→host sync, on every LoRA-ops backend, and the
+adapters add at most a budgeted number of ops per layer over the bare base.
+
+The engine runs real requests (two adapter sets and the bare base in one batch); every model
+forward is recorded under an op counter (tests/op_counter.py). Prefill forwards are recorded too
+but not held to zero: only decode is captured in a CUDA graph.
+"""
+
+import pytest
+import torch
+
+from ldmole_runtime import LDMoleRuntime, new_adapter_set
+from ldmole_runtime.engine.llm import LLM
+from ldmole_runtime.engine.sampling_params import SamplingParams
+from op_counter import OpCounter, count_triton_launches
+from tiny_models import tiny_config, write_tiny_model
+
+# Ops per decoder layer that the adapters may add to a decode step (two sets present), per backend.
+# triton: 4 groups × (p buffer, h buffer, 3 launches), whatever the number of sets; the others
+# route one set at a time.
+OPS_PER_LAYER_BUDGET = {"triton": 20, "cpu": 48, "torch": 320}
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("base") / "llama", tiny_config("llama", kv_heads=2))
+    rt = LDMoleRuntime.from_pretrained(path)
+    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=8, rank=4, lambda_hidden=16, seed=1, b_std=0.05))
+    rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=3, rank=2, router="softmax", seed=2, b_std=0.05,
+                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+    return rt
+
+
+def recorded_forwards(runtime, backend, adapters, monkeypatch, **engine):
+    """Greedy-generate 3 tokens for 3 prompts; return [(tokens in the forward, OpCounter)] per forward."""
+    records, current = [], [None]
+    model = runtime.model
+    inner = type(model).forward
+
+    def counted_forward(input_ids, positions, ctx):
+        counter = OpCounter()
+        current[0] = counter
+        try:
+            with counter:
+                return inner(model, input_ids, positions, ctx)
+        finally:
+            current[0] = None
+            records.append((input_ids.numel(), counter))
+
+    monkeypatch.setattr(model, "forward", counted_forward)
+    with count_triton_launches(monkeypatch, current):
+        llm = LLM(runtime, mode=backend, enable_prefix_caching=False, **engine)
+        prompts = [[5, 9, 11, 3, 7, 2], [4, 4, 8, 1, 6, 6, 2], [10, 3, 3, 9, 12]]
+        llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), adapter=adapters)
+    return records
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_decode_forward_has_no_sync_and_holds_the_op_budget(runtime, backend, monkeypatch):
+    adapted = recorded_forwards(runtime, backend, ["a", "b", None], monkeypatch)
+    bare = recorded_forwards(runtime, backend, [None, None, None], monkeypatch)
+    decode = [c for n, c in adapted if n == 3]
+    bare_decode = [c for n, c in bare if n == 3]
+    assert len(decode) == 2 and len(bare_decode) == 2  # tokens 2 and 3 of each request
+    for counter in decode + bare_decode:
+        assert counter.syncs == []
+    added = (decode[0].ops - bare_decode[0].ops) / runtime.cfg.num_layers
+    assert 0 < added <= OPS_PER_LAYER_BUDGET[backend], f"{backend}: {added:.1f} ops per layer added"
+
+
+def test_static_decode_step_has_no_sync(runtime, monkeypatch):
+    """The static-buffer step that a CUDA graph captures: 3 sequences padded to a bucket of 4."""
+    records = recorded_forwards(runtime, "triton", ["a", "b", None], monkeypatch, decode_graphs="eager")
+    decode = [c for n, c in records if n == 4]
+    assert len(decode) == 2
+    for counter in decode:
+        assert counter.syncs == []
