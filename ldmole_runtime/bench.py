@@ -36,6 +36,10 @@ SHAPES = {
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
         rms_norm_eps=1e-6, rope_theta=1000000.0),
+    "qwen3-1.7b": lambda: Qwen3Config(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, rope_theta=1000000.0),
     "tiny": lambda: Qwen3Config(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False),
@@ -60,6 +64,8 @@ class BenchSettings:
     adapter: str | None = None  # a real adapter folder (or "default") for that base
     target_experts: float | None = None  # calibrate a random adapter's routing to this mean
     text: str = "social_iqa"  # built-in dataset whose validation text makes the prompts of a real base
+    lora_backend: str = "sparse"  # the LD-MoLE variant's backend (the dense variant is always the torch reference)
+    decode_graphs: str = "auto"  # CUDA graphs for decode steps (GPU + triton backend)
     prompts: PromptSource | None = field(default=None, repr=False)  # set up by run()
 
 
@@ -82,7 +88,8 @@ def _engine(rt: LDMoleRuntime, mode: str, max_seqs: int, s: BenchSettings) -> LL
     blocks = max_seqs * -(-max_len // 16) + 8
     return LLMEngine(rt, config=EngineConfig(block_size=16, num_blocks=blocks, max_num_seqs=max_seqs,
                                              max_num_batched_tokens=max(2048, s.prefill_len), max_model_len=max_len,
-                                             enable_prefix_caching=False, mode=mode))
+                                             enable_prefix_caching=False, mode=mode,
+                                             decode_graphs=s.decode_graphs))
 
 
 class PromptSource:
@@ -209,12 +216,14 @@ def run(s: BenchSettings) -> dict:
     torch.manual_seed(s.seed)
     rt, shape, adapter_source = _setup(s)
     c = rt.bank.slots[rt.adapter_index("bench")].config
-    variants = {"base": (None, "sparse"), "ldmole_sparse": ("bench", "sparse"), "ldmole_dense": ("bench", "dense")}
+    variants = {"base": (None, s.lora_backend), "ldmole_sparse": ("bench", s.lora_backend),
+                "ldmole_dense": ("bench", "dense")}
     warm = BenchSettings(**{**s.__dict__, "decode_steps": 2, "prefill_prompts": 1, "prefill_len": 32})
     decode_tokens_per_s(rt, variants, max(s.batch_sizes), warm)  # first calls pay for allocator growth, kernel builds
     result: dict = {
         "shape": shape,
-        "device": s.device, "dtype": s.dtype, "threads": torch.get_num_threads(),
+        "device": s.device if s.device == "cpu" else torch.cuda.get_device_name(s.device), "dtype": s.dtype,
+        "threads": torch.get_num_threads(), "lora_backend": rt_backend(rt, s), "decode_graphs": s.decode_graphs,
         "adapter": {"source": adapter_source, "experts": c.num_experts, "rank": c.rank,
                     "lambda_hidden": c.lambda_hidden, "target_modules": c.target_modules, "router": c.router,
                     "target_experts": s.target_experts},
@@ -237,4 +246,26 @@ def run(s: BenchSettings) -> dict:
     result["ratios"]["prefill"] = {"sparse_over_base": round(pre["ldmole_sparse"] / pre["base"], 3),
                                    "sparse_over_dense": round(pre["ldmole_sparse"] / pre["ldmole_dense"], 3)}
     result["mean_active_experts_per_token"] = round(mean_active_experts(rt, "bench", s), 3)
+    if 1 in s.batch_sizes:
+        # batch-1 decode reads every base weight once per token, plus the sequence's keys and values
+        nbytes = decode_bytes_per_step(rt, s.prompt_len + s.decode_steps // 2)
+        result["decode_b1_bytes_per_step"] = nbytes
+        result["decode_b1_gb_per_s"] = {name: float(f"{nbytes * dec[name]['1'] / 1e9:.3g}") for name in variants}
     return result
+
+
+def rt_backend(rt: LDMoleRuntime, s: BenchSettings) -> str:
+    from .lora.ops import lora_ops
+    return lora_ops(s.lora_backend, rt.device).name
+
+
+def decode_bytes_per_step(rt: LDMoleRuntime, context: int) -> int:
+    """Bytes a batch-1 decode step must read: the base's weights (the embedding table counts once, as
+    the LM head when tied; otherwise only the LM head is read in full) and the KV of `context` tokens.
+    The adapters' own bytes are left out, so LD-MoLE's figure is a lower bound of its traffic."""
+    model, cfg = rt.model, rt.cfg
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if not name.startswith("embed"))
+    if model.lm_head is None:
+        weights += model.embed.weight.numel() * model.embed.weight.element_size()
+    kv = 2 * cfg.num_layers * context * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=rt.dtype).element_size()
+    return weights + kv

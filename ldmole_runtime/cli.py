@@ -70,14 +70,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.shape not in SHAPES:
         raise LDMoleError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
     settings = BenchSettings(shape=args.shape, dtype=args.dtype, device=args.device, base=args.base,
-                             adapter=args.adapter, target_experts=args.target_experts, text=args.text)
+                             adapter=args.adapter, target_experts=args.target_experts, text=args.text,
+                             lora_backend=args.lora_backend, decode_graphs=args.decode_graphs)
     if args.adapter is not None and args.target_experts is not None:
         raise LDMoleError("--adapter routes as it was trained; --target-experts calibrates a random adapter: "
                           "give one of them")
     if args.quick:
         settings.prompt_len, settings.decode_steps, settings.prefill_prompts, settings.prefill_len = 16, 4, 1, 128
     if args.batch_sizes:
-        settings.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        try:
+            settings.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        except ValueError:
+            raise LDMoleError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
+    elif args.device.startswith("cuda"):
+        settings.batch_sizes = (1, 8, 32, 128)
     result = run(settings)
     if args.json:
         print(json.dumps(result))
@@ -283,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="decode/prefill throughput: bare base vs LD-MoLE sparse vs dense all-experts")
     b.add_argument("--json", action="store_true", help="print one JSON object on one line")
     b.add_argument("--quick", action="store_true", help="fewer steps (under a minute on 2 CPU cores)")
-    b.add_argument("--shape", default="smollm2-135m", help="model shape with random weights: smollm2-135m, qwen3-0.6b, tiny")
-    b.add_argument("--batch-sizes", help="decode batch sizes, comma-separated (default 1,8,32)")
+    b.add_argument("--shape", default="smollm2-135m", help="model shape with random weights: smollm2-135m, qwen3-0.6b, "
+                   "qwen3-1.7b, tiny")
+    b.add_argument("--batch-sizes", help="decode batch sizes, comma-separated (default 1,8,32; on cuda 1,8,32,128)")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the random weights (default float32)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -296,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "use this many active experts on average (1 to E)")
     b.add_argument("--text", default="social_iqa", help="built-in dataset whose validation text makes the prompts "
                    "of a real base (default social_iqa)")
+    b.add_argument("--lora-backend", default="sparse", choices=["sparse", "cpu", "triton", "torch"],
+                   help="backend of the bare-base and LD-MoLE variants (default sparse: the C kernel on CPU, "
+                   "Triton on CUDA); the dense variant always runs the torch reference")
+    b.add_argument("--decode-graphs", default="auto", choices=["auto", "off", "eager"],
+                   help="decode steps replayed from CUDA graphs: auto (on a GPU with the triton backend), off, or "
+                   "eager (the static-buffer step without capture)")
     b.set_defaults(func=cmd_bench)
 
     bt = sub.add_parser("bench-train", help="training tokens/s (CPU): LD-MoLE against plain LoRA of rank E·r, "

@@ -49,7 +49,7 @@ def build_state(args, executor=None) -> ServerState:
     tokenizer = load_tokenizer(base)
     config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                          mode=args.lora_backend)
+                          mode=args.lora_backend, decode_graphs=args.decode_graphs)
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
     settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
@@ -138,5 +138,8 @@ def add_serve_flags(s) -> None:
     s.add_argument("--lora-backend", default="sparse", choices=MODES,
                    help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "
                         "experts, the torch reference), or a backend by name: torch, cpu, triton")
+    s.add_argument("--decode-graphs", default="auto", choices=["auto", "off"],
+                   help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
+                        "(every step launched eagerly, as vLLM's --enforce-eager)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")

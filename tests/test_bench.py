@@ -75,3 +75,23 @@ def test_bench_train_times_ldmole_against_lora_on_shared_batches():
     assert all(v > 0 for v in result["train_tokens_per_s"].values())
     assert result["ldmole_over_lora"] == round(result["train_tokens_per_s"]["ldmole"]
                                                / result["train_tokens_per_s"]["lora"], 3)
+
+
+def test_bench_runs_the_gpu_configuration_on_cpu():
+    """What `ldmole bench --device cuda` runs (triton backend, static decode steps, batch-1 bytes and
+    bandwidth), on the tiny shape with Triton's interpreter and the static step run eagerly."""
+    from ldmole_runtime.bench import BenchSettings, decode_bytes_per_step, run
+
+    s = BenchSettings(shape="tiny", batch_sizes=(1, 3), prompt_len=8, decode_steps=2, prefill_prompts=1,
+                      prefill_len=24, lambda_hidden=16, lora_backend="triton", decode_graphs="eager")
+    result = run(s)
+    assert result["lora_backend"] == "triton" and result["decode_graphs"] == "eager"
+    for name in ("base", "ldmole_sparse", "ldmole_dense"):
+        assert set(result["decode_tokens_per_s"][name]) == {"1", "3"}
+        assert result["decode_b1_gb_per_s"][name] > 0
+    # tiny: untied 512 x 64 LM head, 2 layers of 64-wide attention (q 64, k/v 32 each, o 64) and a
+    # 128-wide MLP, norms and q/k norms; fp32; KV of 9 tokens
+    layer = 64 * (64 + 32 + 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64 + 2 * 16
+    weights = 4 * (512 * 64 + 2 * layer + 64)
+    kv = 4 * 2 * 2 * 9 * 2 * 16
+    assert result["decode_b1_bytes_per_step"] == weights + kv
