@@ -37,8 +37,9 @@ def cmd_forward(args: argparse.Namespace) -> int:
     tensors = {"logits": out.logits.float()}
     tensors |= {f"routing.{k}": v.float() for k, v in out.routing.items()}
     router = rt.bank.slots[0].router if args.adapter else None
-    if router is not None and router.needs_lambda:
-        tensors |= {f"lambda.{k}": v.float() for k, v in out.lambdas.items()}
+    if router is not None and (router.needs_lambda or router.needs_threshold):
+        name = "lambda" if router.needs_lambda else "threshold"  # AdaMoLE: a threshold per token and projection
+        tensors |= {f"{name}.{k}": v.float() for k, v in out.lambdas.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, args.out)
     print(f"wrote {len(tensors)} tensors to {args.out} (logits {tuple(out.logits.shape)})")
@@ -47,10 +48,9 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .adapters.adapter_set import AdapterSet
-    from .adapters.reference import load_reference
     from .config import ModelConfig
 
-    adapter = load_reference(args.reference)
+    adapter = AdapterSet.load_foreign(args.reference)
     if args.base:
         adapter.validate_for(ModelConfig.from_dir(args.base), str(args.reference))
     out = adapter.save(args.out)
@@ -106,6 +106,20 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
                                   target_modules=args.target_modules.split(",") if args.target_modules else None,
                                   batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps)
     print(json.dumps(run(settings)))
+    return 0
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    from .training.train_router import train_router
+
+    overrides = dict(base=args.base, out=args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                     rank=args.rank, alpha=2.0 * args.rank, seed=args.seed, device=args.device, progress=False)
+    metrics = train_router(args.data, args.val_data, args.val_fraction, overrides, args.tasks, args.limit_per_task)
+    last = metrics["epochs"][-1]["validation"] if metrics["epochs"] else {}
+    router = Path(args.out).resolve() / "adapter"
+    print(json.dumps({"routing_accuracy": last.get("accuracy"), "labels": metrics["labels"], "router": str(router)}))
+    print(f"serve it: ldmole serve --base {shlex.quote(args.base)} --request-router {shlex.quote(str(router))} "
+          + " ".join(f"--adapter {name}=..." for name in metrics["labels"].values()))
     return 0
 
 
@@ -281,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "device), dense (all experts, the torch reference), or a backend by name: torch, cpu, triton")
     f.set_defaults(func=cmd_forward)
 
-    i = sub.add_parser("import", help="convert a reference LD-MoLE checkpoint to the native format")
-    i.add_argument("reference", help="folder with adapter_config.json + adapter_model.bin")
+    i = sub.add_parser("import", help="convert a checkpoint of the reference LD-MoLE or AdaMoLE code to the native format")
+    i.add_argument("reference", help="folder with adapter_config.json + adapter_model.bin (LD-MoLE or AdaMoLE)")
     i.add_argument("--out", required=True, help="native adapter folder to write")
     i.add_argument("--base", help="optional base model folder to validate the adapter against")
     i.set_defaults(func=cmd_import)
@@ -334,6 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the --out folder's name)")
     t.add_argument("--api-key", help="the server's API key for --load-into (default: $LDMOLE_API_KEY)")
     t.set_defaults(func=cmd_train)
+
+    tr = sub.add_parser("train-router", help="train a request router for `ldmole serve --request-router`: a "
+                        "classifier over adapter-set names, from labelled prompts")
+    tr.add_argument("--data", help='JSONL of {"text": prompt, "adapter": adapter-set name}')
+    tr.add_argument("--tasks", metavar="DATASET=ADAPTER,...", help="instead of --data: built-in multiple-choice "
+                    "datasets' questions, each labelled with an adapter-set name (e.g. arc_easy=arc,social_iqa=siqa); "
+                    "trained on their train splits, validated on their validation splits")
+    tr.add_argument("--limit-per-task", type=int, help="with --tasks: at most this many questions per dataset and "
+                    "split (default: all)")
+    tr.add_argument("--val-data", help="held-out JSONL of the same form (default: --val-fraction of --data)")
+    tr.add_argument("--val-fraction", type=float, default=0.2,
+                    help="share of each adapter's examples held out for validation when --val-data is not given "
+                    "(default 0.2)")
+    tr.add_argument("--base", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
+    tr.add_argument("--out", default="runs/router", help="run folder; the router is OUT/adapter (default runs/router)")
+    tr.add_argument("--epochs", type=int, default=2, help="passes over the training prompts (default 2)")
+    tr.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
+    tr.add_argument("--batch-size", type=int, default=8, help="prompts per step (default 8)")
+    tr.add_argument("--rank", type=int, default=8, help="LoRA rank of the classifier's adapter (default 8)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the data order (default 0)")
+    tr.add_argument("--device", default="auto", help="cpu, cuda, or auto (default auto)")
+    tr.set_defaults(func=cmd_train_router)
 
     c = sub.add_parser("compare", help="train and evaluate, on the same items: the zero-shot base, plain LoRA at "
                        "an equal parameter budget, LD-MoLE with the paper recipe and with the sparse recipe; "
@@ -395,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # training needs autograd; serve runs its own threads
-        if args.command in ("train", "compare", "bench-train", "serve", "bench-serve"):
+        if args.command in ("train", "train-router", "compare", "bench-train", "serve", "bench-serve"):
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

@@ -88,6 +88,21 @@ def top_k_router(u: torch.Tensor, lam: torch.Tensor | None = None, k: int = 2, *
     return torch.zeros_like(u).scatter(-1, index, torch.softmax(top, dim=-1))
 
 
+def threshold_router(u: torch.Tensor, lam: torch.Tensor, **_) -> torch.Tensor:
+    """AdaMoLE (shared/docs/ADAMOLE.md): experts whose softmax gate g reaches the token's threshold t
+    (given as `lam`, one per token and projection) mix with weights g - t renormalised over them; a
+    token that selects none (or whose selected excesses sum to 0) gets all-zero weights."""
+    a = torch.softmax(u.float(), dim=-1) - lam.float()
+    w = torch.where(a >= 0, a, 0.0)
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total == 0, 1.0, total)
+
+
+def threshold_from_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cap: float) -> torch.Tensor:
+    """AdaMoLE's per-token threshold t = τmax · sigmoid(θ·x + b) for each projection: [n, P], fp32."""
+    return cap * torch.sigmoid(F.linear(x.float(), weight.float(), bias.float()))
+
+
 def single_expert(u: torch.Tensor, lam: torch.Tensor | None = None, **_) -> torch.Tensor:
     """E = 1 is plain LoRA: the one expert always has weight 1."""
     return torch.ones_like(u, dtype=torch.float32)
@@ -98,11 +113,13 @@ class Router:
     route: Callable[..., torch.Tensor]  # (u, λ or None, **options) -> p
     needs_lambda: bool  # whether the adapter carries λ-networks for this router
     needs_logits: bool  # whether the adapter carries router weights
+    needs_threshold: bool = False  # whether the adapter carries AdaMoLE threshold layers (one per projection)
 
 
 ROUTERS: dict[str, Router] = {
     "sparsegen": Router(sparsegen_lin, needs_lambda=True, needs_logits=True),
     "softmax": Router(softmax_router, needs_lambda=False, needs_logits=True),
     "topk": Router(top_k_router, needs_lambda=False, needs_logits=True),
+    "threshold": Router(threshold_router, needs_lambda=False, needs_logits=True, needs_threshold=True),
     "none": Router(single_expert, needs_lambda=False, needs_logits=False),
 }

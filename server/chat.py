@@ -41,8 +41,9 @@ def chat_logprobs(state: ServerState, entries) -> dict:
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     state = state_of(raw)
-    adapter = state.resolve_model(body.model)
     prompt = chat_prompt(state, body.messages, body.add_generation_prompt)
+    adapter = await state.pick_model(body.model, lambda: next(
+        (m.text() for m in reversed(body.messages) if m.role == "user"), ""))
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

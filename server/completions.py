@@ -128,8 +128,8 @@ async def collect(raw: Request, streams, tracker) -> list | None:
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, raw: Request):
     state = state_of(raw)
-    adapter = state.resolve_model(body.model)
     prompts = completion_prompts(state, body.prompt)
+    adapter = await state.pick_model(body.model, lambda: _prompt_text(state, prompts[0]))  # "auto": the first prompt
     if isinstance(body.n, int) and len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences: at most {MAX_SEQUENCES_PER_REQUEST} "
                             "per request; split it", "prompt")

@@ -22,6 +22,7 @@ from ldmole_runtime.lora.ops import MODES
 from ldmole_runtime.runtime import LDMoleRuntime
 
 from .app import build_app
+from .request_router import RequestRouter
 from .state import ServerSettings, ServerState
 
 
@@ -53,7 +54,13 @@ def build_state(args, executor=None) -> ServerState:
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
     settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
-    return ServerState(engine, tokenizer, name, str(base), adapters, settings)
+    router = None
+    if args.request_router:
+        router = RequestRouter(args.request_router, args.request_router_labels, runtime, tokenizer)
+        router.check_targets([name] + list(adapters))
+    elif args.request_router_labels:
+        raise LDMoleError("--request-router-labels needs --request-router")
+    return ServerState(engine, tokenizer, name, str(base), adapters, settings, request_router=router)
 
 
 def curl_examples(state: ServerState, url: str) -> list[str]:
@@ -138,6 +145,13 @@ def add_serve_flags(s) -> None:
     s.add_argument("--lora-backend", default="sparse", choices=MODES,
                    help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "
                         "experts, the torch reference), or a backend by name: torch, cpu, triton")
+    s.add_argument("--request-router", metavar="DIR",
+                   help="serve `model: \"auto\"`: a sequence-classification model folder (transformers, e.g. "
+                        "BERT-tiny) or an adapter set with a classification head (`ldmole train-router`) picks "
+                        "the adapter set of each such request from its prompt (a chat's last user message)")
+    s.add_argument("--request-router-labels", metavar="JSON",
+                   help="the request router's label map, {\"0\": \"adapter-name\", ...} (default: the folder's "
+                        "router_labels.json, else the model's id2label)")
     s.add_argument("--decode-graphs", default="auto", choices=["auto", "off"],
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")

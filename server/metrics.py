@@ -56,8 +56,23 @@ class EngineCollector:
         yield family
 
 
+class RouterCollector:
+    """The request router's decisions per adapter set, read at scrape time."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def collect(self):
+        family = CounterMetricFamily("ldmole:request_router_decisions",
+                                     "Requests with model 'auto', by the adapter set the request router chose.",
+                                     labels=["adapter"])
+        for name, n in sorted(self.router.decisions.items()):
+            family.add_metric([name], n)
+        yield family
+
+
 class ServerMetrics:
-    def __init__(self, engine):
+    def __init__(self, engine, request_router=None):
         self.registry = registry = CollectorRegistry()
         self.success = Counter("ldmole:request_success", "Finished requests, by adapter and finish reason.",
                                ["adapter", "finished_reason"], registry=registry)
@@ -74,6 +89,8 @@ class ServerMetrics:
         self.e2e = Histogram("ldmole:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              ["adapter"], buckets=LATENCY_BUCKETS, registry=registry)
         registry.register(EngineCollector(engine))
+        if request_router is not None:
+            registry.register(RouterCollector(request_router))
 
     def tracker(self, adapter: str) -> "RequestTracker":
         return RequestTracker(self, adapter)

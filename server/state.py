@@ -8,9 +8,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
-from ldmole_runtime.errors import UnknownAdapterError
+from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
 
 from .metrics import ServerMetrics
+
+AUTO = "auto"  # the `model` that asks the request router to pick the adapter set
 
 
 @dataclass
@@ -28,11 +30,12 @@ class ServerState:
     adapter_paths: dict[str, str] = field(default_factory=dict)  # adapter-set name -> folder it came from
     settings: ServerSettings = field(default_factory=ServerSettings)
     metrics: ServerMetrics | None = None
+    request_router: object | None = None  # a request_router.RequestRouter: serves `model: "auto"`
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
         if self.metrics is None:
-            self.metrics = ServerMetrics(self.engine)
+            self.metrics = ServerMetrics(self.engine, self.request_router)
 
     @property
     def max_model_len(self) -> int:
@@ -42,9 +45,20 @@ class ServerState:
         """The adapter-set name a request's `model` field selects (None: the bare base)."""
         if model is None or model == self.base_name:
             return None
+        if model == AUTO and AUTO not in self.engine.engine.runtime.bank.names:
+            if self.request_router is None:
+                raise LDMoleError("model 'auto' needs a request router: start the server with --request-router DIR")
+            raise LDMoleError("model 'auto' (request routing) works on /v1/completions and /v1/chat/completions")
         if model in self.engine.engine.runtime.bank.names and model not in self.engine.unloading:
             return model
         raise UnknownAdapterError(f"the model {model!r} does not exist; served: {self.model_names()}")
+
+    async def pick_model(self, model: str | None, text) -> str | None:
+        """As resolve_model, but `model: "auto"` asks the request router, which reads text() (the
+        prompt, or a chat's last user message)."""
+        if model == AUTO and self.request_router is not None and AUTO not in self.engine.engine.runtime.bank.names:
+            return self.resolve_model(await self.request_router.route(text()))
+        return self.resolve_model(model)
 
     def model_names(self) -> list[str]:
         return [self.base_name] + [n for n in self.engine.engine.runtime.bank.names if n not in self.engine.unloading]

@@ -22,6 +22,7 @@ def runtime(tmp_path_factory):
     rt.load_adapter("all", new_adapter_set(cfg, num_experts=5, rank=4, lambda_hidden=16, seed=4, b_std=0.05,
                                            lambda_bias=-30.0))
     rt.load_adapter("soft", new_adapter_set(cfg, num_experts=4, rank=3, router="softmax", seed=5, b_std=0.05))
+    rt.load_adapter("ada", new_adapter_set(cfg, num_experts=6, rank=2, router="threshold", seed=6, b_std=0.05))
     return rt
 
 
@@ -30,8 +31,8 @@ def test_mixed_batch_sparse_equals_dense(runtime, backend):
     """Every sparse backend (the C kernel; the Triton kernels, interpreted on CPU) against the
     dense torch reference."""
     g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, 300, (7, 13), generator=g)
-    rows = ["wide", "narrow", None, "lora", "all", "soft", "wide"]
+    input_ids = torch.randint(0, 300, (8, 13), generator=g)
+    rows = ["wide", "narrow", None, "lora", "all", "soft", "wide", "ada"]
     ids = torch.tensor([runtime.adapter_index(a) for a in rows])[:, None].repeat(1, 13)
     ids[6, ::3] = runtime.adapter_index("narrow")  # sets also mix inside one row
     ids[6, 1::4] = -1
@@ -47,6 +48,7 @@ def test_mixed_batch_sparse_equals_dense(runtime, backend):
     assert (active[4] == 5).all()
     assert (active[3] == 1).all()
     assert (active[2] == 0).all()  # bare-base row: no routing at all
+    assert 1 <= active[7].min() < active[7].max()  # AdaMoLE: a varying number above the threshold
 
 
 def test_rows_are_isolated_from_each_other(runtime):

@@ -12,9 +12,11 @@ import torch
 
 from ldmole_runtime import AdapterSet, LDMoleRuntime
 from ldmole_runtime.cli import main
+from ldmole_runtime.config import ModelConfig
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.training import trainer as trainer_mod
 from ldmole_runtime.training.config import TrainConfig
+from ldmole_runtime.training.step import new_training_adapter
 from ldmole_runtime.training.trainer import train
 from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
@@ -246,3 +248,40 @@ def test_train_cli_prints_the_serve_command_for_its_adapter(base, data, tmp_path
     adapters = parse_adapters([argv[5]])
     assert adapters == {"my-run": str(out.resolve() / "adapter")}
     assert (out / "adapter" / "ldmole_adapter.json").is_file()
+
+
+def test_adamole_recipe_trains_a_threshold_adapter(base, data, tmp_path):
+    """`--router threshold` (AdaMoLE): its objective trains the task, the threshold layers learn, and
+    the saved set serves as a threshold-routed set with the trainer's routing."""
+    cfg = config(base, data, tmp_path / "run", router="threshold", lb=1e-3, epochs=6)
+    metrics = train(cfg)
+    last, first = metrics["epochs"][-1], metrics["epochs"][0]
+    assert last["train"]["ce"] < 0.7 * first["train"]["ce"]
+    assert last["validation"]["accuracy"] >= 0.75  # chance is 0.25
+    assert 0 < last["train"]["load_balance"]
+    saved = AdapterSet.load(tmp_path / "run" / "adapter")
+    assert saved.config.router == "threshold"
+    fresh = new_training_adapter(ModelConfig.from_dir(base), cfg, "mc").tensors  # the trainer's own init
+    moved = [k for k in saved.tensors if k.endswith("threshold.weight")
+             if not torch.equal(saved.tensors[k], fresh[k])]
+    assert moved  # the threshold layers are trained, not frozen at init
+    rt = LDMoleRuntime.from_pretrained(base, adapters={"t": tmp_path / "run" / "adapter"})
+    out = rt.forward(torch.randint(3, 100, (2, 10)), "t", capture_routing=True)
+    active = torch.stack([(p > 0).sum(-1) for p in out.routing.values()])
+    assert active.min() >= 1 and active.max() <= 4
+
+
+def test_adamole_balance_is_the_reference_formula():
+    """E Σ_e f_e P_e of shared/docs/ADAMOLE.md, written out token by token."""
+    from ldmole_runtime.routing import threshold_router
+    from ldmole_runtime.training.losses import adamole_balance
+
+    g = torch.Generator().manual_seed(0)
+    u, t = torch.randn(7, 4, generator=g), torch.rand(7, generator=g) * 0.25
+    mask = torch.tensor([1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    p = threshold_router(u, t[:, None])
+    gates = torch.softmax(u, -1)
+    real = [i for i in range(7) if mask[i]]
+    expected = 4 * sum(sum(float(p[i, e] > 0) for i in real) / len(real)
+                       * sum(float(gates[i, e] - t[i]) for i in real) / len(real) for e in range(4))
+    assert abs(adamole_balance(p, u, t, mask).item() - expected) <= 1e-6

@@ -2,8 +2,8 @@
 
 Without a GPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1). The bank mixes
 what one step can hold: sets of different E and r, sparsegen with a learned λ (one set dense
-enough that tokens use every expert, one sparse enough that tokens use one), softmax, top-k, E = 1,
-a set adapting only some projections, and bare-base tokens.
+enough that tokens use every expert, one sparse enough that tokens use one), softmax, top-k,
+AdaMoLE's threshold router, E = 1, a set adapting only some projections, and bare-base tokens.
 """
 
 import pytest
@@ -18,7 +18,7 @@ from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.routing import SPARSEGEN_EPS
 from tiny_models import tiny_config
 
-SETS = ["wide", "part", "soft", "top", "lora", "all", "one"]
+SETS = ["wide", "part", "soft", "top", "lora", "all", "one", "ada"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ def bank():
     bank.add("lora", new_adapter_set(cfg, num_experts=1, rank=5, seed=5, b_std=0.1))
     bank.add("all", new_adapter_set(cfg, num_experts=5, rank=4, lambda_hidden=8, seed=6, b_std=0.1, lambda_bias=-30))
     bank.add("one", new_adapter_set(cfg, num_experts=8, rank=2, lambda_hidden=8, seed=7, b_std=0.1, lambda_bias=30))
+    bank.add("ada", new_adapter_set(cfg, num_experts=5, rank=3, router="threshold", seed=8, b_std=0.1))
     assert bank.names == SETS
     return bank
 
@@ -48,8 +49,9 @@ def step(bank, group, n, seed):
 def route_both(bank, gb, x, batch):
     t = bank.kernel_tables()
     args = (x, batch.sorted_tokens, batch.blocks, t.set_info, t.masks[gb.group], gb.router,
-            t.lambdas.get(gb.fan_in), t.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK)
-    lam, lam_ref = (torch.full((x.shape[0],), float("nan")) for _ in range(2))
+            t.lambdas.get(gb.fan_in), (gb.threshold, gb.threshold_bias, t.threshold_cap), t.max_experts,
+            SPARSEGEN_EPS, TOKEN_BLOCK)
+    lam, lam_ref = (torch.full((x.shape[0], len(gb.projections)), float("nan")) for _ in range(2))
     return route_blocks(*args, lam_out=lam), lam, route_blocks_reference(*args, lam_out=lam_ref), lam_ref
 
 
@@ -79,6 +81,8 @@ def test_routing_edge_cases_occur(bank):
     assert (active[sets["top"]] == 2).all()
     assert (active[sets["lora"]] == 1).all()
     assert (active[sets["part"]][:, 1] == 0).all()  # k_proj is not adapted by "part"
+    ada = active[sets["ada"]]
+    assert ada.min() >= 1 and ada.min() < ada.max()  # AdaMoLE: a varying number above the threshold
     assert (set_ids == -1).any() and all(m.any() for m in sets.values())
 
 

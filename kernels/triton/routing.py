@@ -5,11 +5,14 @@ One program per block of the step's block table (at most BLOCK_M tokens of one s
 
     u = x @ router[set]ᵀ                      router logits of every projection, [BLOCK_M, E·P]
     λ = logsigmoid(w2 · ReLU(x @ w1ᵀ + b1) + b2) + 1 - eps       (sparsegen sets only)
+    t_i = τmax · sigmoid(θ_i · x + b_i)                            (AdaMoLE threshold sets only)
 
 and then the router itself over E ≤ 16 logits per projection, in registers: sparsegen-lin without
 a sort (an element is in the support iff 1 - λ + k·u_e > Σ of the k logits ≥ u_e, which is the
-sorted test at the last position of u_e's ties), softmax, top-k, or p = 1 for E = 1. p [N, P, E_max]
-(fp32, zero where a token has no set or an expert is inactive) is what the expert kernels read.
+sorted test at the last position of u_e's ties), softmax, top-k, AdaMoLE's threshold (softmax
+minus t, the non-negative part renormalised), or p = 1 for E = 1. p [N, P, E_max] (fp32, zero
+where a token has no set or an expert is inactive) is what the expert kernels read; λ (or t) goes
+to [N, P] for routing captures.
 
 Why fused: after the two small GEMMs, everything else is elementwise work on a few dozen numbers
 per token; as separate torch ops it was ~30 launches per group and set, each reading and writing
@@ -25,7 +28,7 @@ import triton.language as tl
 
 @triton.jit
 def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_ptr, router_ptr,
-                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, lam_ptr, IN, H, eps,
+                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, thr_w_ptr, thr_b_ptr, cap_ptr, p_ptr, lam_ptr, IN, H, eps,
                   P: tl.constexpr, EMAX: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, STORE_LAMBDA: tl.constexpr):
     b = tl.program_id(0)
@@ -49,6 +52,9 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         h_ok = hs < H
         load_u = e_of < tl.where(kind != 2, E, 0)  # E = 1 (kind 2) has no router weights
         load_h = hs < tl.where(kind == 0, H, 0)  # only sparsegen sets have a λ-network
+        ps = tl.arange(0, 16)  # threshold layers: P ≤ 3 rows, padded to a dot-sized tile
+        load_t = ps < tl.where(kind == 4, P, 0)
+        acc_t = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
 
         acc_u = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
         acc_h = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -63,11 +69,16 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
             w1 = tl.load(w1_ptr + s * H * IN + hs[:, None] * IN + ks[None, :],
                          mask=load_h[:, None] & k_ok[None, :], other=0.0)
             acc_h += tl.dot(xk, tl.trans(w1), input_precision="ieee")
+            tw = tl.load(thr_w_ptr + (s * P + ps[:, None]) * IN + ks[None, :], mask=load_t[:, None] & k_ok[None, :],
+                         other=0.0).to(tl.float32)
+            acc_t += tl.dot(xk, tl.trans(tw), input_precision="ieee")
 
         b1 = tl.load(b1_ptr + s * H + hs, mask=h_ok, other=0.0)
         w2 = tl.load(w2_ptr + s * H + hs, mask=h_ok, other=0.0)
         z = tl.sum(tl.maximum(acc_h + b1[None, :], 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr + s)
         lam = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z))) + (1.0 - eps)  # logsigmoid + 1 - eps
+        tb = tl.load(thr_b_ptr + s * P + ps, mask=load_t, other=0.0).to(tl.float32)
+        t = tl.load(cap_ptr + s) / (1.0 + tl.exp(-(acc_t + tb[None, :])))  # [BLOCK_M, 16]: t of projection i in column i
 
         u = tl.where(col_ok[None, :], acc_u, 0.0)
         # for every column: how many logits of its projection are >= it, their sum, and its rank
@@ -87,8 +98,13 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         tau = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
         big = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
         denom = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        t_col = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        lam_col = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # what is captured: λ, or t per projection
         for i in tl.static_range(P):
             mine = (i_of == i)[None, :]
+            t_i = tl.sum(tl.where(ps[None, :] == i, t, 0.0), axis=1)
+            t_col = tl.where(mine, t_i[:, None], t_col)
+            lam_col = tl.where(ps[None, :] == i, tl.where(kind == 4, t_i, lam)[:, None], lam_col)
             k_i = tl.sum(tl.where(support & mine, 1.0, 0.0), axis=1)
             s_i = tl.sum(tl.where(support & mine, u, 0.0), axis=1)
             tau = tl.where(mine, ((s_i - 1.0 + lam) / tl.maximum(k_i, 1.0))[:, None], tau)
@@ -101,12 +117,19 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         p_sparsegen = tl.maximum(u - tau, 0.0) / tl.maximum(1.0 - lam, eps)[:, None]
         keep = col_ok[None, :] & ((kind != 3) | chosen)
         p_softmax = tl.where(keep, tl.exp(u - big) / denom, 0.0)
-        p = tl.where(kind == 0, p_sparsegen, tl.where(kind == 2, 1.0, p_softmax))
+        excess = tl.where(keep & (p_softmax - t_col >= 0.0), p_softmax - t_col, 0.0)
+        total = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
+        for i in tl.static_range(P):
+            mine = (i_of == i)[None, :]
+            total = tl.where(mine, tl.sum(tl.where(mine, excess, 0.0), axis=1)[:, None], total)
+        p_threshold = excess / tl.where(total == 0.0, 1.0, total)
+        p = tl.where(kind == 0, p_sparsegen, tl.where(kind == 2, 1.0, tl.where(kind == 4, p_threshold, p_softmax)))
         p = tl.where(col_ok[None, :], p, 0.0) * tl.load(mask_ptr + s * P + i_of)[None, :]
         tl.store(p_ptr + tok[:, None] * (P * EMAX) + (i_of * EMAX + e_of)[None, :], p,
                  mask=row_ok[:, None] & col_ok[None, :])
         if STORE_LAMBDA:
-            tl.store(lam_ptr + tok, lam, mask=rows < tl.where(kind == 0, end, 0))  # λ: sparsegen sets only
+            has_scalar = rows < tl.where((kind == 0) | (kind == 4), end, 0)  # λ (sparsegen) or t (AdaMoLE)
+            tl.store(lam_ptr + tok[:, None] * P + ps[None, :], lam_col, mask=has_scalar[:, None] & (ps < P)[None, :])
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -115,11 +138,13 @@ def _pow2(n: int, least: int = 16) -> int:
 
 def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Tensor, set_info: torch.Tensor,
                  masks: torch.Tensor, router: torch.Tensor, lambdas: tuple[torch.Tensor, ...] | None,
-                 max_experts: int, eps: float, block_m: int, lam_out: torch.Tensor | None = None) -> torch.Tensor:
-    """p [N, P, max_experts] fp32 for every token in `blocks` (zeros elsewhere); λ into lam_out.
+                 thresholds: tuple[torch.Tensor, torch.Tensor, torch.Tensor], max_experts: int, eps: float,
+                 block_m: int, lam_out: torch.Tensor | None = None) -> torch.Tensor:
+    """p [N, P, max_experts] fp32 for every token in `blocks` (zeros elsewhere); λ or t into lam_out [N, P].
 
     x [N, in]; router [G, P, in] (the bank's); masks [S, P]; lambdas (w1 [S, H, in], b1, w2, b2)
-    for this fan-in, or None when no loaded set has a λ-network of this width."""
+    for this fan-in, or None when no loaded set has a λ-network of this width; thresholds
+    (θ [S, P, in], b [S, P], τmax [S])."""
     N, IN = x.shape
     P = router.shape[1]
     assert x.stride(1) == 1 and router.is_contiguous() and masks.is_contiguous()
@@ -132,17 +157,18 @@ def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
         H = w1.shape[1]
     lam = lam_out if lam_out is not None else p
     _route_kernel[(blocks.shape[0],)](
-        x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, p, lam, IN, H, eps,
+        x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, *thresholds, p, lam, IN, H, eps,
         P=P, EMAX=max_experts, EP=_pow2(max_experts * P), BLOCK_M=block_m, BLOCK_K=32,
         BLOCK_H=_pow2(H), STORE_LAMBDA=lam_out is not None)
     return p
 
 
-def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, lambdas, max_experts, eps,
+def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, lambdas, thresholds, max_experts, eps,
                            block_m=None, lam_out=None):
-    """The same contract in torch, through the runtime's routers (routing.py, the LD-MoLE contract)."""
+    """The same contract in torch, through the runtime's routers (routing.py: the LD-MoLE and AdaMoLE
+    contracts)."""
     from ldmole_runtime.lora.kernel_tables import KERNEL_ROUTERS
-    from ldmole_runtime.routing import ROUTERS, lambda_from_mlp
+    from ldmole_runtime.routing import ROUTERS, lambda_from_mlp, threshold_from_layer
 
     kinds = {v: k for k, v in KERNEL_ROUTERS.items()}
     N, P = x.shape[0], router.shape[1]
@@ -155,12 +181,19 @@ def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, la
         xs = x[rows].float()
         name = kinds[kind]
         u = (xs @ router[offset:offset + E].reshape(E * P, -1).float().T).view(-1, E, P).transpose(1, 2)
-        lam = None
+        scalar = None
         if name == "sparsegen":
             w1, b1, w2, b2 = (t[s] for t in lambdas)
             lam = lambda_from_mlp(xs, w1, b1, w2[None], b2[None], eps)
+            scalar = lam[:, None]
             if lam_out is not None:
-                lam_out[rows] = lam
+                lam_out[rows] = lam[:, None]
+        elif name == "threshold":
+            weight, bias, cap = thresholds
+            t = threshold_from_layer(xs, weight[s], bias[s], float(cap[s]))
+            scalar = t[..., None]
+            if lam_out is not None:
+                lam_out[rows] = t
         options = {"k": top_k} if name == "topk" else {}
-        p[rows, :, :E] = ROUTERS[name].route(u, None if lam is None else lam[:, None], eps=eps, **options) * masks[s][:, None]
+        p[rows, :, :E] = ROUTERS[name].route(u, scalar, eps=eps, **options) * masks[s][:, None]
     return p

@@ -6,6 +6,7 @@ already stacked for compute:
     layers.{L}.{proj}.lora_A   [E, r, in]
     layers.{L}.{proj}.lora_B   [E, out, r]
     layers.{L}.{proj}.router   [E, in]          (not for E = 1)
+    layers.{L}.{proj}.threshold.weight [1, in], .threshold.bias [1]   (router "threshold": AdaMoLE)
     lambda.{in}.0.weight [h, in], lambda.{in}.0.bias [h], lambda.{in}.2.weight [1, h], lambda.{in}.2.bias [1]
     score.weight [num_labels, hidden]           (optional classification head; score.bias optional)
 """
@@ -50,6 +51,9 @@ class AdapterSet:
                 shapes[f"layers.{layer}.{proj}.lora_B"] = (E, fan_out, r)
                 if ROUTERS[c.router].needs_logits:
                     shapes[f"layers.{layer}.{proj}.router"] = (E, fan_in)
+                if ROUTERS[c.router].needs_threshold:
+                    shapes[f"layers.{layer}.{proj}.threshold.weight"] = (1, fan_in)
+                    shapes[f"layers.{layer}.{proj}.threshold.bias"] = (1,)
         if ROUTERS[c.router].needs_lambda:
             h = c.lambda_hidden
             for w in c.lambda_widths:
@@ -122,14 +126,35 @@ class AdapterSet:
 
     @classmethod
     def load(cls, path: str | Path) -> "AdapterSet":
-        """Load either format: a native folder, or one written by the reference LD-MoLE code."""
-        from .reference import REFERENCE_CONFIG_NAME, load_reference
-
+        """Load any supported format: a native folder, or one written by another code (`load_foreign`)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: adapter folder does not exist")
         if (path / CONFIG_NAME).is_file():
             return cls.load_native(path)
-        if (path / REFERENCE_CONFIG_NAME).is_file():
+        return cls.load_foreign(path)
+
+    @staticmethod
+    def load_foreign(path: str | Path) -> "AdapterSet":
+        """A folder with `adapter_config.json`, told apart by its fields: the reference LD-MoLE code
+        (`lora_nums` / `sparsegen`), the reference AdaMoLE code (`peft_type` ADAMOLE), or PEFT's own
+        LoRA (`peft_type` LORA)."""
+        from .adamole import load_adamole
+        from .files import read_json_object
+        from .peft_lora import load_peft
+        from .reference import REFERENCE_CONFIG_NAME, load_reference
+
+        path = Path(path)
+        if not (path / REFERENCE_CONFIG_NAME).is_file():
+            raise CheckpointError(f"{path}: neither {CONFIG_NAME} (native) nor {REFERENCE_CONFIG_NAME} "
+                                  "(LD-MoLE or AdaMoLE reference code) found")
+        raw = read_json_object(path / REFERENCE_CONFIG_NAME)
+        kind = raw.get("peft_type")
+        if kind == "ADAMOLE":
+            return load_adamole(path)
+        if kind == "LORA" and any(k in raw for k in ("lora_nums", "sparsegen", "sparsegen_cfg")):
             return load_reference(path)
-        raise CheckpointError(f"{path}: neither {CONFIG_NAME} (native) nor {REFERENCE_CONFIG_NAME} (reference LD-MoLE) found")
+        if kind == "LORA":
+            return load_peft(path)
+        raise CheckpointError(f"{path / REFERENCE_CONFIG_NAME}: peft_type {kind!r} is not supported (LORA: PEFT "
+                              "LoRA or the LD-MoLE reference code; ADAMOLE: the AdaMoLE reference code)")

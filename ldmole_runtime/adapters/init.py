@@ -56,6 +56,9 @@ def new_adapter_set(base: ModelConfig, num_experts: int = 8, rank: int = 8, alph
             tensors[prefix + "lora_B"] = torch.randn((num_experts, fan_out, rank), generator=g) * b_std
             if ROUTERS[router].needs_logits:
                 tensors[prefix + "router"] = _kaiming_uniform((num_experts, fan_in), fan_in, g)
+            if ROUTERS[router].needs_threshold:  # AdaMoLE's threshold layer: nn.Linear(in, 1)'s default init
+                tensors[prefix + "threshold.weight"] = _kaiming_uniform((1, fan_in), fan_in, g)
+                tensors[prefix + "threshold.bias"] = _kaiming_uniform((1,), fan_in, g)
     for w in widths:
         for layer, (fan_out, fan_in) in (("0", (lambda_hidden, w)), ("2", (1, lambda_hidden))):
             if lambda_init == "sparse":

@@ -8,16 +8,14 @@ stacked, the λ copies are checked to be equal and kept once. The pickle is only
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
 from .adapter_set import AdapterSet, lambda_key
+from .files import read_json_object, read_state_dict
 from .spec import ALL_PROJECTIONS, AdapterConfig
 
 REFERENCE_CONFIG_NAME = "adapter_config.json"
@@ -29,24 +27,8 @@ _LAMBDA_TOP = "base_model.sparsegen_fn.mlp.proj_layers."
 _SCORE_KEYS = ("base_model.model.score.weight", "base_model.model.score.modules_to_save.default.weight")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # EOFError() has no message
-        raise CheckpointError(f"{path}: not a readable torch state dict ({reason})") from exc
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a flat dict of tensors")
-    return sd
-
-
 def _read_config(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in raw:
             raise CheckpointError(f"{path}: missing field {key!r}")
@@ -93,7 +75,7 @@ def load_reference(path: str | Path) -> AdapterSet:
         if not f.is_file():
             raise CheckpointError(f"{path}: missing {f.name}")
     raw = _read_config(cfg_file)
-    sd = _read_state_dict(weights_file)
+    sd = read_state_dict(weights_file)
 
     num_experts = int(raw.get("lora_nums") or 1)
     rank = int(raw["r"])

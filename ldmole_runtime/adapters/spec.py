@@ -56,12 +56,17 @@ class AdapterConfig:
     lambda_widths: list[int] = field(default_factory=list)
     num_labels: int | None = None  # set when the adapter carries its own classification head
     top_k: int | None = None  # experts per token for router "topk"
+    max_threshold: float | None = None  # router "threshold" (AdaMoLE): the cap τmax; None means 1 / num_experts
     base_model: str = ""  # informational: what it was trained on
     format_version: int = FORMAT_VERSION
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def threshold_cap(self) -> float:
+        return 1.0 / self.num_experts if self.max_threshold is None else float(self.max_threshold)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +125,10 @@ class AdapterConfig:
             raise CheckpointError(f"{source}: projection_shapes has no [in, out] for target module(s) {no_shape}")
         if self.router == "topk" and not (_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts):
             raise CheckpointError(f"{source}: router 'topk' needs top_k in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        if self.max_threshold is not None and (isinstance(self.max_threshold, bool) or
+                                               not isinstance(self.max_threshold, (int, float)) or
+                                               not 0 < self.max_threshold <= 1):
+            raise CheckpointError(f"{source}: max_threshold must be a number in (0, 1] or null, got {self.max_threshold!r}")
         if ROUTERS[self.router].needs_lambda:
             if not self.lambda_hidden:
                 raise CheckpointError(f"{source}: router {self.router!r} needs lambda_hidden")

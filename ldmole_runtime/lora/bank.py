@@ -8,6 +8,8 @@ concatenated along one "global expert" axis G, so that set s owns experts [offse
     B[i]    [G, r_max, out_i]    one per projection (their widths differ under GQA); stored
                                  transposed, so a set's slice is one [E * r, out] matmul operand
                                  and a kernel's expand step is a contiguous axpy per rank
+    threshold        [S, P, in], threshold_bias [S, P]: per set (not per expert), AdaMoLE's
+                                 threshold layers; zeros for sets of other router kinds
 
 Zero padding contributes exact zeros, so a set's slice computes the same numbers as its own
 tensors. Stacking happens when a set is added or removed, never per forward, and a set's slice
@@ -54,6 +56,7 @@ class SetSlot:
     num_labels: int | None = None
     config: AdapterConfig | None = None
     router_options: dict = field(default_factory=dict)
+    threshold_cap: float = 0.0  # router "threshold": AdaMoLE's τmax
     uid: int = field(default_factory=lambda: next(_slot_uids))  # unique per load, unlike the name or index
 
     @property
@@ -71,6 +74,8 @@ class GroupBank:
     A: torch.Tensor
     router: torch.Tensor
     B: list[torch.Tensor]
+    threshold: torch.Tensor  # [S, P, in]
+    threshold_bias: torch.Tensor  # [S, P]
     kernel_cache: tuple | None = field(default=None, repr=False)  # C-side view of B, see mixture._kernel_layout
 
     @property
@@ -100,7 +105,8 @@ class AdapterBank:
                 self.groups[(layer, group)] = GroupBank(
                     layer, group, projs, fan_in, fan_outs,
                     A=self._empty(0, P, 0, fan_in), router=self._empty(0, P, fan_in),
-                    B=[self._empty(0, 0, o) for o in fan_outs])
+                    B=[self._empty(0, 0, o) for o in fan_outs], threshold=self._empty(0, P, fan_in),
+                    threshold_bias=self._empty(0, P))
 
     def _empty(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -141,7 +147,8 @@ class AdapterBank:
         adapter.validate_for(self.cfg, name)
         c = adapter.config
         slot = SetSlot(name, c.num_experts, c.rank, c.scaling, c.router, offset=self.total_experts,
-                       num_labels=c.num_labels, config=c, router_options={"k": c.top_k} if c.top_k else {})
+                       num_labels=c.num_labels, config=c, router_options={"k": c.top_k} if c.top_k else {},
+                       threshold_cap=c.threshold_cap)
         t = {k: v.to(self.device) for k, v in adapter.tensors.items()}
         if slot.router.needs_lambda:
             slot.lambda_nets = {w: tuple(t[lambda_key(w, part)].float().contiguous()
@@ -161,10 +168,12 @@ class AdapterBank:
                 slot.group_masks[group] = None
             elif any(targeted):
                 slot.group_masks[group] = torch.tensor(targeted, device=self.device, dtype=torch.float32)[:, None]
-            A, R, Bs = self._stack_set(t, c, layer, gb, targeted)
+            A, R, Bs, T, Tb = self._stack_set(t, c, layer, gb, targeted)
             gb.A = torch.cat([gb.A, A])
             gb.router = torch.cat([gb.router, R])
             gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs)]
+            gb.threshold = torch.cat([gb.threshold, T[None]])
+            gb.threshold_bias = torch.cat([gb.threshold_bias, Tb[None]])
         self.slots.append(slot)
         self._tables = None
         self.version += 1
@@ -176,9 +185,11 @@ class AdapterBank:
         keep = torch.ones(slot.offset + slot.num_experts + sum(s.num_experts for s in self.slots[index:]),
                           dtype=torch.bool, device=self.device)
         keep[slot.offset:slot.offset + slot.num_experts] = False
+        others = [i for i in range(len(self.slots) + 1) if i != index]
         for gb in self.groups.values():
             gb.A, gb.router = gb.A[keep].contiguous(), gb.router[keep].contiguous()
             gb.B = [b[keep].contiguous() for b in gb.B]
+            gb.threshold, gb.threshold_bias = gb.threshold[others].contiguous(), gb.threshold_bias[others].contiguous()
         for later in self.slots[index:]:
             later.offset -= slot.num_experts
         self._tables = None
@@ -199,6 +210,10 @@ class AdapterBank:
                 tensors[prefix + "lora_B"] = gb.B[i][lo:lo + E, :r].transpose(1, 2).detach().clone()
                 if slot.router.needs_logits:
                     tensors[prefix + "router"] = gb.router[lo:lo + E, i].detach().clone()
+                if slot.router.needs_threshold:
+                    s = self.slots.index(slot)
+                    tensors[prefix + "threshold.weight"] = gb.threshold[s, i][None].detach().clone()
+                    tensors[prefix + "threshold.bias"] = gb.threshold_bias[s, i][None].detach().clone()
         for w, net in slot.lambda_nets.items():
             for part, t in zip(("0.weight", "0.bias", "2.weight", "2.bias"), net):
                 tensors[lambda_key(w, part)] = t.detach().clone()
@@ -224,6 +239,7 @@ class AdapterBank:
         A = self._empty(E, P, self.rank_max, gb.fan_in)
         R = self._empty(E, P, gb.fan_in)
         Bs = [self._empty(E, self.rank_max, o) for o in gb.fan_outs]
+        T, Tb = self._empty(P, gb.fan_in), self._empty(P)
         for i, (proj, on) in enumerate(zip(gb.projections, targeted)):
             if not on:
                 continue
@@ -232,4 +248,6 @@ class AdapterBank:
             Bs[i][:, :r] = t[prefix + "lora_B"].transpose(1, 2)
             if prefix + "router" in t:
                 R[:, i] = t[prefix + "router"]
-        return A, R, Bs
+            if prefix + "threshold.weight" in t:
+                T[i], Tb[i] = t[prefix + "threshold.weight"][0], t[prefix + "threshold.bias"][0]
+        return A, R, Bs, T, Tb

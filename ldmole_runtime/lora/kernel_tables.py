@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 # router kinds as kernels know them
-KERNEL_ROUTERS = {"sparsegen": 0, "softmax": 1, "none": 2, "topk": 3}
+KERNEL_ROUTERS = {"sparsegen": 0, "softmax": 1, "none": 2, "topk": 3, "threshold": 4}
 
 
 @dataclass
 class KernelTables:
     set_info: torch.Tensor  # [S, 4] int32: expert offset, E, router kind, top-k (0 when unused)
     scaling: torch.Tensor  # [S] fp32: alpha / r
+    threshold_cap: torch.Tensor  # [S] fp32: AdaMoLE's τmax (0 for other routers)
     max_experts: int  # widest set's E: the p buffers' last axis
     masks: dict[str, torch.Tensor]  # group -> [S, P] fp32, 1 where the set adapts the projection
     # fan-in -> (w1 [S, H, in], b1 [S, H], w2 [S, H], b2 [S]) fp32; H = lambda_hidden
@@ -53,4 +54,5 @@ def build_tables(bank) -> KernelTables:
         lambdas[w] = tuple(t.to(device) for t in (w1, b1, w2, b2))
     return KernelTables(torch.tensor(info, dtype=torch.int32).reshape(S, 4).to(device),
                         torch.tensor([s.scaling for s in slots], dtype=torch.float32).to(device),
+                        torch.tensor([s.threshold_cap for s in slots], dtype=torch.float32).to(device),
                         max((s.num_experts for s in slots), default=1), masks, lambdas, H)

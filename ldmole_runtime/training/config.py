@@ -11,7 +11,7 @@ from ..routing import ROUTERS
 from .data import MC_FORMATS
 
 SCHEDULES = ("multistep", "cosine", "linear", "constant")
-ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "lora")  # "lora": E = 1, plain LoRA
+ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "threshold", "lora")  # "lora": E = 1; "threshold": AdaMoLE
 
 # Named routing recipes. A preset only sets defaults: a YAML file and flags still override each value.
 PRESETS: dict[str, dict] = {
@@ -23,6 +23,9 @@ PRESETS: dict[str, dict] = {
     # still ~6 of 8 experts after 40 steps at 5e-4, 2 at 5e-3), so it gets its own, faster rate, and
     # starts from the reference code's "sparse" λ-network init
     "sparse": {"lb": 1.0, "reg": 1.0, "lam": 0.0, "k": 2, "lambda_lr": 5e-3, "lambda_init": "sparse"},
+    # AdaMoLE's recipe (shared/docs/ADAMOLE.md): threshold routing, its load-balance term at 1e-3
+    "adamole": {"router": "threshold", "lb": 1e-3, "reg": 0.0, "lam": 0.0, "k": 2, "lambda_lr": None,
+                "lambda_init": "kaiming"},
 }
 
 

@@ -3,7 +3,10 @@
     L = ce * CE + lb * LoadBalance + reg * SparsityControl(k) + lam * mean(1 - λ)
 
 Every routing term is computed per adapted module (layer, projection) over the real tokens of the
-batch, then averaged over modules.
+batch, then averaged over modules. AdaMoLE's threshold router has its own load-balance term
+(shared/docs/ADAMOLE.md), summed over modules as its reference code does:
+
+    L = ce * CE + lb * Σ_modules E Σ_e f_e P_e
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class TrainingCapture:
     p: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, E] expert weights
     u: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, E] router logits
     lam: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] (modules whose router has λ)
+    threshold: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] AdaMoLE's t (threshold router)
+    thresholds_router: bool = False  # the router's per-token scalar is AdaMoLE's threshold, not λ
 
     def record(self, key: str, index, p: torch.Tensor, lam: torch.Tensor | None, u: torch.Tensor | None = None) -> None:
         assert index is None, "training batches hold one adapter set"
@@ -27,7 +32,7 @@ class TrainingCapture:
         if u is not None:
             self.u[key] = u
         if lam is not None:
-            self.lam[key] = lam
+            (self.threshold if self.thresholds_router else self.lam)[key] = lam
 
 
 def load_balance(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,6 +45,17 @@ def load_balance(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     freq = active.sum(-2) / active.sum((-2, -1)).clamp(min=1).unsqueeze(-1)
     prop = (p * m).sum(-2) / m.sum().clamp(min=1)
     return E * (freq * prop).sum(-1)
+
+
+def adamole_balance(p: torch.Tensor, u: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """AdaMoLE's E * Σ_e f_e P_e per module (p, u [..., N, E]; t [..., N]): f_e the share of real
+    tokens that selected e (no gradient), P_e the mean of g_e - t over them, g = softmax(u)."""
+    E = p.shape[-1]
+    m = mask.to(torch.float32).unsqueeze(-1)
+    n = m.sum().clamp(min=1)
+    f = ((p > 0).float() * m).sum(-2) / n
+    shifted = ((torch.softmax(u.float(), dim=-1) - t.unsqueeze(-1)) * m).sum(-2) / n
+    return E * (f * shifted).sum(-1)
 
 
 def lambda_lower_bound(u: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,9 +107,15 @@ def objective(ce: torch.Tensor, capture: TrainingCapture, mask: torch.Tensor, w:
     routed = [key for key in capture.p if capture.p[key].shape[-1] > 1]
     p, lam = stacked(capture.p, routed), stacked(capture.lam, list(capture.lam))
     u = stacked(capture.u, list(capture.lam)) if w.reg else None
+    if p is None:
+        balance = zero
+    elif capture.thresholds_router:
+        balance = adamole_balance(p, stacked(capture.u, routed), stacked(capture.threshold, routed), mask).sum()
+    else:
+        balance = load_balance(p, mask).mean()
     terms = {
         "ce": ce,
-        "load_balance": load_balance(p, mask).mean() if p is not None else zero,
+        "load_balance": balance,
         "sparsity": _sparsity(u, lam, mask, w) if lam is not None else zero,
         "lambda": lambda_term(lam, mask).mean() if lam is not None else zero,
     }

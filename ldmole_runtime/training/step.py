@@ -72,8 +72,11 @@ class TrainStep(nn.Module):
         selected = labels != -100
         return F.linear(hidden[selected], self.runtime.model.lm_head_weight), labels[selected]
 
+    def new_capture(self) -> TrainingCapture:
+        return TrainingCapture(thresholds_router=self.adapter.slot.router.needs_threshold)
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        capture = TrainingCapture()
+        capture = self.new_capture()
         hidden = self.hidden(batch, self.cfg.dropout, capture)
         logits, targets = self.logits(batch, hidden)
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)

@@ -29,6 +29,9 @@ class TrainableAdapter(nn.Module):
             gb.A = self._param(self.lora, gb.A)
             gb.router = self._param(self.lora, gb.router) if slot.router.needs_logits else gb.router
             gb.B = [self._param(self.lora, b) for b in gb.B]
+            if slot.router.needs_threshold:
+                gb.threshold = self._param(self.lora, gb.threshold)
+                gb.threshold_bias = self._param(self.lora, gb.threshold_bias)
         slot.lambda_nets = {w: tuple(self._param(self.lambda_net, t) for t in net) for w, net in slot.lambda_nets.items()}
         if slot.score is not None:
             weight, bias = slot.score

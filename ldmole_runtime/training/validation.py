@@ -41,11 +41,8 @@ def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int, scor
     active = []
     for start in range(0, len(encoded), cfg.eval_batch_size):
         batch = collate(encoded[start:start + cfg.eval_batch_size], pad_id)
-        capture = TrainingCapture()
-        # CPU: the sparse path serving uses (its fused kernel is also the fastest there); GPU: dense,
-        # until the GPU kernels remove the sparse path's host syncs
-        mode = "sparse" if step.runtime.device.type == "cpu" else "dense"
-        hidden = step.hidden(batch, 0.0, capture, mode=mode)
+        capture = step.new_capture()
+        hidden = step.hidden(batch, 0.0, capture, mode="sparse")  # what serving runs
         mask = batch.mask.reshape(-1).to(hidden.device)
         active.append(torch.stack([(p > 0).float()[mask].sum(-1).mean() for p in capture.p.values()]).mean().item())
         if step.task == "mc":

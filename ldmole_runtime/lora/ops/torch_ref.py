@@ -14,23 +14,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...routing import lambda_from_mlp
+from ...routing import lambda_from_mlp, threshold_from_layer
 from ..adapter_batch import AdapterBatch
 from ..bank import AdapterBank, GroupBank, SetSlot
 
 
-def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor):
-    """Expert weights p [n, P, E] (fp32), λ [n] (or None) and router logits u [n, P, E] for the
-    tokens xs of one set."""
+def route(slot: SetSlot, set_index: int, gb: GroupBank, xs: torch.Tensor):
+    """Expert weights p [n, P, E] (fp32), the router's per-token scalar (λ [n], or AdaMoLE's
+    thresholds [n, P]; None for other routers) and router logits u [n, P, E] for the tokens xs of
+    one set."""
     E, P = slot.num_experts, len(gb.projections)
     router = slot.router
-    lam = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in]) if router.needs_lambda else None
+    lam = None
+    if router.needs_lambda:
+        lam = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in])
+    elif router.needs_threshold:
+        lam = threshold_from_layer(xs, gb.threshold[set_index], gb.threshold_bias[set_index], slot.threshold_cap)
     if router.needs_logits:
         weights = gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in)
         u = (xs @ weights.T).view(-1, E, P).transpose(1, 2)
     else:
         u = xs.new_zeros(xs.shape[0], P, 1)
-    p = router.route(u, None if lam is None else lam[:, None], **slot.router_options)
+    scalar = None if lam is None else (lam[..., None] if router.needs_threshold else lam[:, None])
+    p = router.route(u, scalar, **slot.router_options)
     mask = slot.group_masks[gb.group]
     return (p if mask is None else p * mask), lam, u
 
@@ -38,7 +44,8 @@ def route(slot: SetSlot, gb: GroupBank, xs: torch.Tensor):
 def record(capture, slot: SetSlot, gb: GroupBank, index, p, lam, u=None) -> None:
     """Only the projections a set adapts make routing decisions (a masked one's p is all zero)."""
     for i in slot.adapted[gb.group]:
-        capture.record(f"{gb.layer}.{gb.projections[i]}", index, p[:, i], lam, None if u is None else u[:, i])
+        scalar = lam[:, i] if lam is not None and lam.dim() == 2 else lam  # a threshold per projection
+        capture.record(f"{gb.layer}.{gb.projections[i]}", index, p[:, i], scalar, None if u is None else u[:, i])
 
 
 def expert_delta(y: torch.Tensor, xs: torch.Tensor, index, slot: SetSlot, gb: GroupBank, p: torch.Tensor) -> None:
@@ -59,7 +66,7 @@ def apply_segment(y, x, slot: SetSlot, gb: GroupBank, seg, capture=None, dropout
     xs = x if seg.index is None else x[seg.index]
     if dropout > 0.0:
         xs = F.dropout(xs, dropout, training=True)
-    p, lam, u = route(slot, gb, xs)
+    p, lam, u = route(slot, seg.set_index, gb, xs)
     if capture is not None:
         record(capture, slot, gb, seg.index, p, lam, u)
     expert_delta(y, xs, seg.index, slot, gb, p)

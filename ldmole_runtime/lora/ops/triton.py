@@ -29,9 +29,11 @@ class TritonOps:
             return
         tables = bank.kernel_tables()
         x = x.contiguous()
-        lam = torch.full((x.shape[0],), float("nan"), device=x.device) if capture is not None else None
+        P = len(gb.projections)
+        lam = torch.full((x.shape[0], P), float("nan"), device=x.device) if capture is not None else None
         p = route_blocks(x, batch.sorted_tokens, batch.blocks, tables.set_info, tables.masks[gb.group], gb.router,
-                         tables.lambdas.get(gb.fan_in), tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, lam)
+                         tables.lambdas.get(gb.fan_in), (gb.threshold, gb.threshold_bias, tables.threshold_cap),
+                         tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, lam)
         shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, tables.set_info, tables.scaling, gb.A, gb.B,
                       TOKEN_BLOCK)
         if capture is not None:
@@ -39,5 +41,9 @@ class TritonOps:
                 slot = bank.slots[seg.set_index]
                 if gb.group in slot.group_masks:
                     rows = slice(None) if seg.index is None else seg.index
-                    torch_ref.record(capture, slot, gb, seg.index, p[rows, :, :slot.num_experts],
-                                     lam[rows] if slot.router.needs_lambda else None)
+                    scalar = None
+                    if slot.router.needs_lambda:
+                        scalar = lam[rows, 0]
+                    elif slot.router.needs_threshold:
+                        scalar = lam[rows]
+                    torch_ref.record(capture, slot, gb, seg.index, p[rows, :, :slot.num_experts], scalar)
