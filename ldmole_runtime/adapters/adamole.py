@@ -22,7 +22,7 @@ import torch
 from ..errors import CheckpointError
 from .adapter_set import AdapterSet
 from .files import read_json_object, read_state_dict
-from .spec import ALL_PROJECTIONS, AdapterConfig
+from .spec import ALL_PROJECTIONS, AdapterConfig, hidden_size_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -93,11 +93,9 @@ def load_adamole(path: str | Path) -> AdapterSet:
             tensors |= {prefix + "lora_A": A, prefix + "lora_B": B, prefix + "router": gate,
                         prefix + "threshold.weight": theta, prefix + "threshold.bias": bias}
 
-    proj, (fan_in, fan_out) = next(iter(shapes.items()))
     config = AdapterConfig(
         num_experts=E, rank=r, alpha=alpha, router="threshold" if E > 1 else "none", target_modules=targets,
-        num_layers=num_layers, projection_shapes=shapes,
-        hidden_size=int(fan_out if proj in ("o_proj", "down_proj") else fan_in),
+        num_layers=num_layers, projection_shapes=shapes, hidden_size=hidden_size_of(shapes),
         max_threshold=cap, base_model=raw.get("base_model_name_or_path") or "")
     config.check(str(cfg_file))
     if E == 1:  # plain LoRA: the gate and threshold decide nothing

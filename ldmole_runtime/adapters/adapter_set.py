@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ModelConfig
 from ..errors import AdapterMismatchError, CheckpointError
 from ..routing import ROUTERS
+from .files import read_json_object
 from .spec import AdapterConfig, projection_shapes
 
 CONFIG_NAME = "ldmole_adapter.json"
@@ -109,13 +110,7 @@ class AdapterSet:
         for f in (cfg_file, weights_file):
             if not f.is_file():
                 raise CheckpointError(f"{path}: missing {f.name}")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{cfg_file}: expected a JSON object")
-        config = AdapterConfig.from_dict(raw, source=str(cfg_file))
+        config = AdapterConfig.from_dict(read_json_object(cfg_file), source=str(cfg_file))
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -140,7 +135,6 @@ class AdapterSet:
         (`lora_nums` / `sparsegen`), the reference AdaMoLE code (`peft_type` ADAMOLE), or PEFT's own
         LoRA (`peft_type` LORA)."""
         from .adamole import load_adamole
-        from .files import read_json_object
         from .peft_lora import load_peft
         from .reference import REFERENCE_CONFIG_NAME, load_reference
 

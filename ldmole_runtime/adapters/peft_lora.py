@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from ..errors import CheckpointError
 from .adapter_set import AdapterSet
 from .files import read_json_object, read_state_dict
-from .spec import ALL_PROJECTIONS, AdapterConfig
+from .spec import ALL_PROJECTIONS, AdapterConfig, hidden_size_of
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 _HEADS = {"score", "classifier"}  # a sequence-classification head, kept as the set's own head
@@ -128,7 +128,6 @@ def load_peft(path: str | Path) -> AdapterSet:
                 B[0, :, :r] = ab["B"].float() * _scaling(raw, layer, proj, r, cfg_file)
             tensors[f"layers.{layer}.{proj}.lora_A"], tensors[f"layers.{layer}.{proj}.lora_B"] = A, B
 
-    proj, (fan_in, fan_out) = next(iter(shapes.items()))
     num_labels = None
     if "weight" in head:
         tensors["score.weight"] = head["weight"].float()
@@ -137,7 +136,7 @@ def load_peft(path: str | Path) -> AdapterSet:
             tensors["score.bias"] = head["bias"].float()
     config = AdapterConfig(
         num_experts=1, rank=rank, alpha=float(rank), router="none", target_modules=targets, num_layers=num_layers,
-        projection_shapes=shapes, hidden_size=int(fan_out if proj in ("o_proj", "down_proj") else fan_in),
+        projection_shapes=shapes, hidden_size=hidden_size_of(shapes),
         num_labels=num_labels, base_model=raw.get("base_model_name_or_path") or "")
     config.check(str(cfg_file))
     adapter = AdapterSet(config, {k: v.contiguous() for k, v in tensors.items()})

@@ -16,7 +16,7 @@ import torch
 from ..errors import CheckpointError
 from .adapter_set import AdapterSet, lambda_key
 from .files import read_json_object, read_state_dict
-from .spec import ALL_PROJECTIONS, AdapterConfig
+from .spec import ALL_PROJECTIONS, AdapterConfig, hidden_size_of
 
 REFERENCE_CONFIG_NAME = "adapter_config.json"
 REFERENCE_WEIGHTS_NAME = "adapter_model.bin"
@@ -135,9 +135,7 @@ def load_reference(path: str | Path) -> AdapterSet:
     widths = sorted({int(k.split(".")[1]) for k in lambda_tensors})
     lambda_hidden = next((t.shape[0] for k, t in lambda_tensors.items() if k.endswith("0.weight")), None)
 
-    # o_proj and down_proj write the hidden size; every other projection reads it
-    proj, (fan_in, fan_out) = next(iter(shapes.items()))
-    hidden_size = fan_out if proj in ("o_proj", "down_proj") else fan_in
+    hidden_size = hidden_size_of(shapes)
     num_labels = None
     score = next((sd[k] for k in _SCORE_KEYS if k in sd), None)
     if score is not None:

@@ -34,6 +34,13 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+def hidden_size_of(shapes: dict[str, list[int]]) -> int:
+    """The base's hidden size, read off adapted projections' [in, out] widths: o_proj and down_proj
+    write it, every other projection reads it."""
+    proj, (fan_in, fan_out) = next(iter(shapes.items()))
+    return int(fan_out if proj in ("o_proj", "down_proj") else fan_in)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

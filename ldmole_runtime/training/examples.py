@@ -123,8 +123,12 @@ def load_jsonl(path, task: str) -> list[Example]:
     classification: {"text": str, "label": int >= 0}
     """
     _check_task(task)
+    return read_jsonl(path, _PARSERS[task])
+
+
+def read_jsonl(path, parse) -> list:
+    """parse(row, where) of every JSON object in the file, each error naming its line."""
     path = Path(path)
-    parse = _PARSERS[task]
     examples = []
     try:
         # Binary, decoded line by line, so a bad byte is reported on its own line number.

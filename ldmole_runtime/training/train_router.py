@@ -14,31 +14,22 @@ from pathlib import Path
 
 from ..errors import LDMoleError
 from .config import TrainConfig
+from .examples import read_jsonl
 from .trainer import train
 
 LABELS_FILE = "router_labels.json"  # server/request_router.py reads it
 
 
+def _parse_routing(row: dict, where: str) -> tuple[str, str]:
+    text, adapter = row.get("text"), row.get("adapter")
+    if not isinstance(text, str) or not isinstance(adapter, str) or not text or not adapter:
+        raise LDMoleError(f'{where}: expected {{"text": "...", "adapter": "..."}} with non-empty strings')
+    return text, adapter
+
+
 def read_routing_data(path: str | Path) -> list[tuple[str, str]]:
-    """(text, adapter) pairs; one line-numbered error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise LDMoleError(f"{path}: routing data file does not exist")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LDMoleError(f"{path}:{n}: not valid JSON ({exc})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not isinstance(row.get("adapter"), str) \
-                or not row["text"] or not row["adapter"]:
-            raise LDMoleError(f'{path}:{n}: expected {{"text": "...", "adapter": "..."}} with non-empty strings')
-        rows.append((row["text"], row["adapter"]))
-    if not rows:
-        raise LDMoleError(f"{path}: no examples")
-    return rows
+    """(text, adapter) pairs, one JSON object per line."""
+    return read_jsonl(path, _parse_routing)
 
 
 def task_questions(spec: str, split: str, limit: int | None) -> list[tuple[str, str]]:
