@@ -1,4 +1,5 @@
-"""Acceptance: the sparse path equals the dense all-experts reference on mixed-adapter batches."""
+"""Acceptance: the sparse path equals the dense all-experts reference on mixed-adapter batches of
+every adapter kind (LD-MoLE with each router, AdaMoLE, a PEFT LoRA saved by peft) and the base."""
 
 import pytest
 import torch
@@ -23,7 +24,23 @@ def runtime(tmp_path_factory):
                                            lambda_bias=-30.0))
     rt.load_adapter("soft", new_adapter_set(cfg, num_experts=4, rank=3, router="softmax", seed=5, b_std=0.05))
     rt.load_adapter("ada", new_adapter_set(cfg, num_experts=6, rank=2, router="threshold", seed=6, b_std=0.05))
+    rt.load_adapter("peft", peft_lora(path, tmp_path_factory.mktemp("peft")))
     return rt
+
+
+def peft_lora(base, out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=5, lora_alpha=10, target_modules=["k_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(out)
+    return out
 
 
 @pytest.mark.parametrize("backend", ["sparse", "cpu", "triton"])
@@ -31,8 +48,8 @@ def test_mixed_batch_sparse_equals_dense(runtime, backend):
     """Every sparse backend (the C kernel; the Triton kernels, interpreted on CPU) against the
     dense torch reference."""
     g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, 300, (8, 13), generator=g)
-    rows = ["wide", "narrow", None, "lora", "all", "soft", "wide", "ada"]
+    input_ids = torch.randint(0, 300, (9, 13), generator=g)
+    rows = ["wide", "narrow", None, "lora", "all", "soft", "wide", "ada", "peft"]
     ids = torch.tensor([runtime.adapter_index(a) for a in rows])[:, None].repeat(1, 13)
     ids[6, ::3] = runtime.adapter_index("narrow")  # sets also mix inside one row
     ids[6, 1::4] = -1
