@@ -97,7 +97,10 @@ class LDMoleRuntime:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, adapters: str | Sequence[str | None] | torch.Tensor | None = None,
-                mode: str = "sparse", capture_routing: bool = False) -> ForwardOutput:
+                mode: str = "sparse", capture_routing: bool = False,
+                lengths: torch.Tensor | None = None) -> ForwardOutput:
+        """`lengths` (classification heads): each row's real length; by default the last token that is
+        not the pad token, as transformers' sequence classifiers read it."""
         ops = lora_ops(mode, self.device)
         if input_ids.dim() != 2:
             raise LDMoleError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -114,7 +117,7 @@ class LDMoleRuntime:
         positions = torch.arange(T, device=self.device).repeat(B)
         ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), ops, capture)
         hidden = self.model(input_ids.reshape(-1), positions, ctx).view(B, T, -1)
-        out = ForwardOutput(hidden, self._logits(hidden, input_ids, set_ids[:, -1]))
+        out = ForwardOutput(hidden, self._logits(hidden, input_ids, set_ids[:, -1], lengths))
         if capture is not None:
             out.routing = {k: v.view(B, T, -1) for k, v in capture.routing.items()}
             out.lambdas = {k: v.view(B, T) for k, v in capture.lambdas.items()}
@@ -126,7 +129,9 @@ class LDMoleRuntime:
         if self._score_head(self.adapter_index(adapter)) is None:
             who = f"adapter set {adapter!r}" if adapter else "the base model"
             raise LDMoleError(f"{who} has no classification head (score.weight); it generates text instead")
-        logits = self.forward(torch.tensor([token_ids]), adapter).logits[0]
+        # one unpadded row: its last token is the one to read, even when it is the pad token (SmolLM2's
+        # end token <|im_end|> is also its pad token, and the trainer ends every text with it)
+        logits = self.forward(torch.tensor([token_ids]), adapter, lengths=torch.tensor([len(token_ids)])).logits[0]
         return torch.softmax(logits.float(), -1)
 
     # ---- heads ------------------------------------------------------------------------------------
@@ -135,13 +140,14 @@ class LDMoleRuntime:
             return self.bank.slots[set_index].score
         return None if self.model.score is None else (self.model.score, None)
 
-    def _logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, row_sets: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, row_sets: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         heads = [self._score_head(s) for s in row_sets.tolist()]
         if all(h is None for h in heads):
             return F.linear(hidden, self.model.lm_head_weight)
         if any(h is None for h in heads):
             raise LDMoleError("a batch cannot mix rows with a classification head and rows with the LM head")
-        last = self._last_token_index(input_ids)
+        last = self._last_token_index(input_ids) if lengths is None else lengths.to(hidden.device) - 1
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         rows = [F.linear(pooled[i], w, b) for i, (w, b) in enumerate(heads)]
         if len({r.shape[-1] for r in rows}) != 1:

@@ -144,3 +144,20 @@ def test_train_router_then_serve_auto(setup, tmp_path):
             assert auto.choices[0].text == direct.choices[0].text
             right += auto.model == row["adapter"]
     assert right >= 11  # of 12 held-out prompts
+
+
+def test_classify_reads_the_last_token_even_when_it_is_the_pad_token(tmp_path):
+    """SmolLM2's end token is also its pad token, and the trainer ends every text with it: a single
+    unpadded input is read at its last token, as the trainer reads it, not before it."""
+    from ldmole_runtime import LDMoleRuntime, new_adapter_set
+    from tiny_models import tiny_config, write_tiny_model
+
+    base = write_tiny_model(tmp_path / "base", tiny_config("llama", pad_token_id=2, eos_token_id=2))
+    rt = LDMoleRuntime.from_pretrained(base)
+    rt.load_adapter("c", new_adapter_set(rt.cfg, num_experts=2, rank=2, lambda_hidden=8, num_labels=3, seed=1))
+    ids = [5, 9, 14, 2]
+    hidden = rt.forward(torch.tensor([ids]), "c").hidden[0]
+    weight, bias = rt.bank.slots[0].score
+    expected = torch.softmax(torch.nn.functional.linear(hidden[-1], weight, bias), -1)
+    assert torch.allclose(rt.classify(ids, "c"), expected, atol=1e-6)
+    assert not torch.allclose(torch.softmax(torch.nn.functional.linear(hidden[-2], weight, bias), -1), expected)
