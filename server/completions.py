@@ -102,8 +102,9 @@ def completion_logprobs(state: ServerState, token_ids: list[int], entries: list,
 def usage(prompts: list[Prompt], finals) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in finals if out is not None)  # prompt tokens the prefix cache held
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def collect(raw: Request, streams, tracker) -> list | None:

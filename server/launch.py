@@ -86,6 +86,13 @@ def curl_examples(state: ServerState, url: str) -> list[str]:
 
 def serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.replicas < 1:
+        raise LDMoleError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.replicas > 1 or args.address:
+        from .cluster import run_cluster
+
+        base = resolve_base(args.base)
+        return run_cluster(args, parse_adapters(args.adapter or []), args.served_model_name or base.name)
     executor = MainThreadExecutor()
     state = build_state(args, executor)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
@@ -152,6 +159,15 @@ def add_serve_flags(s) -> None:
     s.add_argument("--request-router-labels", metavar="JSON",
                    help="the request router's label map, {\"0\": \"adapter-name\", ...} (default: the folder's "
                         "router_labels.json, else the model's id2label)")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="engine replicas behind one endpoint, on Ray Serve (each with its own engine and KV "
+                        "cache; requests of one adapter set stick to one replica); default 1: no Ray")
+    s.add_argument("--address", help="join this running Ray cluster (e.g. ray://host:10001 or auto) instead of "
+                                     "starting a local one; implies Ray Serve even with --replicas 1")
+    s.add_argument("--cpus-per-replica", type=float, default=0.0,
+                   help="CPUs Ray reserves for each replica (default 0: no reservation)")
+    s.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs Ray gives each replica (e.g. 1 with --device cuda; default 0)")
     s.add_argument("--decode-graphs", default="auto", choices=["auto", "off"],
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")
