@@ -4,10 +4,11 @@
 
 * Every EngineReplica runs the single-process app (server/app.py) unchanged, called in process
   through ASGI, with its own engine and KV cache: every endpoint behaves as without Ray.
-* **Affinity** is Serve's own model multiplexing: the ingress calls the engine deployment with
-  `multiplexed_model_id` = the request's `model`, so Serve keeps sending a set's requests to the
-  replica that served it (its prefix cache is warm there) and spreads them to another replica only
-  when that one is full (`max_ongoing_requests`). Every replica holds every adapter set (they are
+* **Affinity** uses Serve's model multiplexing and its request-router hook: the ingress calls the
+  engine deployment with `multiplexed_model_id` = the request's `model`, and `AffinityRouter` sends
+  a set's requests to the replica that served it (its prefix cache is warm there), or to the set's
+  home replica by a stable hash, spilling to another replica only when that one is full
+  (`max_ongoing_requests`). Every replica holds every adapter set (they are
   small); runtime loads and unloads go through a registry actor that every replica follows.
 * **Faults**: a request whose replica dies before the response started is retried once on another
   replica; one whose stream had started ends with a retriable 503 error event. Serve replaces the
@@ -20,12 +21,15 @@
 # must see `Request` as a class there, not as a string
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
+import random
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.request_router import RequestRouter
 
 logger = logging.getLogger("ldmole.cluster")
 REGISTRY, NAMESPACE = "ldmole-adapter-registry", "ldmole"  # a named actor in our own Ray namespace
@@ -174,6 +178,27 @@ class MetricsMirror:
                 gauge.set(sample.value, tags=dict(sample.labels) or None)
 
 
+# ---- routing: a set's requests go to its home replica ---------------------------------------------
+class AffinityRouter(RequestRouter):
+    """Serve's request-router hook. A request carrying a model id (the adapter set) goes first to a
+    replica that already served that set, else to the set's home by a stable hash; if that replica is
+    full, Serve falls through to the others (the second rank), so a hot set still spreads. Requests
+    without one are spread at random."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        replicas = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not key or len(replicas) < 2:
+            random.shuffle(replicas)
+            return [replicas]
+        holders = [r for r in replicas if key in r.multiplexed_model_ids]
+        digest = int(hashlib.sha1(key.encode()).hexdigest(), 16)
+        home = holders[digest % len(holders)] if holders else replicas[digest % len(replicas)]
+        rest = [r for r in replicas if r is not home]
+        random.shuffle(rest)
+        return [[home], rest]
+
+
 # ---- the ingress -----------------------------------------------------------------------------------
 ingress_app = FastAPI(title="ldmole (Ray Serve)")
 
@@ -272,35 +297,46 @@ class IngressDeployment(Ingress):
         return await self.forward(request, path)
 
 
-def run_cluster(args, adapters: dict[str, str], base_name: str) -> int:
+def deploy(args, adapters: dict, base_name: str):
+    """Deploy on the connected Ray cluster: the registry actor (returned: keep it referenced), N
+    engine replicas and the ingress, behind Serve's proxy at args.host:args.port."""
+    import ray
+
+    registry = ray.remote(AdapterRegistry).options(name=REGISTRY, namespace=NAMESPACE, get_if_exists=True,
+                                                   num_cpus=0).remote(adapters)
+    ray.get(registry.snapshot.remote())
+    serve.start(http_options={"host": args.host, "port": args.port})
+    cluster_only = ("func", "command", "replicas", "address", "metrics_port", "cpus_per_replica", "gpus_per_replica")
+    serve_args = {k: v for k, v in vars(args).items() if k not in cluster_only}
+    engine = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=args.replicas,
+                              max_ongoing_requests=args.max_num_seqs, health_check_period_s=1,
+                              request_router_config={"request_router_class": AffinityRouter},
+                              ray_actor_options={"num_cpus": args.cpus_per_replica,
+                                                 "num_gpus": args.gpus_per_replica}).bind(serve_args)
+    ingress = serve.deployment(IngressDeployment, name="Ingress", max_ongoing_requests=4096,
+                               ray_actor_options={"num_cpus": 0}).bind(engine, base_name)
+    serve.run(ingress, name="ldmole", route_prefix="/")
+    return registry
+
+
+def run_cluster(args, adapters: dict, base_name: str) -> int:
     """Start (or join, with --address) a Ray cluster, deploy, and serve until interrupted."""
     import signal
     import threading
 
     import ray
 
+    local = args.address in (None, "local")
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             **({} if args.address else {"num_cpus": max(2, args.replicas)}))
-    # kept referenced for the whole run: an actor nobody holds is destroyed
-    registry = ray.remote(AdapterRegistry).options(name=REGISTRY, namespace=NAMESPACE, get_if_exists=True,
-                                                   num_cpus=0).remote(adapters)
-    ray.get(registry.snapshot.remote())
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve_args = {k: v for k, v in vars(args).items() if k not in ("func", "command", "replicas", "address")}
-    engine = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=args.replicas,
-                              max_ongoing_requests=args.max_num_seqs, health_check_period_s=1,
-                              ray_actor_options={"num_cpus": args.cpus_per_replica,
-                                                 "num_gpus": args.gpus_per_replica}).bind(serve_args)
-    ingress = serve.deployment(IngressDeployment, name="Ingress", max_ongoing_requests=4096,
-                               ray_actor_options={"num_cpus": 0}).bind(engine, base_name)
-    serve.run(ingress, name="ldmole", route_prefix="/")
+             **({"num_cpus": max(2, args.replicas)} if local else {}),
+             **({"_metrics_export_port": args.metrics_port} if args.metrics_port else {}))
+    registry = deploy(args, adapters, base_name)  # noqa: F841 - an actor nobody references is destroyed
     print(f"ldmole is serving on {args.replicas} Ray Serve replica(s) at http://{args.host}:{args.port} "
           "(OpenAI API under /v1)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    del registry
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -162,8 +162,12 @@ def add_serve_flags(s) -> None:
     s.add_argument("--replicas", type=int, default=1,
                    help="engine replicas behind one endpoint, on Ray Serve (each with its own engine and KV "
                         "cache; requests of one adapter set stick to one replica); default 1: no Ray")
-    s.add_argument("--address", help="join this running Ray cluster (e.g. ray://host:10001 or auto) instead of "
-                                     "starting a local one; implies Ray Serve even with --replicas 1")
+    s.add_argument("--address", help="Ray cluster to run on: 'auto' or host:port joins a running one, 'local' "
+                                     "starts a new local one (also what --replicas N > 1 alone does); implies "
+                                     "Ray Serve even with --replicas 1")
+    s.add_argument("--metrics-port", type=int,
+                   help="with Ray Serve: the port of Ray's metrics endpoint, one Prometheus target with every "
+                        "replica's ldmole metrics (label `replica`); default: Ray picks one")
     s.add_argument("--cpus-per-replica", type=float, default=0.0,
                    help="CPUs Ray reserves for each replica (default 0: no reservation)")
     s.add_argument("--gpus-per-replica", type=float, default=0.0,
