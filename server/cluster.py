@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import random
 
 from fastapi import FastAPI, Request
@@ -58,12 +59,15 @@ class AdapterRegistry:
 
 # ---- one engine replica --------------------------------------------------------------------------
 class EngineReplica:
-    def __init__(self, serve_args: dict):
+    def __init__(self, serve_args: dict, torch_threads: int):
         import ray
+        import torch
 
         from .app import build_app
         from .launch import build_state
 
+        # Ray sets OMP_NUM_THREADS=1 for actors reserving no CPU; a replica gets its share of the node
+        torch.set_num_threads(torch_threads)
         self.state = build_state(argparse.Namespace(**serve_args))
         self.app = build_app(self.state)
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
@@ -71,6 +75,7 @@ class EngineReplica:
         self.tag = serve.get_replica_context().replica_tag
         self.mirror = MetricsMirror(self.state)
         self.sync_task = None
+        self.sync_lock = asyncio.Lock()
 
     @serve.multiplexed(max_num_models_per_replica=1024)
     async def get_model(self, model_id: str) -> str:
@@ -79,9 +84,11 @@ class EngineReplica:
 
     async def handle(self, method: str, path: str, query: bytes, headers: list, body: bytes):
         """Run one HTTP request through the app; yields (status, headers) first, then body chunks."""
+        model = serve.get_multiplexed_model_id()
+        if self.sync_task is None or (model and model not in self.state.model_names()):
+            await self._sync()  # a set loaded since the last poll is served at once, not 404
         if self.sync_task is None:
             self.sync_task = asyncio.get_running_loop().create_task(self._follow_registry())
-        model = serve.get_multiplexed_model_id()
         if model:
             await self.get_model(model)
         async for part in asgi_call(self.app, method, path, query, headers, body):
@@ -95,14 +102,18 @@ class EngineReplica:
         """Load and unload sets as the registry changes (and mirror metrics), every 0.5 s."""
         while True:
             try:
-                version, adapters = await self.registry.snapshot.remote()
-                if version != self.version:
-                    await self._apply(adapters)
-                    self.version = version
+                await self._sync()
                 self.mirror.update()
             except Exception:  # noqa: BLE001 - a failed sync is retried; the replica keeps serving
                 logger.exception("adapter registry sync failed")
             await asyncio.sleep(0.5)
+
+    async def _sync(self) -> None:
+        async with self.sync_lock:  # requests and the poll loop may ask at once: apply each change once
+            version, adapters = await self.registry.snapshot.remote()
+            if version != self.version:
+                await self._apply(adapters)
+                self.version = version
 
     async def _apply(self, adapters: dict[str, str]) -> None:
         engine = self.state.engine
@@ -308,11 +319,15 @@ def deploy(args, adapters: dict, base_name: str):
     serve.start(http_options={"host": args.host, "port": args.port})
     cluster_only = ("func", "command", "replicas", "address", "metrics_port", "cpus_per_replica", "gpus_per_replica")
     serve_args = {k: v for k, v in vars(args).items() if k not in cluster_only}
+    # torch threads per replica: its reserved CPUs, else an even share of this machine's cores but one,
+    # which Serve's proxy and the ingress need (on 2 cores, 1 replica with 2 threads ran at 0.78x of 1 thread)
+    share = max(1, ((os.cpu_count() or 1) - 1) // args.replicas)
+    threads = int(args.cpus_per_replica) if args.cpus_per_replica >= 1 else share
     engine = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=args.replicas,
                               max_ongoing_requests=args.max_num_seqs, health_check_period_s=1,
                               request_router_config={"request_router_class": AffinityRouter},
                               ray_actor_options={"num_cpus": args.cpus_per_replica,
-                                                 "num_gpus": args.gpus_per_replica}).bind(serve_args)
+                                                 "num_gpus": args.gpus_per_replica}).bind(serve_args, threads)
     ingress = serve.deployment(IngressDeployment, name="Ingress", max_ongoing_requests=4096,
                                ray_actor_options={"num_cpus": 0}).bind(engine, base_name)
     serve.run(ingress, name="ldmole", route_prefix="/")

@@ -169,7 +169,8 @@ def add_serve_flags(s) -> None:
                    help="with Ray Serve: the port of Ray's metrics endpoint, one Prometheus target with every "
                         "replica's ldmole metrics (label `replica`); default: Ray picks one")
     s.add_argument("--cpus-per-replica", type=float, default=0.0,
-                   help="CPUs Ray reserves for each replica (default 0: no reservation)")
+                   help="CPUs Ray reserves for each replica, also its torch threads (default 0: no reservation, "
+                        "and each replica gets (this machine's cores - 1) / replicas threads)")
     s.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="GPUs Ray gives each replica (e.g. 1 with --device cuda; default 0)")
     s.add_argument("--decode-graphs", default="auto", choices=["auto", "off"],
