@@ -26,7 +26,8 @@ class BuildPyWithHook(build_py):
 setup(
     # eval/ and kernels/ install under project-unique names: a top-level `eval` or `kernels` would
     # shadow other distributions (Hugging Face's `kernels`, which transformers probes for)
-    packages=[*find_packages(include=["ldmole_runtime*", "server*"]), "ldmole_eval", "ldmole_kernels", "ldmole_kernels.triton"],
+    packages=[*find_packages(include=["ldmole_runtime*", "server*"]), "ldmole_eval", "ldmole_kernels",
+              "ldmole_kernels.triton"],
     package_dir={"ldmole_eval": "eval", "ldmole_kernels": "kernels"},
     package_data={
         "ldmole_kernels": ["cpu/*.c"],

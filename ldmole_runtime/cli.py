@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "device), dense (all experts, the torch reference), or a backend by name: torch, cpu, triton")
     f.set_defaults(func=cmd_forward)
 
-    i = sub.add_parser("import", help="convert a checkpoint of the reference LD-MoLE or AdaMoLE code to the native format")
+    i = sub.add_parser("import", help="convert a checkpoint of the reference LD-MoLE or AdaMoLE code to the "
+                       "native format")
     i.add_argument("reference", help="folder with adapter_config.json + adapter_model.bin (LD-MoLE or AdaMoLE)")
     i.add_argument("--out", required=True, help="native adapter folder to write")
     i.add_argument("--base", help="optional base model folder to validate the adapter against")

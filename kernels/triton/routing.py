@@ -78,7 +78,8 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         z = tl.sum(tl.maximum(acc_h + b1[None, :], 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr + s)
         lam = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z))) + (1.0 - eps)  # logsigmoid + 1 - eps
         tb = tl.load(thr_b_ptr + s * P + ps, mask=load_t, other=0.0).to(tl.float32)
-        t = tl.load(cap_ptr + s) / (1.0 + tl.exp(-(acc_t + tb[None, :])))  # [BLOCK_M, 16]: t of projection i in column i
+        # [BLOCK_M, 16]: the threshold of projection i in column i
+        t = tl.load(cap_ptr + s) / (1.0 + tl.exp(-(acc_t + tb[None, :])))
 
         u = tl.where(col_ok[None, :], acc_u, 0.0)
         # for every column: how many logits of its projection are >= it, their sum, and its rank

@@ -42,7 +42,8 @@ def _shrink_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, scalin
             for k0 in range(0, IN, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < IN
-                xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                             other=0.0)
                 a = tl.load(a_ptr + ((g * P + i) * R + rs[:, None]) * IN + ks[None, :],
                             mask=r_ok[:, None] & k_ok[None, :], other=0.0)
                 if UPCAST:

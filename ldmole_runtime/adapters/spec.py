@@ -135,7 +135,8 @@ class AdapterConfig:
         if self.max_threshold is not None and (isinstance(self.max_threshold, bool) or
                                                not isinstance(self.max_threshold, (int, float)) or
                                                not 0 < self.max_threshold <= 1):
-            raise CheckpointError(f"{source}: max_threshold must be a number in (0, 1] or null, got {self.max_threshold!r}")
+            raise CheckpointError(f"{source}: max_threshold must be a number in (0, 1] or null, "
+                                  f"got {self.max_threshold!r}")
         if ROUTERS[self.router].needs_lambda:
             if not self.lambda_hidden:
                 raise CheckpointError(f"{source}: router {self.router!r} needs lambda_hidden")

@@ -45,7 +45,8 @@ class AdapterBatch:
         return self.blocks is None
 
     @classmethod
-    def from_runs(cls, runs: list[tuple[int, int]], num_sets: int, device: torch.device | str = "cpu") -> "AdapterBatch":
+    def from_runs(cls, runs: list[tuple[int, int]], num_sets: int,
+                  device: torch.device | str = "cpu") -> "AdapterBatch":
         """From (set index, token count) runs in token order, e.g. one run per sequence of a step."""
         n = sum(count for _, count in runs)
         for set_index, _ in runs:
