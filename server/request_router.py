@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ldmole_runtime.adapters.adapter_set import ROUTER_LABELS_NAME
 from ldmole_runtime.errors import LDMoleError
 
-LABELS_FILE = "router_labels.json"  # {"0": "adapter-name", ...}, written by `ldmole train-router`
 MAX_BATCH = 32
 
 
@@ -92,12 +92,12 @@ class RequestRouter:
         self.classifier = _AdapterClassifier(path, runtime, tokenizer) if is_adapter else _HFClassifier(path)
         if labels_path is not None:
             self.labels = read_labels(Path(labels_path))
-        elif (path / LABELS_FILE).is_file():
-            self.labels = read_labels(path / LABELS_FILE)
+        elif (path / ROUTER_LABELS_NAME).is_file():
+            self.labels = read_labels(path / ROUTER_LABELS_NAME)
         else:
             self.labels = self.classifier.id2label
         if not self.labels:
-            raise LDMoleError(f"--request-router {path}: no label map (id2label, {LABELS_FILE}, or "
+            raise LDMoleError(f"--request-router {path}: no label map (id2label, {ROUTER_LABELS_NAME}, or "
                               "--request-router-labels)")
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="ldmole-request-router")
         self.pending: list[tuple[str, asyncio.Future]] = []

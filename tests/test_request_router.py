@@ -126,7 +126,8 @@ def test_train_router_then_serve_auto(setup, tmp_path):
         out = []
         for _ in range(n):
             name = g.choice(sorted(words))
-            out.append({"text": f"{g.choice(['Tell', 'Ask', 'Say'])} {words[name]} {g.randrange(100)}", "adapter": name})
+            text = f"{g.choice(['Tell', 'Ask', 'Say'])} {words[name]} {g.randrange(100)}"
+            out.append({"text": text, "adapter": name})
         return out
 
     data, held_out = tmp_path / "route.jsonl", rows(12)

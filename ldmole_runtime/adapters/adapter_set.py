@@ -29,6 +29,8 @@ from .spec import AdapterConfig, projection_shapes
 
 CONFIG_NAME = "ldmole_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
+# a request router's label map ({"0": "adapter-set name", ...}), beside a set with a classification head
+ROUTER_LABELS_NAME = "router_labels.json"
 
 
 def lambda_key(width: int, part: str) -> str:

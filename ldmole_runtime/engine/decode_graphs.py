@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import PagedAttention
-from ..lora.adapter_batch import AdapterBatch
+from ..lora.adapter_batch import AdapterBatch, block_capacity
 from ..model import ForwardContext
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -83,7 +83,7 @@ class DecodeGraphs:
     def _new_buffers(self, bp: int, width: int) -> _Buffers:
         device, bs = self.runner.runtime.device, self.runner.block_size
         num_sets = len(self.runner.runtime.bank.slots)
-        capacity = -(-bp // 16) + min(bp, num_sets)
+        capacity = block_capacity(bp, num_sets)
         long = dict(dtype=torch.long, device=device)
         bufs = _Buffers(torch.zeros(bp, **long), torch.zeros(bp, **long), torch.full((bp,), self.scratch_slot, **long),
                         torch.full((bp, width), self.scratch_block, **long), torch.ones(bp, **long),

@@ -81,23 +81,27 @@ class ModelRunner:
     def _static_decode(self, seqs: list[Sequence]) -> StepLogits | None:
         """A decode-only step through the static buffers (a CUDA graph replay on a GPU)."""
         bs = self.block_size
-        index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
         positions = [seq.num_computed_tokens for seq in seqs]
         hidden = self.graphs.run([seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
                                  [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
                                  [seq.block_table for seq in seqs],
-                                 [-1 if seq.adapter is None else index_of[seq.adapter] for seq in seqs])
+                                 self._set_indices(seqs))
         if hidden is None:
             return None
         logits = F.linear(hidden, self.runtime.model.lm_head_weight).float()
         return StepLogits(seqs, logits, [], logits[:0])
 
+    def _set_indices(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's adapter-set index in the bank (-1: the bare base)."""
+        index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
+        return [-1 if seq.adapter is None else index_of[seq.adapter] for seq in seqs]
+
     def _run_eager(self, batch: list[tuple[Sequence, int]], count_experts: bool) -> StepLogits:
         device, bs = self.runtime.device, self.block_size
         input_ids: list[int] = []
-        q_lens, ctx_lens, starts, set_ids, tables = [], [], [], [], []
+        q_lens, ctx_lens, starts, tables = [], [], [], []
+        set_ids = self._set_indices([seq for seq, _ in batch])
         sample_seqs, sample_rows, prompt_spans, prompt_index = [], [], [], []
-        index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
         for seq, n in batch:
             c = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -105,7 +109,6 @@ class ModelRunner:
             q_lens.append(n)
             ctx_lens.append(c + n)
             starts.append(c)
-            set_ids.append(-1 if seq.adapter is None else index_of[seq.adapter])
             tables.append(seq.block_table)
             if c + n == seq.num_tokens:
                 sample_seqs.append(seq)

@@ -25,6 +25,12 @@ BASE = -1  # the adapter-set index of tokens that run on the bare base model
 TOKEN_BLOCK = 16  # tokens per kernel program; the Triton kernels' BLOCK_M (tl.dot wants >= 16)
 
 
+def block_capacity(num_tokens: int, num_sets: int) -> int:
+    """Rows of a step's block table: every set's last block may be partial, so at most one extra row
+    per set; fixed by the token count and the loaded sets alone (a captured graph's buffers)."""
+    return -(-num_tokens // TOKEN_BLOCK) + min(num_tokens, num_sets)
+
+
 @dataclass(frozen=True)
 class Segment:
     set_index: int
@@ -70,8 +76,7 @@ class AdapterBatch:
             for lo in range(start, start + per_set[s], TOKEN_BLOCK):
                 blocks.append((s, lo, min(lo + TOKEN_BLOCK, start + per_set[s])))
             start += per_set[s]
-        capacity = -(-n // TOKEN_BLOCK) + min(n, num_sets)
-        blocks += [(BASE, 0, 0)] * (capacity - len(blocks))
+        blocks += [(BASE, 0, 0)] * (block_capacity(n, num_sets) - len(blocks))
 
         device = torch.device(device)
         pin = device.type == "cuda"

@@ -12,12 +12,12 @@ import json
 import random
 from pathlib import Path
 
+from ..adapters.adapter_set import ROUTER_LABELS_NAME
 from ..errors import LDMoleError
 from .config import TrainConfig
 from .examples import read_jsonl
 from .trainer import train
 
-LABELS_FILE = "router_labels.json"  # server/request_router.py reads it
 
 
 def _parse_routing(row: dict, where: str) -> tuple[str, str]:
@@ -101,5 +101,5 @@ def train_router(data: str | None, val_data: str | None, val_fraction: float, ov
     metrics = train(cfg)
     labels = {str(i): name for i, name in enumerate(names)}
     if (out / "adapter").is_dir():
-        (out / "adapter" / LABELS_FILE).write_text(json.dumps(labels, indent=2) + "\n")
+        (out / "adapter" / ROUTER_LABELS_NAME).write_text(json.dumps(labels, indent=2) + "\n")
     return metrics | {"labels": labels}

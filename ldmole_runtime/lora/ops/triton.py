@@ -19,13 +19,16 @@ from ..bank import AdapterBank, GroupBank
 from . import torch_ref
 
 
+_REFERENCE = torch_ref.TorchRefOps()
+
+
 class TritonOps:
     name = "triton"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
         if dropout > 0.0 or torch.is_grad_enabled():  # training: the differentiable reference
-            torch_ref.TorchRefOps().apply(y, x, bank, gb, batch, capture, dropout)
+            _REFERENCE.apply(y, x, bank, gb, batch, capture, dropout)
             return
         tables = bank.kernel_tables()
         x = x.contiguous()
