@@ -1,6 +1,12 @@
-"""What pyproject.toml cannot express: the `eval/` folder installs under the import name
-`ldmole_eval` (a bare `eval` package would shadow other projects' eval modules), and a `.pth` hook
-registers `lm_eval --model ldmole` (lm-eval 0.4 discovers no model plugins; see eval/lm_eval_hook.py)."""
+"""What pyproject.toml cannot express: the `kernels/`, `eval/` and `server/` folders install under
+project-unique import names, and a `.pth` hook registers `lm_eval --model ldmole` (lm-eval 0.4
+discovers no model plugins; see eval/lm_eval_hook.py).
+
+Those three folders hold no `__init__.py`, on purpose. An interpreter started in the repository
+root (`python -m`, pytest, torchrun, Ray workers, `docker build`) has the root on `sys.path`, and a
+folder with an `__init__.py` there would shadow any installed package of the same name (Hugging
+Face's `kernels`, which transformers imports). A folder without one is only a namespace portion,
+which Python uses only when no regular package of that name is found anywhere on the path."""
 
 import os
 
@@ -8,6 +14,8 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH = "ldmole_lm_eval.pth"
+# installed import name -> folder
+FOLDERS = {"ldmole_kernels": "kernels", "ldmole_eval": "eval", "ldmole_server": "server"}
 
 
 class BuildPyWithHook(build_py):
@@ -24,11 +32,8 @@ class BuildPyWithHook(build_py):
 
 
 setup(
-    # eval/ and kernels/ install under project-unique names: a top-level `eval` or `kernels` would
-    # shadow other distributions (Hugging Face's `kernels`, which transformers probes for)
-    packages=[*find_packages(include=["ldmole_runtime*", "server*"]), "ldmole_eval", "ldmole_kernels",
-              "ldmole_kernels.triton"],
-    package_dir={"ldmole_eval": "eval", "ldmole_kernels": "kernels"},
+    packages=[*find_packages(include=["ldmole_runtime*"]), *FOLDERS, "ldmole_kernels.triton"],
+    package_dir=FOLDERS,
     package_data={
         "ldmole_kernels": ["cpu/*.c"],
         "ldmole_runtime": ["assets/default_adapter/*"],

@@ -173,13 +173,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.launch import serve
+    from ldmole_server.launch import serve
 
     return serve(args)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from server.bench_serve import bench_serve
+    from ldmole_server.bench_serve import bench_serve
 
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not concurrency or min(concurrency) < 1:
@@ -327,13 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-length", type=int, default=512, help="tokens per example, cut from the left (default 512)")
     r.set_defaults(func=cmd_report)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base and its adapter sets")
-    from server.launch import add_serve_flags
+    from ldmole_server.launch import add_serve_flags
     add_serve_flags(s)
     s.set_defaults(func=cmd_serve)
 
     bs = sub.add_parser("bench-serve", help="serving benchmark against a running server, with the offline engine "
                                             "on the same workload as the baseline")
-    from server.bench_serve import add_bench_serve_flags
+    from ldmole_server.bench_serve import add_bench_serve_flags
     add_bench_serve_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
 

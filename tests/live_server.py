@@ -15,9 +15,9 @@ from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.engine.llm import LLM, load_tokenizer
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from server.app import build_app
-from server.request_router import RequestRouter
-from server.state import ServerSettings, ServerState
+from ldmole_server.app import build_app
+from ldmole_server.request_router import RequestRouter
+from ldmole_server.state import ServerSettings, ServerState
 from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -19,8 +19,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def fixture_dir(official_fixtures):
     root = official_fixtures.parent / "official-adamole" / "llama-lm"
-    if not root.is_dir():
-        pytest.skip(f"AdaMoLE fixtures not found at {root}")
+    assert root.is_dir(), f"AdaMoLE fixtures not found at {root}"
     return root
 
 

@@ -21,13 +21,13 @@ import httpx
 import pytest
 from openai import OpenAI
 
+import ray
+from ray import serve
+
+from ldmole_server.cluster import AFFINITY_HEADER, REPLICA_HEADER, deploy
+from ldmole_server.launch import add_serve_flags
 from live_server import BASE_NAME, LiveServer, free_port, write_model
-
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-
-from server.cluster import AFFINITY_HEADER, REPLICA_HEADER, deploy  # noqa: E402
-from server.launch import add_serve_flags  # noqa: E402
+from path_probe import PROBE, REPO, assert_not_shadowed
 
 MODELS = [BASE_NAME, "math", "code", "cls"]
 
@@ -47,7 +47,14 @@ def cluster(model):
                               "--replicas", "2", "--max-num-seqs", "16", "--kv-cache-gib", "0.05"]
                              + sum((["--adapter", f"{n}={p}"] for n, p in adapters.items()), []))
     metrics_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    # Ray puts the driver's working directory on every worker's sys.path: started in the repository
+    # root, as `ldmole serve` usually is, so that the replicas see its folders (test_replicas_...)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    finally:
+        os.chdir(cwd)
     try:
         registry = deploy(args, {n: str(p) for n, p in adapters.items()}, BASE_NAME)
         url = f"http://127.0.0.1:{port}"
@@ -79,12 +86,28 @@ def test_outputs_equal_the_single_process_server_and_sets_stick_to_replicas(clus
         ref = OpenAI(base_url=single.url + "/v1", api_key="none")
         want = [ref.completions.create(model=m, prompt=p, max_tokens=6, temperature=0).choices[0].text for m, p in work]
     assert [r.choices[0].text for r, _ in got] == want
-    assert all(r.model == m for (r, _), (m, _) in zip(got, work))
+    assert all(r.model == m for (r, _), (m, _) in zip(got, work, strict=True))
     by_model = collections.defaultdict(collections.Counter)
-    for (_, replica), (m, _) in zip(got, work):
+    for (_, replica), (m, _) in zip(got, work, strict=True):
         by_model[m][replica] += 1
     for m, counts in by_model.items():
         assert counts.most_common(1)[0][1] >= 0.9 * sum(counts.values()), (m, counts)
+
+
+def test_replicas_import_hf_kernels_not_the_repository_folder(cluster):
+    """A Serve replica in the same Ray cluster as the engine replicas, with their sys.path."""
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Probe:
+        def __call__(self):
+            ns = {}
+            exec(PROBE, ns)
+            return ns["probe"]()
+
+    handle = serve.run(Probe.bind(), name="probe", route_prefix=None)
+    try:
+        assert_not_shadowed(handle.remote().result(timeout_s=300))
+    finally:
+        serve.delete("probe")
 
 
 def test_one_scrape_target_shows_every_replica(cluster):
@@ -133,7 +156,7 @@ def assert_same(got, want, where):
             assert_same(got[k], want[k], f"{where}.{k}")
     elif isinstance(want, list):
         assert isinstance(got, list) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert_same(g, w, f"{where}[{i}]")
     else:
         assert got == want, where

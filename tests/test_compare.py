@@ -125,8 +125,8 @@ def test_compare_rows_statistics_plot_and_reuse(base, data, tmp_path, capsys):
             if row == "base":
                 continue
             base_items = json.loads((out / "base" / "predictions.json").read_text())[str(data[0])][metric]
-            only_row = sum(a and not b for a, b in zip(predictions[metric], base_items))
-            only_base = sum(b and not a for a, b in zip(predictions[metric], base_items))
+            only_row = sum(a and not b for a, b in zip(predictions[metric], base_items, strict=True))
+            only_base = sum(b and not a for a, b in zip(predictions[metric], base_items, strict=True))
             expected = 1.0 if only_row + only_base == 0 else binomtest(only_row, only_row + only_base).pvalue
             assert entry[row][metric]["vs_base"]["p_value"] == pytest.approx(expected, rel=1e-9)
     # the trained rows learned the task; the base is the untrained base

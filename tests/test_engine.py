@@ -74,7 +74,7 @@ def test_prompt_logprobs_match_full_forward(runtime):
     prompts = random_prompts(6, seed=1, lo=5, hi=40)
     adapters = ["math", None, "code", "math", "code", None]
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3), adapter=adapters)
-    for prompt, adapter, out in zip(prompts, adapters, outs):
+    for prompt, adapter, out in zip(prompts, adapters, outs, strict=True):
         logprobs = torch.log_softmax(runtime.forward(torch.tensor([prompt]), adapter).logits[0], -1)
         assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
         for j in range(1, len(prompt)):
@@ -96,7 +96,7 @@ def test_score_ranks_like_brute_force(runtime):
         for c in choices:
             lp = torch.log_softmax(runtime.forward(torch.tensor([context + c]), adapter).logits[0], -1)
             brute.append(sum(lp[len(context) - 1 + t, tok].item() for t, tok in enumerate(c)))
-        assert [abs(s.sum_logprob - b) <= 1e-4 for s, b in zip(result.choices, brute)] == [True] * 4
+        assert [abs(s.sum_logprob - b) <= 1e-4 for s, b in zip(result.choices, brute, strict=True)] == [True] * 4
         assert result.best == max(range(4), key=lambda i: brute[i])
     # the context's KV is computed once (11 tokens: two full blocks shared, the partial one copied),
     # and a choice's last token is only a target, never run
@@ -125,8 +125,8 @@ def test_score_many_matches_brute_force(runtime, path, monkeypatch):
     greedy = int(runtime.forward(torch.tensor([ctx]), "math").logits[0, -1].argmax())
     items[0][1].append([greedy])
     results = llm.score_many(items, adapter="math")
-    for (context, choices), result in zip(items, results):
-        for c, got in zip(choices, result.choices):
+    for (context, choices), result in zip(items, results, strict=True):
+        for c, got in zip(choices, result.choices, strict=True):
             lp = torch.log_softmax(runtime.forward(torch.tensor([context + c]), "math").logits[0], -1)
             rows = lp[len(context) - 1:len(context) - 1 + len(c)]
             assert got.sum_logprob == pytest.approx(sum(rows[t, tok].item() for t, tok in enumerate(c)), abs=1e-4)
@@ -151,7 +151,7 @@ def test_prefix_cache_hits_only_under_the_same_adapter_set(runtime):
     hits1 = engine.stats()["prefix_cache_hit_tokens"]
     assert hits1 - hits0 == 20 and second.num_cached_tokens == 20  # every full block but the last token's
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
-    for a, b in zip(first.outputs[0].logprobs, second.outputs[0].logprobs):
+    for a, b in zip(first.outputs[0].logprobs, second.outputs[0].logprobs, strict=True):
         assert abs(a.logprob - b.logprob) <= 1e-5
     third = run("c", "code")
     fourth = run("d", None)
@@ -341,7 +341,7 @@ def test_unloading_a_set_aborts_its_requests_and_leaves_the_rest_intact(runtime)
         prompts = random_prompts(4, seed=10, lo=9, hi=12)
         adapters = ["extra", "math", None, "extra"]
         params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        for i, (p, a) in enumerate(zip(prompts, adapters)):
+        for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
             engine.add_request(f"u{i}", p, params, adapter=a)
         engine.step()
         engine.step()

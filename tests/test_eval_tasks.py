@@ -3,7 +3,7 @@ lm-eval's standard tasks ask, and the letter form asks exactly what `ldmole trai
 
 import pytest
 
-from ldmole_eval import TASKS_DIR
+from ldmole_eval.task_configs import TASKS_DIR
 from ldmole_runtime.training.data import OPTION_LETTERS, MCExample, load_builtin, mc_prompt
 
 SIZES = {"arc_easy": 570, "arc_challenge": 299, "openbookqa": 500, "commonsense_qa": 1221, "hellaswag": 10042,
@@ -58,7 +58,7 @@ def test_cloze_prompts_are_lm_evals_standard_ones(tasks):
 def test_letter_form_is_the_trainers_prompt(tasks, name):
     task = tasks[f"ldmole_{name}_letter"]
     examples = load_builtin(name, "validation", limit=5)
-    for doc, ex in zip(task.validation_docs(), examples):
+    for doc, ex in zip(task.validation_docs(), examples, strict=True):
         # lm-eval's context, then " " + the letter: the trainer's prompt text, ending "Answer: A"
         context = task.doc_to_text(doc) + task.config.target_delimiter
         assert context == mc_prompt(ex, "")

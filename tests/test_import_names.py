@@ -1,6 +1,6 @@
 """The installed distribution claims only project-unique top-level import names: a top-level
-`kernels` or `eval` would shadow other packages (Hugging Face's `kernels`, which transformers
-probes for)."""
+`kernels`, `eval` or `server` would shadow other packages (Hugging Face's `kernels`, which
+transformers imports)."""
 
 import importlib
 import importlib.metadata as md
@@ -8,6 +8,6 @@ import importlib.metadata as md
 
 def test_top_level_names_are_project_unique():
     claimed = {name for name, dists in md.packages_distributions().items() if "ldmole" in dists}
-    assert {"ldmole_runtime", "ldmole_kernels", "ldmole_eval", "server"} <= claimed
-    assert not claimed & {"kernels", "eval"}, sorted(claimed)
+    assert {"ldmole_runtime", "ldmole_kernels", "ldmole_eval", "ldmole_server"} <= claimed
+    assert not claimed & {"kernels", "eval", "server"}, sorted(claimed)
     assert importlib.import_module("ldmole_kernels.cpu_kernels").SOURCE.is_file()  # the C source ships too

@@ -56,7 +56,7 @@ def expected_accuracy(llm, docs, adapter):
     for d in docs:
         res = llm.score(tok.encode(d["question"]), [tok.encode(" " + c) for c in d["choices"]], adapter=adapter)
         sums = [c.sum_logprob for c in res.choices]
-        normed = [s / len(c) for s, c in zip(sums, d["choices"])]  # lm-eval: per byte of the choice text
+        normed = [s / len(c) for s, c in zip(sums, d["choices"], strict=True)]  # lm-eval: per byte of the choice text
         acc += max(range(4), key=sums.__getitem__) == d["answer"]
         acc_norm += max(range(4), key=normed.__getitem__) == d["answer"]
     return acc / len(docs), acc_norm / len(docs)
@@ -137,7 +137,7 @@ def test_rolling_and_generation_match_hf_and_engine(model_files, llm, tmp_path, 
     # with an adapter set: against the engine directly, windows as lm-eval cuts them
     with_adapter = evaluate("ldmole", f"base={base},adapter={adapters['math']},max_length=24", tmp_path)
     tok = llm.engine.tokenizer
-    for doc, got in zip(texts, with_adapter["tiny_rolling"]):
+    for doc, got in zip(texts, with_adapter["tiny_rolling"], strict=True):
         windows = map(lm_eval.utils.make_disjoint_window, lm_eval.utils.get_rolling_token_windows(
             token_list=tok.encode(doc["text"]), prefix_token=tok.bos_token_id, max_seq_len=24, context_len=1))
         want = 0.0
@@ -146,7 +146,7 @@ def test_rolling_and_generation_match_hf_and_engine(model_files, llm, tmp_path, 
             want += sum(lp.logprob for lp in out.prompt_logprobs[len(ctx):])
         assert got == pytest.approx(want, abs=1e-4)
     assert with_adapter["tiny_rolling"] != pytest.approx(ours["tiny_rolling"], abs=1e-3)
-    for doc, got in zip(prompts, with_adapter["tiny_gen"]):
+    for doc, got in zip(prompts, with_adapter["tiny_gen"], strict=True):
         prompt = tok.encode(doc["prompt"])[-(24 - 10):]  # max_length - max_gen_toks, cut from the left as `hf` does
         out = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0, stop=["e", "o", "</s>"]),
                            adapter="math")[0]

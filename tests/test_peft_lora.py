@@ -71,7 +71,7 @@ def test_ranks_64_32_16_8_share_one_batch(base, tmp_path):
     targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"],
                ["v_proj"]]
     paths = {f"r{r}": make_peft(base, tmp_path / f"r{r}", seed=r, r=r, lora_alpha=2 * r, target_modules=t)
-             for r, t in zip(ranks, targets)}
+             for r, t in zip(ranks, targets, strict=True)}
     rt = LDMoleRuntime.from_pretrained(base, adapters=paths)
     ids = torch.randint(3, 300, (5, 8), generator=torch.Generator().manual_seed(1))
     rows = ["r64", "r32", None, "r16", "r8"]

@@ -13,12 +13,7 @@ from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.report import (per_token_mean_bin_edges, routing_statistics, run_report, text_batches,
                                    write_report)
 from ldmole_runtime.runtime import LDMoleRuntime
-from tiny_models import tiny_config, write_tiny_model
-
-try:
-    from tiny_models import write_char_tokenizer
-except ImportError:  # older helper module: the tokenizer-from-base-folder case is skipped
-    write_char_tokenizer = None
+from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 E = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -242,11 +237,8 @@ def test_text_batches():
 def test_run_report(base_path, tmp_path):
     """The whole pipeline, with the tokenizer loaded from the base folder (tokenizer=None)."""
     base = write_tiny_model(tmp_path / "base", tiny_config("qwen3", kv_heads=2))
-    if write_char_tokenizer is not None:
-        write_char_tokenizer(base)
-        tokenizer = None
-    else:
-        tokenizer = FakeTokenizer()
+    write_char_tokenizer(base)
+    tokenizer = None
     adapter = new_adapter_set(LDMoleRuntime.from_pretrained(base).cfg, num_experts=E, rank=2, lambda_hidden=8,
                               b_std=0.05, seed=1)
     adapter.save(tmp_path / "my-adapter")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ldmole_runtime.errors import LDMoleError
 from live_server import LiveServer, write_model
-from server.launch import add_serve_flags, build_state
+from ldmole_server.launch import add_serve_flags, build_state
 
 LORAS = {"r64": 64, "r32": 32, "r16": 16, "r8": 8}
 TEXTS = ["What is 12 plus 30?", "def add(a, b):", "Translate 'cat' into French.", "Is the sky green?",
@@ -62,7 +62,7 @@ def test_auto_requests_follow_the_classifier(setup):
     assert len(set(expected)) >= 3  # the test really routes to different sets
     with LiveServer(base, loras, request_router=router_dir) as srv:
         client = OpenAI(base_url=srv.url + "/v1", api_key="none")
-        for text, want in zip(TEXTS, expected):
+        for text, want in zip(TEXTS, expected, strict=True):
             auto = client.completions.create(model="auto", prompt=text, max_tokens=6, temperature=0)
             direct = client.completions.create(model=want, prompt=text, max_tokens=6, temperature=0)
             assert auto.model == want

@@ -1,7 +1,6 @@
 """The HTTP server against the engine: the real `openai` client and plain HTTP, answers equal to LLM's."""
 
 import asyncio
-import math
 
 import httpx
 import pytest
@@ -58,7 +57,7 @@ def metric(values: dict, name: str, **labels) -> float:
 def test_greedy_completions_equal_llm_generate(client, llm, model):
     params = SamplingParams(max_tokens=12, temperature=0)
     expected = llm.generate(PROMPTS, params, adapter=model)
-    for prompt, exp in zip(PROMPTS, expected):
+    for prompt, exp in zip(PROMPTS, expected, strict=True):
         got = client.completions.create(model=model or BASE_NAME, prompt=prompt, max_tokens=12, temperature=0)
         assert got.choices[0].text == exp.outputs[0].text
         assert got.usage.completion_tokens == len(exp.outputs[0].token_ids)
@@ -71,7 +70,7 @@ def test_token_id_prompts_and_prompt_lists(client, llm):
     expected = llm.generate(ids, SamplingParams(max_tokens=6, temperature=0), adapter="math")
     got = client.completions.create(model="math", prompt=ids, max_tokens=6, temperature=0, logprobs=0)
     assert [c.index for c in got.choices] == [0, 1]
-    for choice, exp in zip(got.choices, expected):
+    for choice, exp in zip(got.choices, expected, strict=True):
         assert choice.text == exp.outputs[0].text
         assert len(choice.logprobs.token_logprobs) == len(exp.outputs[0].token_ids)
 
@@ -113,7 +112,7 @@ def test_chat_completion_uses_the_chat_template(client, llm, server):
                                          logprobs=True, top_logprobs=2)
     assert got.choices[0].message.content == expected.text
     assert got.usage.prompt_tokens == len(ids)
-    for entry, exp in zip(got.choices[0].logprobs.content, expected.logprobs):
+    for entry, exp in zip(got.choices[0].logprobs.content, expected.logprobs, strict=True):
         assert abs(entry.logprob - exp.logprob) < 1e-5 and len(entry.top_logprobs) == 2
     chunks = list(client.chat.completions.create(model="math", messages=messages, max_tokens=9, temperature=0,
                                                  stream=True))
@@ -130,9 +129,9 @@ def test_echo_logprobs_equal_prompt_logprobs(client, llm):
     assert got.choices[0].text.startswith(prompt)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert len(lp.token_logprobs) == len(ids) + 1
-    for mine, theirs in zip(lp.token_logprobs[1:len(ids)], ref.prompt_logprobs[1:]):
+    for mine, theirs in zip(lp.token_logprobs[1:len(ids)], ref.prompt_logprobs[1:], strict=True):
         assert abs(mine - theirs.logprob) < 1e-5
-    for top, theirs in zip(lp.top_logprobs[1:len(ids)], ref.prompt_logprobs[1:]):
+    for top, theirs in zip(lp.top_logprobs[1:len(ids)], ref.prompt_logprobs[1:], strict=True):
         assert abs(max(top.values()) - max(theirs.top.values())) < 1e-5
     only_prompt = client.completions.create(model="code", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     assert only_prompt.choices[0].text == prompt and len(only_prompt.choices[0].logprobs.token_logprobs) == len(ids)
@@ -147,7 +146,7 @@ def test_score_equals_llm_score(http, llm):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["best"] == ref.best and body["best_normalized"] == ref.best_normalized
-        for got, exp in zip(body["choices"], ref.choices):
+        for got, exp in zip(body["choices"], ref.choices, strict=True):
             assert abs(got["sum_logprob"] - exp.sum_logprob) < 1e-4
             assert abs(got["mean_logprob"] - exp.mean_logprob) < 1e-4
             assert got["num_tokens"] == exp.num_tokens and got["is_greedy"] == exp.is_greedy
@@ -162,9 +161,9 @@ def test_classify_equals_the_score_head(http, server, llm):
     inputs = ["good movie", "bad"]
     r = http.post("/v1/classify", json={"model": "cls", "input": inputs})
     assert r.status_code == 200, r.text
-    for item, text in zip(r.json()["data"], inputs):
+    for item, text in zip(r.json()["data"], inputs, strict=True):
         probs = llm.runtime.classify(llm.engine.encode(text), "cls")
-        assert max(abs(a - b) for a, b in zip(item["probs"], probs.tolist())) < 1e-5
+        assert max(abs(a - b) for a, b in zip(item["probs"], probs.tolist(), strict=True)) < 1e-5
         assert item["label"] == int(probs.argmax()) and abs(sum(item["probs"]) - 1) < 1e-5
     no_head = http.post("/v1/classify", json={"model": "math", "input": "x"})
     assert no_head.status_code == 400 and "classification head" in no_head.json()["error"]["message"]
@@ -266,4 +265,7 @@ def test_api_key(model_files):
         ok = OpenAI(base_url=srv.url + "/v1", api_key="sekret").completions.create(**body)
         assert ok.choices[0].text is not None
         assert httpx.get(srv.url + "/health").status_code == 200
-        assert math.isfinite(len(httpx.get(srv.url + "/metrics").text))
+        metrics = httpx.get(srv.url + "/metrics")  # open without a key, as scrapers expect
+        assert metrics.status_code == 200
+        families = {f.name for f in text_string_to_metric_families(metrics.text)}
+        assert {"ldmole:request_success", "ldmole:num_requests_running"} <= families

@@ -20,8 +20,8 @@ def test_mcnemar_is_the_exact_binomial_test_on_discordant_pairs():
         a = [g.random() < 0.5 for _ in range(n)]
         b = [x if g.random() < 0.6 else g.random() < bias for x in a]
         res = mcnemar(a, b)
-        only_a = sum(x and not y for x, y in zip(a, b))
-        only_b = sum(y and not x for x, y in zip(a, b))
+        only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+        only_b = sum(y and not x for x, y in zip(a, b, strict=True))
         assert (res["only_a"], res["only_b"]) == (only_a, only_b)
         assert res["p_value"] == pytest.approx(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-9)
     assert mcnemar([True, False], [True, False])["p_value"] == 1.0

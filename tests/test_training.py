@@ -236,7 +236,7 @@ def test_generate_cli_after_training(base, data, tmp_path, capsys):
 def test_train_cli_prints_the_serve_command_for_its_adapter(base, data, tmp_path, capsys):
     import shlex
 
-    from server.launch import parse_adapters
+    from ldmole_server.launch import parse_adapters
 
     out = tmp_path / "my-run"
     assert main(["train", "--base", str(base), "--data", str(data[0]), "--val-data", str(data[1]), "--task", "mc",

