@@ -194,7 +194,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
-    from ldmole_eval import TASKS_DIR
+    from ldmole_eval.task_configs import TASKS_DIR
 
     if args.path:
         print(TASKS_DIR)

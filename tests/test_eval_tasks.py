@@ -58,7 +58,9 @@ def test_cloze_prompts_are_lm_evals_standard_ones(tasks):
 def test_letter_form_is_the_trainers_prompt(tasks, name):
     task = tasks[f"ldmole_{name}_letter"]
     examples = load_builtin(name, "validation", limit=5)
-    for doc, ex in zip(task.validation_docs(), examples, strict=True):
+    docs = list(task.validation_docs())[:5]
+    assert len(examples) == len(docs) == 5
+    for doc, ex in zip(docs, examples, strict=True):
         # lm-eval's context, then " " + the letter: the trainer's prompt text, ending "Answer: A"
         context = task.doc_to_text(doc) + task.config.target_delimiter
         assert context == mc_prompt(ex, "")
