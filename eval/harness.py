@@ -84,7 +84,7 @@ class LDMoleLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
         return _cli_errors(lambda: super(LDMoleLM, cls).create_from_arg_obj(arg_dict, additional_config))
 
-    def for_adapter(self, name: str | None) -> "LDMoleLM":
+    def for_adapter(self, name: str | None) -> LDMoleLM:
         """The same engine answering with another loaded adapter set (None: the bare base)."""
         if name is not None:
             self.llm.runtime.adapter_index(name)  # unknown: a clear error now, not mid-evaluation
@@ -146,8 +146,8 @@ class LDMoleLM(TemplateLM):
             order = list(groups.items())
             for chunk in (order[at:at + _SCORE_CHUNK] for at in range(0, len(order), _SCORE_CHUNK)):
                 items = [(list(ctx), [conts[i] for i in idxs]) for ctx, idxs in chunk]
-                for (_, idxs), scored in zip(chunk, self.llm.score_many(items, adapter=self.active)):
-                    for i, choice in zip(idxs, scored.choices):
+                for (_, idxs), scored in zip(chunk, self.llm.score_many(items, adapter=self.active), strict=True):
+                    for i, choice in zip(idxs, scored.choices, strict=True):
                         results[i] = (choice.sum_logprob, choice.is_greedy)
                         if requests[i][0] is not None and requests[i][0][0] is not None:
                             self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
@@ -172,9 +172,11 @@ class LDMoleLM(TemplateLM):
                 windows.append((None, ctx, cont))
                 owners.append(n)
         totals = [0.0] * len(requests)
-        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+        for owner, (logprob, _) in zip(
+            owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm), strict=True
+        ):
             totals[owner] += logprob
-        for req, total in zip(requests, totals):
+        for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
@@ -201,7 +203,7 @@ class LDMoleLM(TemplateLM):
                 texts += [out.outputs[0].text for out in outs]
                 bar.update(len(outs))
         results = []
-        for req, text, until in zip(requests, texts, stops):
+        for req, text, until in zip(requests, texts, stops, strict=True):
             text = postprocess_generated_text(text, until, None)
             self.cache_hook.add_partial("generate_until", req.args, text)
             results.append(text)

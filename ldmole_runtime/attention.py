@@ -43,14 +43,14 @@ class PagedAttention:
     decode_blocks: torch.Tensor | None  # [Bd, max_blocks] their block tables (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] valid keys
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, query len, block ids, context len)
-    short: "_ShortPrefills | None" = None
+    short: _ShortPrefills | None = None
 
     # a prompt chunk this small joins the padded batch (bounds its score tensor to B x H x 32 x 512)
     SHORT_QUERY, SHORT_CONTEXT = 32, 512
 
     @classmethod
     def build(cls, kv_cache: torch.Tensor, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]],
-              slot_mapping: torch.Tensor) -> "PagedAttention":
+              slot_mapping: torch.Tensor) -> PagedAttention:
         device, block_size = kv_cache.device, kv_cache.shape[3]
         starts = [0]
         for n in q_lens[:-1]:
@@ -65,7 +65,9 @@ class PagedAttention:
         if decodes:
             width = max(len(block_tables[i]) for i in decodes)
             rows = torch.tensor([starts[i] for i in decodes], device=device)
-            blocks = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i])) for i in decodes], device=device)
+            blocks = torch.tensor(
+                [block_tables[i] + [0] * (width - len(block_tables[i])) for i in decodes], device=device
+            )
             lens = torch.tensor([ctx_lens[i] for i in decodes], device=device)
             mask = (torch.arange(width * block_size, device=device) < lens[:, None])[:, None, None, :]
         batch = _ShortPrefills.build([starts[i] for i in short], [q_lens[i] for i in short],
@@ -119,7 +121,7 @@ class _ShortPrefills:
     mask: torch.Tensor  # [B, 1, Q, K] keys each query may see
 
     @classmethod
-    def build(cls, starts, q_lens, ctx_lens, tables, block_size: int, device) -> "_ShortPrefills":
+    def build(cls, starts, q_lens, ctx_lens, tables, block_size: int, device) -> _ShortPrefills:
         width = max(len(t) for t in tables)
         q_len, ctx_len = torch.tensor(q_lens, device=device), torch.tensor(ctx_lens, device=device)
         i = torch.arange(max(q_lens), device=device)

@@ -21,9 +21,9 @@ from transformers import LlamaConfig, Qwen3Config
 
 from .adapters.init import new_adapter_set
 from .config import ModelConfig
-from .errors import LDMoleError
 from .engine.llm_engine import EngineConfig, LLMEngine
 from .engine.sampling_params import SamplingParams
+from .errors import LDMoleError
 from .model import DecoderModel
 from .runtime import LDMoleRuntime, resolve_dtype
 
@@ -100,7 +100,7 @@ class PromptSource:
         self.vocab, self.tokens = vocab, tokens
 
     @classmethod
-    def from_text(cls, base, dataset: str, vocab: int) -> "PromptSource":
+    def from_text(cls, base, dataset: str, vocab: int) -> PromptSource:
         from transformers import AutoTokenizer
 
         from .training.data import load_dataset

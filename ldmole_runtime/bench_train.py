@@ -36,8 +36,8 @@ class TrainBenchSettings:
 
 def _trainer(model, s: TrainBenchSettings, variant: str):
     from .training.config import TrainConfig
-    from .training.trainable import TrainableAdapter
     from .training.step import ADAPTER_NAME, TrainStep, make_optimizer, new_training_adapter
+    from .training.trainable import TrainableAdapter
 
     cfg = TrainConfig.from_sources(None, {"preset": s.preset, "experts": s.experts, "rank": s.rank,
                                           "alpha": 2.0 * s.rank, "lambda_hidden": s.lambda_hidden,

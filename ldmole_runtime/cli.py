@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import LDMoleError
 from .cli_bench import add_bench_parsers
+from .errors import LDMoleError
 from .lora.ops import MODES
 
 
@@ -30,7 +30,9 @@ def cmd_forward(args: argparse.Namespace) -> int:
         raise LDMoleError(f"{args.inputs}: no 'input_ids' tensor (found {sorted(inputs)})")
     input_ids = inputs["input_ids"]
     if input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise LDMoleError(f"{args.inputs}: input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        raise LDMoleError(
+            f"{args.inputs}: input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
 
     adapters = {"adapter": args.adapter} if args.adapter else {}
     rt = LDMoleRuntime.from_pretrained(args.base, adapters=adapters, dtype=args.dtype, device=args.device)
@@ -136,9 +138,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.choices:
         choices = args.choices.split("|")
         res = llm.score(args.prompt, choices, adapter=name)
-        for i, (choice, s) in enumerate(zip(choices, res.choices)):
+        for i, (choice, s) in enumerate(zip(choices, res.choices, strict=True)):
             mark = "*" if i == res.best else " "
-            print(f"{mark} {choice!r}: sum logprob {s.sum_logprob:.4f}, mean {s.mean_logprob:.4f}, greedy {s.is_greedy}")
+            print(
+                f"{mark} {choice!r}: sum logprob {s.sum_logprob:.4f}, mean {s.mean_logprob:.4f}, greedy {s.is_greedy}"
+            )
         return 0
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     out = llm.generate([args.prompt], params, adapter=name)[0].outputs[0]

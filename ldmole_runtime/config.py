@@ -47,7 +47,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, hf: PretrainedConfig) -> "ModelConfig":
+    def from_hf(cls, hf: PretrainedConfig) -> ModelConfig:
         if hf.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"model_type {hf.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -81,7 +81,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -96,7 +96,8 @@ class ModelConfig:
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             # checked before transformers sees it: its message for unknown types is long and multi-line
             raise UnsupportedModelError(
-                f"{cfg_file}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                f"{cfg_file}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         try:
             hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
         except (ValueError, KeyError, OSError, TypeError) as exc:

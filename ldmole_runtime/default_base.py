@@ -115,7 +115,7 @@ def _convert(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
     # freshly built model gives bit-identical weights without either problem.
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=True)
     # The GGUF stores no lm_head: SmolLM2 ties it to the input embedding.
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

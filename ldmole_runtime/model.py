@@ -109,7 +109,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv = AdaptedLinear(layer, "qkv", cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.attention_bias)
+        self.qkv = AdaptedLinear(
+            layer, "qkv", cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), cfg.attention_bias
+        )
         self.o = AdaptedLinear(layer, "o", cfg.q_size, (cfg.hidden_size,), cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -160,7 +162,9 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # a classifier checkpoint has a `score` head and no LM head
-        self.lm_head = None if cfg.num_labels is not None or cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = (
+            None if cfg.num_labels is not None or cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size)
+        )
         self.score = _param(cfg.num_labels, cfg.hidden_size) if cfg.num_labels is not None else None
 
     @property

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ def _adapted_projections(runtime, set_index: int) -> list[str]:
             continue
         mask = slot.group_masks[group]
         keep = [True] * len(members) if mask is None else [bool(v) for v in mask.reshape(-1).tolist()]
-        projs += [p for p, k in zip(members, keep) if k]
+        projs += [p for p, k in zip(members, keep, strict=True) if k]
     return [p for p in ALL_PROJECTIONS if p in projs]
 
 
@@ -247,7 +247,9 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def text_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def text_batches(
+    tokenizer, texts: list[str], batch_size: int, max_length: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Tokenize `texts` and yield (input_ids [B, T], attention_mask [B, T]) batches, right-padded
     to the longest row of each batch with the tokenizer's pad id (or its eos id, or 0); rows are
     truncated to `max_length` tokens."""
@@ -352,7 +354,8 @@ def write_report(stats: dict, out_dir) -> list[Path]:
     except OSError as exc:
         raise LDMoleError(f"cannot create report folder {out}: {exc}") from None
     written = []
-    name = f"adapter {stats.get('adapter', '?')!r} (E = {E}, {stats.get('router', '?')}, {stats.get('tokens', '?')} tokens)"
+    router, tokens = stats.get("router", "?"), stats.get("tokens", "?")
+    name = f"adapter {stats.get('adapter', '?')!r} (E = {E}, {router}, {tokens} tokens)"
 
     path = out / REPORT_JSON
     path.write_text(json.dumps(_json_safe(stats), indent=1, allow_nan=False) + "\n")
@@ -374,7 +377,7 @@ def write_report(stats: dict, out_dir) -> list[Path]:
     frac = _array(h["fraction"])
     ks = np.arange(1, E + 1)
     bars = ax1.bar(ks, 100 * frac, color="tab:blue", edgecolor="black", linewidth=0.5)
-    for bar, f in zip(bars, frac):
+    for bar, f in zip(bars, frac, strict=True):
         if f > 0:
             ax1.annotate(f"{100 * f:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                          ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
@@ -387,7 +390,9 @@ def write_report(stats: dict, out_dir) -> list[Path]:
     pt = active["per_token_mean"]
     edges = _array(pt["bin_edges"])
     counts = _array(pt["counts"])
-    ax2.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:orange", edgecolor="black", linewidth=0.5)
+    ax2.bar(
+        edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:orange", edgecolor="black", linewidth=0.5
+    )
     ax2.axvline(pt["mean"], color="black", linestyle="--", label=f"mean {pt['mean']:.2f} (std {pt['std']:.2f})")
     ax2.set_xlim(edges[0], edges[-1])
     ax2.set_xlabel("mean active experts across layers and projections")

@@ -6,8 +6,8 @@ config; `ROUTERS` maps it to the function, so new kinds (top-k, AdaMoLE's thresh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

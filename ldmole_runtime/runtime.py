@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class LDMoleRuntime:
 
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path | AdapterSet] | None = None,
-                        dtype: str | torch.dtype = "float32", device: str = "cpu") -> "LDMoleRuntime":
+                        dtype: str | torch.dtype = "float32", device: str = "cpu") -> LDMoleRuntime:
         rt = cls(load_base_model(resolve_base(base), resolve_dtype(dtype), device))
         for name, source in (adapters or {}).items():
             rt.load_adapter(name, source)
@@ -106,7 +106,9 @@ class LDMoleRuntime:
             raise LDMoleError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         input_ids = input_ids.to(self.device).long()
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
-            raise LDMoleError(f"token ids must lie in [0, {self.cfg.vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}")
+            raise LDMoleError(
+                f"token ids must lie in [0, {self.cfg.vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}"
+            )
         B, T = input_ids.shape
         set_ids = self._set_ids(adapters, (B, T))
         batch = AdapterBatch.build(set_ids, len(self.bank.slots))

@@ -70,7 +70,9 @@ def _targets(model: DecoderModel) -> dict[str, tuple[torch.Tensor, slice]]:
     return out
 
 
-def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DecoderModel:
+def load_base_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> DecoderModel:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: base model folder does not exist")

@@ -116,7 +116,9 @@ def bench_serve(url: str, concurrencies: list[int], num_requests: int | None, pr
     results = {}
     for c in concurrencies:
         work = make_workload(models, num_requests or max(2 * c, 8), prompt_words, max_tokens, seed=c)
-        run_http_sync = lambda: asyncio.run(run_http(url, work, c, api_key))  # noqa: E731
+        def run_http_sync(work=work, c=c):
+            return asyncio.run(run_http(url, work, c, api_key))
+
         run_http_sync()  # warm-up of both sides: later rounds find the same prompts in either prefix cache
         run_offline(llm, work, c, base_name)
         http_runs, offline_runs = [], []
@@ -126,7 +128,9 @@ def bench_serve(url: str, concurrencies: list[int], num_requests: int | None, pr
         med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
         http = {k: med(http_runs, k) for k in http_runs[0]}
         offline = {k: med(offline_runs, k) for k in offline_runs[0]}
-        ratios = [h["output_tokens_per_s"] / o["output_tokens_per_s"] for h, o in zip(http_runs, offline_runs)]
+        ratios = [
+            h["output_tokens_per_s"] / o["output_tokens_per_s"] for h, o in zip(http_runs, offline_runs, strict=True)
+        ]
         results[str(c)] = {"http": http, "offline": offline,
                            "http_over_offline_throughput": http["output_tokens_per_s"] / offline["output_tokens_per_s"],
                            "per_round": {"http_tokens_per_s": [r["output_tokens_per_s"] for r in http_runs],

@@ -149,7 +149,7 @@ async def create_completion(body: CompletionRequest, raw: Request):
     if finals is None:
         return None  # the client is gone; nobody reads this
     choices = []
-    for i, (prompt, out) in enumerate(zip(prompts, finals)):
+    for i, (prompt, out) in enumerate(zip(prompts, finals, strict=True)):
         prompt_text = _prompt_text(state, prompt) if body.echo else ""
         for c in out.outputs:
             logprobs = None

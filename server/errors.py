@@ -10,8 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ldmole_runtime.errors import (EngineOverloadedError, LDMoleError, PromptTooLongError, StepFailedError,
-                                   UnknownAdapterError)
+from ldmole_runtime.errors import (
+    EngineOverloadedError,
+    LDMoleError,
+    PromptTooLongError,
+    StepFailedError,
+    UnknownAdapterError,
+)
 
 logger = logging.getLogger("ldmole.server")
 

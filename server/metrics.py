@@ -47,9 +47,9 @@ class EngineCollector:
             "ldmole:active_experts_per_token",
             "Mean experts with p > 0 per routing decision of a token (sampled steps), per adapter set.",
             labels=["adapter"])
-        for name, (counts, total, n) in list(hist.by_adapter.items()):
+        for name, (counts, total, _) in list(hist.by_adapter.items()):
             cumulative, buckets = 0, []
-            for bound, c in zip(list(hist.buckets) + [float("inf")], counts):
+            for bound, c in zip(list(hist.buckets) + [float("inf")], counts, strict=True):
                 cumulative += c
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             family.add_metric([name], buckets, total)
@@ -92,7 +92,7 @@ class ServerMetrics:
         if request_router is not None:
             registry.register(RouterCollector(request_router))
 
-    def tracker(self, adapter: str) -> "RequestTracker":
+    def tracker(self, adapter: str) -> RequestTracker:
         return RequestTracker(self, adapter)
 
 

@@ -9,7 +9,7 @@ error shape. Value ranges are checked once, by SamplingParams.
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,7 +55,7 @@ class SamplingFields(OpenAIModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -90,12 +90,12 @@ class ChatCompletionRequest(SamplingFields):
 class ScoreItem(OpenAIModel):
     model: str | None = None
     context: str | TokenIds
-    choices: list[Union[str, TokenIds]] = Field(min_length=1)
+    choices: list[str | TokenIds] = Field(min_length=1)
 
 
 class ClassifyRequest(OpenAIModel):
     model: str | None = None
-    input: Union[str, list[str], TokenIds, list[TokenIds]]
+    input: str | list[str] | TokenIds | list[TokenIds]
 
 
 class LoadAdapterRequest(OpenAIModel):

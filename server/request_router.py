@@ -140,7 +140,7 @@ class RequestRouter:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), name in zip(batch, results):
+                for (_, future), name in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(name)
         finally:

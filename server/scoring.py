@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Union
 
 from fastapi import APIRouter, Request
 
@@ -35,7 +34,7 @@ async def score_item(state: ServerState, item: ScoreItem, rid: str) -> dict:
 
 
 @router.post("/v1/score")
-async def score(body: Union[ScoreItem, list[ScoreItem]], raw: Request):
+async def score(body: ScoreItem | list[ScoreItem], raw: Request):
     """One item {model, context, choices} or a list of them. Per choice: summed and token-mean logprob,
     token count, greediness; per item the best choice under both."""
     state = state_of(raw)

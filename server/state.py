@@ -34,6 +34,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
+        # a cache per instance (a cached method would key on, and keep alive, every ServerState)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
         if self.metrics is None:
             self.metrics = ServerMetrics(self.engine, self.request_router)
 
@@ -67,16 +69,13 @@ class ServerState:
         """The `adapter` metrics label and `model` response field of a request."""
         return self.base_name if adapter is None else adapter
 
-    @functools.lru_cache(maxsize=1 << 16)
-    def token_text(self, token_id: int) -> str:
+    def _token_text(self, token_id: int) -> str:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id])
 
     def decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
-
-    __hash__ = object.__hash__  # lru_cache on a method keys on self
 
 
 def request_id(prefix: str) -> str:

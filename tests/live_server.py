@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import uvicorn
+from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
@@ -18,7 +19,6 @@ from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_server.app import build_app
 from ldmole_server.request_router import RequestRouter
 from ldmole_server.state import ServerSettings, ServerState
-from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -78,7 +78,7 @@ class LiveServer:
     def engine(self) -> LLMEngine:
         return self.state.engine.engine
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-PROBE = '''
+PROBE = """
 import importlib.util, sys, sysconfig
 
 
@@ -27,8 +27,9 @@ def probe():
         spec = importlib.util.find_spec(name)
         specs[name] = None if spec is None else spec.origin  # a namespace portion has no origin
     return {"kernels": kernels.__file__, "site_packages": sysconfig.get_paths()["purelib"], "sys_path": sys.path,
-            "cwd": __import__("os").getcwd(), "specs": specs, "model_params": sum(p.numel() for p in model.parameters())}
-'''
+            "cwd": __import__("os").getcwd(), "specs": specs,
+            "model_params": sum(p.numel() for p in model.parameters())}
+"""
 
 # Written as sitecustomize.py into a folder on PYTHONPATH: every `python -m` started with it runs the
 # probe just before its module, with the sys.path its command line gave it, and writes the result

@@ -3,11 +3,11 @@ the torch reference: identical greedy tokens, logprobs within fp32 tolerance, fo
 batch that mixes adapter sets of different E and r, an E = 1 set and the bare base."""
 
 import pytest
+from tiny_models import tiny_config, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from tiny_models import tiny_config, write_tiny_model
 
 
 @pytest.fixture(scope="module")

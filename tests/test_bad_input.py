@@ -176,7 +176,9 @@ def test_base_weight_missing_tensor(lm, tmp_path):
 def test_base_unsupported_model_type(lm, tmp_path, capsys, model_type):
     base = copy_dir(lm / "base", tmp_path / "base")
     edit_json(base / "config.json", lambda c: c.update(model_type=model_type))
-    with pytest.raises(UnsupportedModelError, match=rf"model_type '{model_type}' is not supported; supported: llama, qwen3"):
+    with pytest.raises(
+        UnsupportedModelError, match=rf"model_type '{model_type}' is not supported; supported: llama, qwen3"
+    ):
         load_base_model(base)
     assert f"model_type '{model_type}' is not supported" in cli_forward(capsys, tmp_path, base)
 
@@ -323,7 +325,9 @@ def test_unequal_lambda_copies(lm, tmp_path, capsys):
 def test_lambda_copy_missing_a_part(lm, tmp_path):
     adapter = copy_dir(lm / "adapter", tmp_path / "adapter")
     owner = "base_model.model.model.layers.0.self_attn.v_proj"
-    edit_state_dict(adapter / REFERENCE_WEIGHTS_NAME, lambda sd: sd.pop(f"{owner}.sparsegen.mlp.proj_layers.128.2.bias"))
+    edit_state_dict(
+        adapter / REFERENCE_WEIGHTS_NAME, lambda sd: sd.pop(f"{owner}.sparsegen.mlp.proj_layers.128.2.bias")
+    )
     with pytest.raises(CheckpointError, match=rf"λ-network copy in {owner} has parts"):
         AdapterSet.load(adapter)
 
@@ -393,7 +397,9 @@ def test_native_empty_target_modules(lm, tmp_path):
 def test_native_target_module_without_tensors(lm, tmp_path):
     native = native_copy(lm, tmp_path / "native")
     edit_safetensors(native / WEIGHTS_NAME, lambda t: [t.pop(k) for k in list(t) if ".down_proj." in k])
-    with pytest.raises(CheckpointError, match=r"adapter\.safetensors: missing tensors \['layers\.0\.down_proj\.lora_A'"):
+    with pytest.raises(
+        CheckpointError, match=r"adapter\.safetensors: missing tensors \['layers\.0\.down_proj\.lora_A'"
+    ):
         AdapterSet.load(native)
 
 

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from tiny_models import hf_logits, tiny_config, write_tiny_model
 
 from ldmole_runtime.runtime import LDMoleRuntime
-from tiny_models import hf_logits, tiny_config, write_tiny_model
 
 TOL = 1e-4
 

@@ -44,9 +44,10 @@ def test_target_experts_calibrates_real_sparsegen_routing():
 
 
 def test_bench_takes_a_real_adapter_on_its_base(tmp_path):
+    from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
+
     from ldmole_runtime import LDMoleRuntime, new_adapter_set
     from ldmole_runtime.bench import BenchSettings, run
-    from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
     base = write_char_tokenizer(write_tiny_model(tmp_path / "base", tiny_config("llama", vocab_size=100,
                                                                                    max_position_embeddings=512)))
@@ -80,7 +81,7 @@ def test_bench_train_times_ldmole_against_lora_on_shared_batches():
 def test_bench_runs_the_gpu_configuration_on_cpu():
     """What `ldmole bench --device cuda` runs (triton backend, static decode steps, batch-1 bytes and
     bandwidth), on the tiny shape with Triton's interpreter and the static step run eagerly."""
-    from ldmole_runtime.bench import BenchSettings, decode_bytes_per_step, run
+    from ldmole_runtime.bench import BenchSettings, run
 
     s = BenchSettings(shape="tiny", batch_sizes=(1, 3), prompt_len=8, decode_steps=2, prefill_prompts=1,
                       prefill_len=24, lambda_hidden=16, lora_backend="triton", decode_graphs="eager")

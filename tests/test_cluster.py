@@ -19,15 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from openai import OpenAI
-
 import ray
+from live_server import BASE_NAME, LiveServer, free_port, write_model
+from openai import OpenAI
+from path_probe import PROBE, REPO, assert_not_shadowed
 from ray import serve
 
 from ldmole_server.cluster import AFFINITY_HEADER, REPLICA_HEADER, deploy
 from ldmole_server.launch import add_serve_flags
-from live_server import BASE_NAME, LiveServer, free_port, write_model
-from path_probe import PROBE, REPO, assert_not_shadowed
 
 MODELS = [BASE_NAME, "math", "code", "cls"]
 
@@ -56,7 +55,7 @@ def cluster(model):
     finally:
         os.chdir(cwd)
     try:
-        registry = deploy(args, {n: str(p) for n, p in adapters.items()}, BASE_NAME)
+        deploy(args, {n: str(p) for n, p in adapters.items()}, BASE_NAME)
         url = f"http://127.0.0.1:{port}"
         yield url, metrics_port
     finally:

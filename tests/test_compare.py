@@ -7,19 +7,19 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
-from ldmole_runtime.cli import main as cli_main
 from ldmole_runtime.adapters.spec import projection_shapes
+from ldmole_runtime.attention import DenseCausalAttention
+from ldmole_runtime.cli import main as cli_main
 from ldmole_runtime.config import ModelConfig
 from ldmole_runtime.engine.expert_stats import ActiveExpertCount
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
 from ldmole_runtime.model import ForwardContext
-from ldmole_runtime.attention import DenseCausalAttention
 from ldmole_runtime.training.compare import compare, format_table, ldmole_parameters
 from ldmole_runtime.training.config import PRESETS, TrainConfig
 from ldmole_runtime.training.trainer import train
-from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 
 @pytest.fixture(scope="module")

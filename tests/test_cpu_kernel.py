@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from tiny_models import tiny_config
 
 from ldmole_kernels.cpu_kernels import cpu_kernels
 from ldmole_runtime.adapters.init import new_adapter_set
 from ldmole_runtime.config import ModelConfig
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.lora.capture import RoutingCapture
 from ldmole_runtime.lora.ops.cpu import CpuOps
 from ldmole_runtime.lora.ops.torch_ref import TorchRefOps
-from ldmole_runtime.lora.bank import AdapterBank
-from tiny_models import tiny_config
 
 
 def test_the_c_kernel_builds_here():

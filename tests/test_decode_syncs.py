@@ -7,13 +7,12 @@ but not held to zero: only decode is captured in a CUDA graph.
 """
 
 import pytest
-import torch
+from op_counter import OpCounter, count_triton_launches
+from tiny_models import tiny_config, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from op_counter import OpCounter, count_triton_launches
-from tiny_models import tiny_config, write_tiny_model
 
 # Ops per decoder layer that the adapters may add to a decode step (two sets present), per backend.
 # triton: 4 groups × (p buffer, h buffer, 3 launches), whatever the number of sets; the others

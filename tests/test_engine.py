@@ -4,12 +4,12 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_config, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from tiny_models import tiny_config, write_tiny_model
 
 VOCAB = 300
 
@@ -173,7 +173,9 @@ def test_no_leaks_under_random_load_with_aborts_and_preemptions(runtime):
             if len(submitted) < 300:
                 rid = f"q{len(submitted)}"
                 prompt = [g.randrange(3, VOCAB) for _ in range(g.randrange(1, 30))]
-                params = SamplingParams(max_tokens=g.randrange(1, 20), temperature=g.choice([0, 0.8]), seed=g.randrange(99))
+                params = SamplingParams(
+                    max_tokens=g.randrange(1, 20), temperature=g.choice([0, 0.8]), seed=g.randrange(99)
+                )
                 engine.add_request(rid, prompt, params, adapter=g.choice(["math", "code", None]))
                 submitted.add(rid)
         if submitted and g.random() < 0.1:
@@ -214,7 +216,8 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(runtime):
         adapter=["code", None, "math", "math", None, "code", "math", None])
     assert batch[3].outputs[0].token_ids == alone.outputs[0].token_ids
     different = LLM(runtime, block_size=4, num_blocks=96).generate(
-        [prompt], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True), adapter="math")[0]
+        [prompt], SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True), adapter="math"
+    )[0]
     assert different.outputs[0].token_ids != alone.outputs[0].token_ids
 
 

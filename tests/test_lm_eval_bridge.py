@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from live_server import offline_llm, write_model
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from live_server import offline_llm, write_model
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "rain", "snow"]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -178,10 +178,11 @@ def test_bad_model_args_are_one_line_before_any_task_loads(model_files, tmp_path
     ("base={base},max_length=100000", "too long for this base"),
 ])
 def test_bad_model_args(model_files, tmp_path, args, message):
+    from tiny_models import tiny_config, write_tiny_model
+
     from ldmole_eval.harness import LDMoleLM
     from ldmole_runtime import LDMoleRuntime, new_adapter_set
     from ldmole_runtime.errors import LDMoleError
-    from tiny_models import tiny_config, write_tiny_model
 
     base, adapters = model_files
     other_base = write_tiny_model(tmp_path / "other", tiny_config("llama", hidden_size=48))
@@ -193,8 +194,9 @@ def test_bad_model_args(model_files, tmp_path, args, message):
 
 
 def test_several_adapters_one_engine(model_files, llm):
-    from ldmole_eval.harness import LDMoleLM
     from lm_eval.api.instance import Instance
+
+    from ldmole_eval.harness import LDMoleLM
 
     base, adapters = model_files
     lm = LDMoleLM(base=str(base), adapter=f"math:{adapters['math']};code:{adapters['code']}", active="base",

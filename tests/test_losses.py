@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from ldmole_runtime.routing import sparsegen_lin
-from ldmole_runtime.training.losses import (LossWeights, TrainingCapture, lambda_lower_bound, lambda_term,
-                                            load_balance, objective, sparsity_control)
+from ldmole_runtime.training.losses import (
+    LossWeights,
+    TrainingCapture,
+    lambda_lower_bound,
+    lambda_term,
+    load_balance,
+    objective,
+    sparsity_control,
+)
 
 
 def test_load_balance_by_hand():
@@ -57,6 +64,8 @@ def test_objective_weights_the_terms():
     sc = (sparsity_control(cap.u["0.q_proj"], cap.lam["0.q_proj"], mask, 2)
           + sparsity_control(cap.u["0.k_proj"], cap.lam["0.k_proj"], mask, 2)) / 2
     lt = (lambda_term(cap.lam["0.q_proj"], mask) + lambda_term(cap.lam["0.k_proj"], mask)) / 2
-    assert terms["loss"].item() == pytest.approx(0.5 * 2.0 + 0.3 * lb.item() + 2.0 * sc.item() + 0.1 * lt.item(), abs=1e-6)
+    assert terms["loss"].item() == pytest.approx(
+        0.5 * 2.0 + 0.3 * lb.item() + 2.0 * sc.item() + 0.1 * lt.item(), abs=1e-6
+    )
     active = sum(((cap.p[k] > 0).sum(-1).float()[:3].mean()) for k in cap.p) / 2
     assert terms["active_experts"].item() == pytest.approx(active.item(), abs=1e-6)

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_models import tiny_config, write_tiny_model
 from transformers import AutoModelForCausalLM
 
 from ldmole_runtime import LDMoleRuntime
 from ldmole_runtime.adapters.adapter_set import AdapterSet
 from ldmole_runtime.errors import CheckpointError
-from tiny_models import tiny_config, write_tiny_model
 
 TOL = 1e-4
 

@@ -7,13 +7,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime.adapters.init import new_adapter_set
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.report import (per_token_mean_bin_edges, routing_statistics, run_report, text_batches,
-                                   write_report)
+from ldmole_runtime.report import per_token_mean_bin_edges, routing_statistics, run_report, text_batches, write_report
 from ldmole_runtime.runtime import LDMoleRuntime
-from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 E = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +129,9 @@ def test_statistics_match_brute_force(runtime):
     assert lb["cv_per_module_mean"] == pytest.approx((freq.std(1) / freq.mean(1)).mean(), abs=1e-9)
 
     by_q = stats["expert_usage"]["by_projection"]["q_proj"]
-    np.testing.assert_allclose(by_q["freq"], np.mean([stats["expert_usage"]["freq"][layer][0] for layer in range(L)], 0))
+    np.testing.assert_allclose(
+        by_q["freq"], np.mean([stats["expert_usage"]["freq"][layer][0] for layer in range(L)], 0)
+    )
     assert stats["lambda"]["available"]
     all_lam = np.concatenate(lams)
     assert stats["lambda"]["overall_mean"] == pytest.approx(all_lam.mean(), abs=1e-9)

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from live_server import LiveServer, write_model
 from openai import BadRequestError, OpenAI
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 from ldmole_runtime.errors import LDMoleError
-from live_server import LiveServer, write_model
 from ldmole_server.launch import add_serve_flags, build_state
 
 LORAS = {"r64": 64, "r32": 32, "r16": 16, "r8": 8}
@@ -150,8 +150,9 @@ def test_train_router_then_serve_auto(setup, tmp_path):
 def test_classify_reads_the_last_token_even_when_it_is_the_pad_token(tmp_path):
     """SmolLM2's end token is also its pad token, and the trainer ends every text with it: a single
     unpadded input is read at its last token, as the trainer reads it, not before it."""
-    from ldmole_runtime import LDMoleRuntime, new_adapter_set
     from tiny_models import tiny_config, write_tiny_model
+
+    from ldmole_runtime import LDMoleRuntime, new_adapter_set
 
     base = write_tiny_model(tmp_path / "base", tiny_config("llama", pad_token_id=2, eos_token_id=2))
     rt = LDMoleRuntime.from_pretrained(base)

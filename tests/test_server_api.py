@@ -4,11 +4,11 @@ import asyncio
 
 import httpx
 import pytest
+from live_server import BASE_NAME, LiveServer, offline_llm, write_model
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from live_server import BASE_NAME, LiveServer, offline_llm, write_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from live_server import LiveServer, offline_llm, write_model
 
 WORDS = ["red", "blue", "cat", "dog", "sun", "moon", "tree", "rock", "fish", "bird", "rain", "snow"]

@@ -11,9 +11,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from live_server import BASE_NAME, LiveServer, write_model
+from prometheus_client.parser import text_string_to_metric_families
 
 DURATION_S = float(os.environ.get("LDMOLE_LOAD_TEST_S", "60"))
 CLIENTS = 32

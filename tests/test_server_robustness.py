@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from live_server import BASE_NAME, LiveServer, write_model
 
 

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from live_server import free_port, write_model
 
 

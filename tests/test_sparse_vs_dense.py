@@ -3,11 +3,11 @@ every adapter kind (LD-MoLE with each router, AdaMoLE, a PEFT LoRA saved by peft
 
 import pytest
 import torch
+from tiny_models import tiny_config, write_tiny_model
 
 from ldmole_runtime.adapters.adapter_set import AdapterSet
 from ldmole_runtime.adapters.init import new_adapter_set
 from ldmole_runtime.runtime import LDMoleRuntime
-from tiny_models import tiny_config, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,17 @@ def test_unload_keeps_other_sets_intact(runtime):
     runtime.unload_adapter("narrow")
     after = runtime.forward(input_ids, ["all", "soft"]).logits
     assert (before - after).abs().max() <= 1e-6
-    runtime.load_adapter("narrow", new_adapter_set(runtime.cfg, num_experts=3, rank=2, alpha=4, lambda_hidden=16,
-                                                   seed=2, b_std=0.05, target_modules=["q_proj", "v_proj", "down_proj"]))
+    runtime.load_adapter(
+        "narrow",
+        new_adapter_set(
+            runtime.cfg,
+            num_experts=3,
+            rank=2,
+            alpha=4,
+            lambda_hidden=16,
+            seed=2,
+            b_std=0.05,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+        ),
+    )
     runtime.unload_adapter("tmp")

@@ -5,9 +5,9 @@ import json
 import random
 
 import httpx
+from live_server import LiveServer, write_model
 
 from ldmole_runtime.cli import main
-from live_server import LiveServer, write_model
 
 
 def test_trained_adapter_is_loaded_into_a_running_server(tmp_path, capsys):

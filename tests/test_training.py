@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime import AdapterSet, LDMoleRuntime
 from ldmole_runtime.cli import main
@@ -18,7 +19,6 @@ from ldmole_runtime.training import trainer as trainer_mod
 from ldmole_runtime.training.config import TrainConfig
 from ldmole_runtime.training.step import new_training_adapter
 from ldmole_runtime.training.trainer import train
-from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 KEYS = {"red": 0, "blue": 1, "green": 2, "gold": 3}
 
@@ -66,13 +66,16 @@ def test_training_learns_the_task_and_saves_what_it_serves(base, data, tmp_path)
     assert epochs[-1]["validation"]["accuracy"] >= 0.75  # chance is 0.25
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
         ["adapter", "metrics.json", "train_config.json"] + [f"checkpoint-epoch{i}" for i in range(1, 9)])
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"][-1]["validation"] == epochs[-1]["validation"]
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"][-1]["validation"]
+        == epochs[-1]["validation"]
+    )
 
     # the saved adapter, loaded as the server loads it, reproduces the validation accuracy
     rt = LDMoleRuntime.from_pretrained(base, adapters={"trained": tmp_path / "run" / "adapter"})
-    from ldmole_runtime.engine.llm import LLM
-
     from transformers import AutoTokenizer
+
+    from ldmole_runtime.engine.llm import LLM
 
     llm = LLM(rt, block_size=8, num_blocks=64, tokenizer=AutoTokenizer.from_pretrained(base))
     from ldmole_runtime.training.data import load_jsonl, mc_prompt
@@ -99,7 +102,10 @@ def test_export_reload_gives_identical_outputs(base, data, tmp_path):
         from ldmole_runtime.attention import DenseCausalAttention
         from ldmole_runtime.lora.adapter_batch import AdapterBatch
         from ldmole_runtime.model import ForwardContext
-        ctx = ForwardContext(AdapterBatch.build(torch.zeros(24, dtype=torch.long), 1), rt.bank, DenseCausalAttention(2, 12), "dense")
+
+        ctx = ForwardContext(
+            AdapterBatch.build(torch.zeros(24, dtype=torch.long), 1), rt.bank, DenseCausalAttention(2, 12), "dense"
+        )
         hidden = rt.model(ids.reshape(-1), torch.arange(12).repeat(2), ctx)
         loss = torch.nn.functional.linear(hidden, rt.model.lm_head_weight).logsumexp(-1).mean()
         loss.backward()
@@ -173,8 +179,18 @@ def test_two_process_gloo_torchrun(base, data, tmp_path):
 def test_bad_input_fails_before_compute(base, data, tmp_path, capsys, flags, message):
     cls = tmp_path / "cls.jsonl"
     cls.write_text(json.dumps({"text": "a", "label": 0}) + "\n" + json.dumps({"text": "b", "label": 5}) + "\n")
-    argv = ["train", "--base", str(base), "--data", str(cls if "classification" in flags else data[0]),
-            "--val-data", str(cls if "classification" in flags else data[1]), "--out", str(tmp_path / "o"), "--no-progress"]
+    argv = [
+        "train",
+        "--base",
+        str(base),
+        "--data",
+        str(cls if "classification" in flags else data[0]),
+        "--val-data",
+        str(cls if "classification" in flags else data[1]),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
     argv += flags
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -191,9 +207,9 @@ def test_classification_and_completion_tasks_and_yaml_config(base, tmp_path):
                 word = g.choice(sorted(KEYS))
                 f.write(json.dumps({"text": f"the {word} one", "label": KEYS[word] % 2}) + "\n")
     yaml_file = tmp_path / "cls.yaml"
-    yaml_file.write_text(f"task: classification\nnum_labels: 2\nrouter: topk\ntop_k: 2\nexperts: 4\nrank: 4\n"
-                         f"lambda_hidden: 16\ndropout: 0.0\nepochs: 6\nlr: 0.01\nschedule: cosine\nwarmup_steps: 2\n"
-                         f"batch_size: 8\nmax_length: 64\nprogress: false\ndevice: cpu\n")
+    yaml_file.write_text("task: classification\nnum_labels: 2\nrouter: topk\ntop_k: 2\nexperts: 4\nrank: 4\n"
+                         "lambda_hidden: 16\ndropout: 0.0\nepochs: 6\nlr: 0.01\nschedule: cosine\nwarmup_steps: 2\n"
+                         "batch_size: 8\nmax_length: 64\nprogress: false\ndevice: cpu\n")
     cfg = TrainConfig.from_sources(str(yaml_file), {"base": str(base), "data": str(cls_train), "val_data": str(cls_val),
                                                     "out": str(tmp_path / "cls")})
     metrics = train(cfg)

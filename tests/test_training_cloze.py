@@ -6,16 +6,16 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.llm import LLM, load_tokenizer
 from ldmole_runtime.training.config import TrainConfig
 from ldmole_runtime.training.data import MCExample, cloze_pair, encode, load_jsonl
 from ldmole_runtime.training.mc_eval import lm_eval_choices
-from ldmole_runtime.training.trainable import TrainableAdapter
 from ldmole_runtime.training.step import ADAPTER_NAME, TrainStep, collate
+from ldmole_runtime.training.trainable import TrainableAdapter
 from ldmole_runtime.training.trainer import train
-from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def test_answer_text_loss_matches_a_hand_computation(base):
     ce = step(collate(encoded, 0))["ce"]
     # by hand: -mean over every answer token of log p(token | everything before it)
     logprobs = []
-    for e, ex in zip(encoded, examples, strict=True):
+    assert len(encoded) == len(examples)
+    for e in encoded:
         lp = torch.log_softmax(runtime.forward(torch.tensor([e.input_ids]), ADAPTER_NAME, mode="dense").logits[0], -1)
         ctx_len = len(e.options[0])
         answer = e.input_ids[ctx_len:]

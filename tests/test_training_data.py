@@ -13,10 +13,18 @@ import pytest
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.training import benchmarks, data
 from ldmole_runtime.training.data import (
-    BUILTIN_DATASETS, ClassificationExample, CompletionExample, MCExample, check_labels, encode,
-    load_builtin, load_dataset, load_jsonl, mc_prompt, special_tokens,
+    BUILTIN_DATASETS,
+    ClassificationExample,
+    CompletionExample,
+    MCExample,
+    check_labels,
+    encode,
+    load_builtin,
+    load_dataset,
+    load_jsonl,
+    mc_prompt,
+    special_tokens,
 )
-
 
 # ---- helpers -------------------------------------------------------------------------------------------
 
@@ -62,26 +70,41 @@ def test_jsonl_all_tasks(tmp_path):
     assert load_dataset(str(cls), "classification", "train", limit=1) == [ClassificationExample("good", 1)]
 
 
-@pytest.mark.parametrize("task, line, message", [
-    ("mc", "{not json", "line 2: invalid JSON"),
-    ("mc", "[1, 2]", "line 2: expected a JSON object, got list"),
-    ("mc", {"choices": ["a", "b"], "answer": 0}, "line 2: missing field 'question'"),
-    ("mc", {"question": "q", "choices": "a b", "answer": 0}, "line 2: field 'choices' must be a list of strings"),
-    ("mc", {"question": "q", "choices": ["a", 2], "answer": 0}, "line 2: field 'choices' must be a list of strings"),
-    ("mc", {"question": "q", "choices": ["a"], "answer": 0}, "line 2: field 'choices' has 1 options"),
-    ("mc", {"question": 7, "choices": ["a", "b"], "answer": 0}, "line 2: field 'question' must be a string, got 7"),
-    ("mc", {"question": "q", "choices": ["a", "b"], "answer": 1.0}, "line 2: field 'answer' must be"),
-    ("mc", {"question": "q", "choices": ["a", "b"], "answer": 2}, "line 2: field 'answer' 2 is out of range for 2 choices"),
-    ("mc", {"question": "q", "choices": ["a", "b"], "answer": -1}, "line 2: field 'answer' -1 is out of range"),
-    ("mc", {"question": "q", "choices": ["a", "b"], "answer": "C"}, "line 2: field 'answer' 'C' is out of range"),
-    ("mc", {"question": "q", "choices": ["a", "b"], "answer": "b"}, "line 2: field 'answer' must be an option index or a letter"),
-    ("completion", {"prompt": "p"}, "line 2: missing field 'completion'"),
-    ("completion", {"prompt": None, "completion": "c"}, "line 2: field 'prompt' must be a string, got null"),
-    ("completion", {"prompt": "p", "completion": ""}, "line 2: field 'completion' is empty"),
-    ("classification", {"text": "t", "label": "1"}, "line 2: field 'label' must be an integer"),
-    ("classification", {"text": "t", "label": True}, "line 2: field 'label' must be an integer"),
-    ("classification", {"text": "t", "label": -1}, "line 2: field 'label' must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "task, line, message",
+    [
+        ("mc", "{not json", "line 2: invalid JSON"),
+        ("mc", "[1, 2]", "line 2: expected a JSON object, got list"),
+        ("mc", {"choices": ["a", "b"], "answer": 0}, "line 2: missing field 'question'"),
+        ("mc", {"question": "q", "choices": "a b", "answer": 0}, "line 2: field 'choices' must be a list of strings"),
+        (
+            "mc",
+            {"question": "q", "choices": ["a", 2], "answer": 0},
+            "line 2: field 'choices' must be a list of strings",
+        ),
+        ("mc", {"question": "q", "choices": ["a"], "answer": 0}, "line 2: field 'choices' has 1 options"),
+        ("mc", {"question": 7, "choices": ["a", "b"], "answer": 0}, "line 2: field 'question' must be a string, got 7"),
+        ("mc", {"question": "q", "choices": ["a", "b"], "answer": 1.0}, "line 2: field 'answer' must be"),
+        (
+            "mc",
+            {"question": "q", "choices": ["a", "b"], "answer": 2},
+            "line 2: field 'answer' 2 is out of range for 2 choices",
+        ),
+        ("mc", {"question": "q", "choices": ["a", "b"], "answer": -1}, "line 2: field 'answer' -1 is out of range"),
+        ("mc", {"question": "q", "choices": ["a", "b"], "answer": "C"}, "line 2: field 'answer' 'C' is out of range"),
+        (
+            "mc",
+            {"question": "q", "choices": ["a", "b"], "answer": "b"},
+            "line 2: field 'answer' must be an option index or a letter",
+        ),
+        ("completion", {"prompt": "p"}, "line 2: missing field 'completion'"),
+        ("completion", {"prompt": None, "completion": "c"}, "line 2: field 'prompt' must be a string, got null"),
+        ("completion", {"prompt": "p", "completion": ""}, "line 2: field 'completion' is empty"),
+        ("classification", {"text": "t", "label": "1"}, "line 2: field 'label' must be an integer"),
+        ("classification", {"text": "t", "label": True}, "line 2: field 'label' must be an integer"),
+        ("classification", {"text": "t", "label": -1}, "line 2: field 'label' must be >= 0"),
+    ],
+)
 def test_jsonl_errors_name_line_and_field(tmp_path, task, line, message):
     good = {"mc": MC_ROW, "completion": {"prompt": "p", "completion": "c"},
             "classification": {"text": "t", "label": 0}}[task]
@@ -111,7 +134,9 @@ def test_load_dataset_errors(tmp_path):
         load_dataset(str(path), None, "train")
     with pytest.raises(LDMoleError, match="unknown task"):
         load_dataset(str(path), "multiple_choice", "train")
-    with pytest.raises(LDMoleError, match="'nope.jsonl' is neither a built-in dataset .*arc_easy.* nor an existing file"):
+    with pytest.raises(
+        LDMoleError, match="'nope.jsonl' is neither a built-in dataset .*arc_easy.* nor an existing file"
+    ):
         load_dataset("nope.jsonl", "mc", "train")
     with pytest.raises(LDMoleError, match="arc_easy is a built-in mc dataset; it cannot be used for task 'completion'"):
         load_dataset("arc_easy", "completion", "train")
@@ -204,7 +229,9 @@ def test_special_tokens_per_family():
     # SmolLM2 style: a ChatML tokenizer whose BOS / EOS are <|im_start|> / <|im_end|>.
     assert special_tokens(byte_tokenizer()) == ("<|im_start|>", "<|im_end|>")
     # Qwen: no BOS, base-model EOS <|endoftext|>, ChatML tokens in the vocabulary.
-    qwen = byte_tokenizer(bos=None, eos="<|endoftext|>", extra=["<|im_start|>", "<|im_end|>"], cls_name="Qwen2Tokenizer")
+    qwen = byte_tokenizer(
+        bos=None, eos="<|endoftext|>", extra=["<|im_start|>", "<|im_end|>"], cls_name="Qwen2Tokenizer"
+    )
     assert special_tokens(qwen) == ("<|im_start|>", "<|im_end|>")
     llama3 = byte_tokenizer(bos="<|begin_of_text|>", eos="<|eot_id|>")
     assert special_tokens(llama3) == ("<|begin_of_text|>", "<|eot_id|>")

@@ -8,6 +8,7 @@ AdaMoLE's threshold router, E = 1, a set adapting only some projections, and bar
 
 import pytest
 import torch
+from tiny_models import tiny_config
 
 from ldmole_kernels.triton.routing import route_blocks, route_blocks_reference
 from ldmole_kernels.triton.shrink_expand import shrink_expand, shrink_expand_reference
@@ -16,7 +17,6 @@ from ldmole_runtime.config import ModelConfig
 from ldmole_runtime.lora.adapter_batch import TOKEN_BLOCK, AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.routing import SPARSEGEN_EPS
-from tiny_models import tiny_config
 
 SETS = ["wide", "part", "soft", "top", "lora", "all", "one", "ada"]
 

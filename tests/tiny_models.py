@@ -15,7 +15,9 @@ def tiny_config(arch: str = "qwen3", *, tie: bool = False, kv_heads: int = 2, **
     return Qwen3Config(**({"head_dim": 16} | common))
 
 
-def write_tiny_model(path: Path, config, *, classifier: bool = False, seed: int = 0, shard_size: str | None = None) -> Path:
+def write_tiny_model(
+    path: Path, config, *, classifier: bool = False, seed: int = 0, shard_size: str | None = None
+) -> Path:
     """transformers' model with random weights (norms perturbed too, so they matter), saved as an HF folder."""
     torch.manual_seed(seed)
     cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM

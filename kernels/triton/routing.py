@@ -22,6 +22,7 @@ the whole tile again.
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

@@ -14,6 +14,7 @@ adds into y without atomics and the result does not depend on scheduling (reprod
 from __future__ import annotations
 
 import torch
+
 import triton
 import triton.language as tl
 

@@ -78,7 +78,9 @@ class AdapterSet:
         for name, t in self.tensors.items():
             want = expected.get(name, optional.get(name))
             if tuple(t.shape) != tuple(want):
-                raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(want)}")
+                raise CheckpointError(
+                    f"{source}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(want)}"
+                )
             if not t.is_floating_point():
                 raise CheckpointError(f"{source}: tensor {name} is {t.dtype}, expected a floating-point tensor")
 
@@ -88,7 +90,9 @@ class AdapterSet:
         if c.num_layers != base.num_layers:
             raise AdapterMismatchError(f"{name}: adapter has {c.num_layers} layers, base model has {base.num_layers}")
         if c.hidden_size != base.hidden_size:
-            raise AdapterMismatchError(f"{name}: adapter hidden size {c.hidden_size} != base hidden size {base.hidden_size}")
+            raise AdapterMismatchError(
+                f"{name}: adapter hidden size {c.hidden_size} != base hidden size {base.hidden_size}"
+            )
         base_shapes = projection_shapes(base)
         for proj in c.target_modules:
             if tuple(c.projection_shapes[proj]) != base_shapes[proj]:
@@ -106,7 +110,7 @@ class AdapterSet:
         return path
 
     @classmethod
-    def load_native(cls, path: str | Path) -> "AdapterSet":
+    def load_native(cls, path: str | Path) -> AdapterSet:
         path = Path(path)
         cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for f in (cfg_file, weights_file):
@@ -122,7 +126,7 @@ class AdapterSet:
         return adapter
 
     @classmethod
-    def load(cls, path: str | Path) -> "AdapterSet":
+    def load(cls, path: str | Path) -> AdapterSet:
         """Load any supported format: a native folder, or one written by another code (`load_foreign`)."""
         path = Path(path)
         if not path.is_dir():
@@ -132,7 +136,7 @@ class AdapterSet:
         return cls.load_foreign(path)
 
     @staticmethod
-    def load_foreign(path: str | Path) -> "AdapterSet":
+    def load_foreign(path: str | Path) -> AdapterSet:
         """A folder with `adapter_config.json`, told apart by its fields: the reference LD-MoLE code
         (`lora_nums` / `sparsegen`), the reference AdaMoLE code (`peft_type` ADAMOLE), or PEFT's own
         LoRA (`peft_type` LORA)."""

@@ -79,7 +79,7 @@ class AdapterConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "adapter config") -> "AdapterConfig":
+    def from_dict(cls, d: dict, source: str = "adapter config") -> AdapterConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
@@ -95,7 +95,9 @@ class AdapterConfig:
         """Field types, so that a hand-edited config fails here and not deep inside torch."""
         ints = ["num_experts", "rank", "num_layers", "hidden_size", "format_version"]
         bad = [f for f in ints if not _is_int(getattr(self, f))]
-        bad += [f for f in ("lambda_hidden", "num_labels") if getattr(self, f) is not None and not _is_int(getattr(self, f))]
+        bad += [
+            f for f in ("lambda_hidden", "num_labels") if getattr(self, f) is not None and not _is_int(getattr(self, f))
+        ]
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             bad.append("alpha")
         if not isinstance(self.router, str):
@@ -115,7 +117,9 @@ class AdapterConfig:
         """Internal consistency, independent of any base model."""
         self._check_types(source)
         if self.format_version != FORMAT_VERSION:
-            raise CheckpointError(f"{source}: format_version {self.format_version} is not supported (expected {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{source}: format_version {self.format_version} is not supported (expected {FORMAT_VERSION})"
+            )
         if self.router not in ROUTERS:
             raise CheckpointError(f"{source}: unknown router kind {self.router!r}; known: {sorted(ROUTERS)}")
         if self.num_experts < 1 or self.rank < 1:
@@ -131,7 +135,9 @@ class AdapterConfig:
         if no_shape:
             raise CheckpointError(f"{source}: projection_shapes has no [in, out] for target module(s) {no_shape}")
         if self.router == "topk" and not (_is_int(self.top_k) and 1 <= self.top_k <= self.num_experts):
-            raise CheckpointError(f"{source}: router 'topk' needs top_k in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+            raise CheckpointError(
+                f"{source}: router 'topk' needs top_k in [1, num_experts={self.num_experts}], got {self.top_k!r}"
+            )
         if self.max_threshold is not None and (isinstance(self.max_threshold, bool) or
                                                not isinstance(self.max_threshold, (int, float)) or
                                                not 0 < self.max_threshold <= 1):

@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections import deque
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -117,7 +117,7 @@ class AsyncLLMEngine:
         for c in choice_ids:  # the forks are validated now, not inside the loop
             engine.prepare_request("check", ctx_ids + c, SamplingParams(max_tokens=0), adapter)
         ctx_id = f"{request_id}-context"
-        async for out in self._stream(engine.prepare_context(ctx_id, ctx_ids, adapter)):
+        async for _ in self._stream(engine.prepare_context(ctx_id, ctx_ids, adapter)):
             pass
         ids = [f"{request_id}-{i}" for i in range(len(choice_ids))]
         queues = [self._register(rid) for rid in ids]
@@ -125,7 +125,7 @@ class AsyncLLMEngine:
         def fork_all(engine: LLMEngine):
             try:
                 first = first_token_logprobs(engine.context_logprobs(ctx_id), choice_ids)
-                return first, [engine.fork_or_recompute(ctx_id, rid, c) for rid, c in zip(ids, choice_ids)]
+                return first, [engine.fork_or_recompute(ctx_id, rid, c) for rid, c in zip(ids, choice_ids, strict=True)]
             finally:
                 engine.release_context(ctx_id)
 
@@ -133,7 +133,7 @@ class AsyncLLMEngine:
         try:
             first, forked = await self.call_between_steps(fork_all)
             outputs = []
-            for rid, queue in zip(ids, queues):
+            for rid, queue in zip(ids, queues, strict=True):
                 outputs.append(await _final(queue))
                 done.add(rid)
         finally:

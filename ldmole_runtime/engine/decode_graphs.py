@@ -99,7 +99,7 @@ class DecodeGraphs:
         host = torch.tensor([token_ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
                              [p + 1 for p in positions] + [1] * pad])
         rows = [t + [self.scratch_block] * (width - len(t)) for t in tables] + [[self.scratch_block] * width] * pad
-        for dst, src in zip((bufs.input_ids, bufs.positions, bufs.slots, bufs.lens), host):
+        for dst, src in zip((bufs.input_ids, bufs.positions, bufs.slots, bufs.lens), host, strict=True):
             dst.copy_(src, non_blocking=True)
         bufs.tables.copy_(torch.tensor(rows), non_blocking=True)
         if bufs.blocks is not None:

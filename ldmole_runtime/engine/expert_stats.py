@@ -53,10 +53,10 @@ class ExpertHistogram:
         bucket = torch.bucketize(means, edges)  # index of the first edge >= value: Prometheus' `le`
         counts = torch.bincount(set_ids * nb + bucket, minlength=len(names) * nb).view(len(names), nb)
         sums = torch.zeros(len(names), device=means.device).index_add_(0, set_ids, means)
-        for name, row, total in zip(names, counts.tolist(), sums.tolist()):
+        for name, row, total in zip(names, counts.tolist(), sums.tolist(), strict=True):
             n = sum(row)
             if n:
                 entry = self.by_adapter.setdefault(name, [[0] * nb, 0.0, 0])
-                entry[0] = [a + b for a, b in zip(entry[0], row)]
+                entry[0] = [a + b for a, b in zip(entry[0], row, strict=True)]
                 entry[1] += total
                 entry[2] += n

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Sequence as Seq
 
 from ..default_base import resolve_base
 from ..errors import LDMoleError, StepFailedError
@@ -46,8 +46,12 @@ class LLM:
     def runtime(self) -> LDMoleRuntime:
         return self.engine.runtime
 
-    def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 adapter: str | None | Seq[str | None] = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[int] | Seq[str | list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapter: str | None | Seq[str | None] = None,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (each may use its own params and adapter set); outputs in prompt order."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)
@@ -57,7 +61,7 @@ class LLM:
         if len(params) != n or len(adapters) != n:
             raise LDMoleError(f"got {n} prompts, {len(params)} sampling params and {len(adapters)} adapters")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p, a in zip(ids, prompts, params, adapters):
+        for rid, prompt, p, a in zip(ids, prompts, params, adapters, strict=True):
             self.engine.add_request(rid, prompt, p, a)
         return self._run(ids)
 
@@ -137,9 +141,9 @@ class LLM:
             for i, name in held.items():
                 firsts[i] = first_token_logprobs(self.engine.context_logprobs(name), encoded[i][1])
                 forked[i] = [rid is None or self.engine.fork_or_recompute(name, rid, c[:-1], c[-1])
-                             for rid, c in zip(names[i], encoded[i][1])]
+                             for rid, c in zip(names[i], encoded[i][1], strict=True)]
                 self.engine.release_context(name)  # the forks hold their own references
-            done = dict(zip(every, self._run(every)))
+            done = dict(zip(every, self._run(every), strict=True))
         finally:
             for name in held.values():
                 self.engine.release_context(name)

@@ -95,7 +95,7 @@ class LLMEngine:
         adds the logprob of that token after the prompt, as if it were one more prompt token."""
         self.admit(self.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from, target_token))
 
-    def admit(self, request: "_Request") -> None:
+    def admit(self, request: _Request) -> None:
         """Queue a prepared request. The adapter set is checked again here: it may have been unloaded
         (or reloaded) since the request was prepared."""
         if request.request_id in self.requests:
@@ -109,7 +109,7 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                         adapter: str | None = None, prompt_logprobs_from: int | None = None,
-                        target_token: int | None = None) -> "_Request":
+                        target_token: int | None = None) -> _Request:
         """Validate a request and build its sequences, without touching the running batch."""
         params = params or SamplingParams()
         if target_token is not None:
@@ -175,7 +175,7 @@ class LLMEngine:
         """Prefill a context and keep its KV after it finishes, for `fork_request`."""
         self.admit(self.prepare_context(request_id, prompt, adapter))
 
-    def prepare_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> "_Request":
+    def prepare_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> _Request:
         request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0), adapter)
         request.seqs[0].hold = True
         return request
@@ -311,7 +311,7 @@ class LLMEngine:
         for seq, first, end in step.prompt_spans:  # one output entry per scored token: the API's shape
             n = seq.params.prompt_logprobs or 0
             for token in seq.token_ids[first:end]:
-                top = dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}
+                top = dict(zip(top_ids[r][:n], top_lp[r][:n], strict=True)) if n else {}
                 seq.prompt_logprobs.append(TokenLogprob(token, chosen[r], top, greedy[r]))
                 r += 1
 
@@ -342,7 +342,9 @@ class LLMEngine:
             self.generated_tokens += 1
             if seq.params.logprobs is not None:
                 n = seq.params.logprobs
-                seq.output_logprobs.append(TokenLogprob(token, logprobs[r], dict(zip(top_ids[r][:n], top_lp[r][:n])) if n else {}))
+                seq.output_logprobs.append(
+                    TokenLogprob(token, logprobs[r], dict(zip(top_ids[r][:n], top_lp[r][:n], strict=True)) if n else {})
+                )
             reason = self.outputs.append_token(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
@@ -351,7 +353,7 @@ class LLMEngine:
         targets = torch.tensor([s.target_token for s in seqs], device=logits.device)
         chosen = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1).tolist()
         greedy = (logits.argmax(-1) == targets).tolist()
-        for seq, logprob, is_greedy in zip(seqs, chosen, greedy):
+        for seq, logprob, is_greedy in zip(seqs, chosen, greedy, strict=True):
             seq.prompt_logprobs.append(TokenLogprob(seq.target_token, logprob, {}, is_greedy))
 
     # ---- introspection --------------------------------------------------------------------------

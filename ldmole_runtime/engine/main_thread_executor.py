@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
-from typing import Callable
+from collections.abc import Callable
 
 
 class MainThreadExecutor(concurrent.futures.Executor):

@@ -23,7 +23,6 @@ from .decode_graphs import DecodeGraphs
 from .expert_stats import ActiveExpertCount
 from .sequence import Sequence
 
-
 DECODE_GRAPH_SETTINGS = ("auto", "off", "eager")
 
 
@@ -82,10 +81,13 @@ class ModelRunner:
         """A decode-only step through the static buffers (a CUDA graph replay on a GPU)."""
         bs = self.block_size
         positions = [seq.num_computed_tokens for seq in seqs]
-        hidden = self.graphs.run([seq.token_ids[p] for seq, p in zip(seqs, positions)], positions,
-                                 [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
-                                 [seq.block_table for seq in seqs],
-                                 self._set_indices(seqs))
+        hidden = self.graphs.run(
+            [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)],
+            positions,
+            [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)],
+            [seq.block_table for seq in seqs],
+            self._set_indices(seqs),
+        )
         if hidden is None:
             return None
         logits = F.linear(hidden, self.runtime.model.lm_head_weight).float()
@@ -123,13 +125,15 @@ class ModelRunner:
         q_len_t = torch.tensor(q_lens, device=device)
         owner = torch.repeat_interleave(torch.arange(len(batch), device=device), q_len_t)
         first_row = torch.cumsum(q_len_t, 0) - q_len_t
-        positions = torch.tensor(starts, device=device)[owner] + torch.arange(len(input_ids), device=device) - first_row[owner]
+        positions = (
+            torch.tensor(starts, device=device)[owner] + torch.arange(len(input_ids), device=device) - first_row[owner]
+        )
         width = max(len(t) for t in tables)
         table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
         slots = table_t[owner, positions // bs] * bs + positions % bs
 
         attention = PagedAttention.build(self.kv_cache, q_lens, ctx_lens, tables, slots)
-        adapters = AdapterBatch.from_runs(list(zip(set_ids, q_lens)), len(self.runtime.bank.slots), device)
+        adapters = AdapterBatch.from_runs(list(zip(set_ids, q_lens, strict=True)), len(self.runtime.bank.slots), device)
         counter = ActiveExpertCount(len(input_ids), device) if count_experts and not adapters.is_bare else None
         ctx = ForwardContext(adapters, self.runtime.bank, attention, self.ops, counter)
         hidden = self.runtime.model(torch.tensor(input_ids, device=device), positions, ctx)

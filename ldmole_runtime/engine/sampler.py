@@ -6,14 +6,15 @@ or temperature -> top-k -> top-p -> min-p -> exponential race (sampled rows).
 
 Per-row settings become small tensors copied from host lists (through pinned memory on CUDA);
 which steps run is decided from the params on the host, never from tensor values, so the sampler
-adds no device->host syncs (checked on an H100 with torch.cuda.set_sync_debug_mode("error")). Indexing uses integer index tensors, never boolean masks (a boolean index
-needs the number of True entries on the host).
+adds no device->host syncs (by construction; on a GPU, torch.cuda.set_sync_debug_mode("error")
+would prove it, and no GPU has run it yet). Indexing uses integer index tensors, never boolean
+masks (a boolean index needs the number of True entries on the host).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ def _mask_until_min_tokens(logits: torch.Tensor, params: Sequence[SamplingParams
                            eos_token_ids) -> torch.Tensor:
     rows, cols = [], []
     vocab = logits.shape[-1]
-    for i, (p, out) in enumerate(zip(params, output_ids)):
+    for i, (p, out) in enumerate(zip(params, output_ids, strict=True)):
         if len(out) >= p.min_tokens:
             continue
         banned = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids) | set(eos_token_ids)
@@ -109,7 +110,7 @@ def _add_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias.items()]
     if not entries:
         return logits
-    rows, tokens, biases = zip(*entries)
+    rows, tokens, biases = zip(*entries, strict=True)
     index = (_tensor(list(rows), torch.long, logits.device), _tensor(list(tokens), torch.long, logits.device))
     return logits.index_put(index, _tensor(list(biases), torch.float32, logits.device), accumulate=True)
 

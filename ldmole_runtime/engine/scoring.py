@@ -42,7 +42,7 @@ def score_choices(context_len: int, first: tuple[list[float], int], choice_ids: 
     """first: `first_token_logprobs(...)` of the context."""
     first, greedy_first = first
     scores = []
-    for out, c, was_forked, lp0 in zip(outputs, choice_ids, forked, first):
+    for out, c, was_forked, lp0 in zip(outputs, choice_ids, forked, first, strict=True):
         entries = [] if out is None else [(lp.logprob, lp.is_greedy)
                                           for lp in out.prompt_logprobs[context_len + was_forked:]]
         if was_forked:

@@ -52,7 +52,7 @@ class AdapterBatch:
 
     @classmethod
     def from_runs(cls, runs: list[tuple[int, int]], num_sets: int,
-                  device: torch.device | str = "cpu") -> "AdapterBatch":
+                  device: torch.device | str = "cpu") -> AdapterBatch:
         """From (set index, token count) runs in token order, e.g. one run per sequence of a step."""
         n = sum(count for _, count in runs)
         for set_index, _ in runs:
@@ -92,13 +92,13 @@ class AdapterBatch:
         return cls(n, tuple(segments), sorted_tokens, block_table)
 
     @classmethod
-    def build(cls, set_ids: torch.Tensor, num_sets: int) -> "AdapterBatch":
+    def build(cls, set_ids: torch.Tensor, num_sets: int) -> AdapterBatch:
         """From a per-token index tensor (any shape): reads it on the host once, before the forward."""
         flat = set_ids.reshape(-1).cpu()
         if flat.numel() == 0:
             return cls(0, ())
         values, counts = torch.unique_consecutive(flat, return_counts=True)
-        return cls.from_runs(list(zip(values.tolist(), counts.tolist())), num_sets, set_ids.device)
+        return cls.from_runs(list(zip(values.tolist(), counts.tolist(), strict=True)), num_sets, set_ids.device)
 
 
 def _to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:

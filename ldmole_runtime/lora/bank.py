@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..adapters.adapter_set import AdapterSet, lambda_key
+from ..adapters.spec import PROJECTION_GROUPS, AdapterConfig, projection_shapes
 from ..config import ModelConfig
 from ..errors import LDMoleError
 from ..routing import ROUTERS, Router
-from ..adapters.adapter_set import AdapterSet, lambda_key
-from ..adapters.spec import PROJECTION_GROUPS, AdapterConfig, projection_shapes
 from .kernel_tables import KernelTables, build_tables
-
 
 _slot_uids = itertools.count()
 
@@ -171,7 +170,7 @@ class AdapterBank:
             A, R, Bs, T, Tb = self._stack_set(t, c, layer, gb, targeted)
             gb.A = torch.cat([gb.A, A])
             gb.router = torch.cat([gb.router, R])
-            gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs)]
+            gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs, strict=True)]
             gb.threshold = torch.cat([gb.threshold, T[None]])
             gb.threshold_bias = torch.cat([gb.threshold_bias, Tb[None]])
         self.slots.append(slot)
@@ -215,7 +214,7 @@ class AdapterBank:
                     tensors[prefix + "threshold.weight"] = gb.threshold[s, i][None].detach().clone()
                     tensors[prefix + "threshold.bias"] = gb.threshold_bias[s, i][None].detach().clone()
         for w, net in slot.lambda_nets.items():
-            for part, t in zip(("0.weight", "0.bias", "2.weight", "2.bias"), net):
+            for part, t in zip(("0.weight", "0.bias", "2.weight", "2.bias"), net, strict=True):
                 tensors[lambda_key(w, part)] = t.detach().clone()
         if slot.score is not None:
             tensors["score.weight"] = slot.score[0].detach().clone()
@@ -240,7 +239,7 @@ class AdapterBank:
         R = self._empty(E, P, gb.fan_in)
         Bs = [self._empty(E, self.rank_max, o) for o in gb.fan_outs]
         T, Tb = self._empty(P, gb.fan_in), self._empty(P)
-        for i, (proj, on) in enumerate(zip(gb.projections, targeted)):
+        for i, (proj, on) in enumerate(zip(gb.projections, targeted, strict=True)):
             if not on:
                 continue
             prefix = f"layers.{layer}.{proj}."

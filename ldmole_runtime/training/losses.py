@@ -81,7 +81,7 @@ def lambda_term(lam: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((1.0 - lam) * m).sum(-1) / m.sum().clamp(min=1)
 
 
-def _sparsity(u, lam, mask, w: "LossWeights") -> torch.Tensor:
+def _sparsity(u, lam, mask, w: LossWeights) -> torch.Tensor:
     """The sparsity-control term; without its weight it is not computed (a sort of every module's
     logits, ~1% of a training step) and logs as 0."""
     return sparsity_control(u, lam, mask, w.k).mean() if w.reg else lam.new_zeros(())
@@ -96,7 +96,9 @@ class LossWeights:
     k: int = 2  # SparsityControl's expert cap
 
 
-def objective(ce: torch.Tensor, capture: TrainingCapture, mask: torch.Tensor, w: LossWeights) -> dict[str, torch.Tensor]:
+def objective(
+    ce: torch.Tensor, capture: TrainingCapture, mask: torch.Tensor, w: LossWeights
+) -> dict[str, torch.Tensor]:
     """Every term (for logging) and the weighted total under "loss". Each term is computed for all
     modules at once (stacked on a leading axis: a handful of ops instead of a handful per module)."""
     zero = ce.new_zeros(())
@@ -119,7 +121,9 @@ def objective(ce: torch.Tensor, capture: TrainingCapture, mask: torch.Tensor, w:
         "sparsity": _sparsity(u, lam, mask, w) if lam is not None else zero,
         "lambda": lambda_term(lam, mask).mean() if lam is not None else zero,
     }
-    terms["loss"] = w.ce * terms["ce"] + w.lb * terms["load_balance"] + w.reg * terms["sparsity"] + w.lam * terms["lambda"]
+    terms["loss"] = (
+        w.ce * terms["ce"] + w.lb * terms["load_balance"] + w.reg * terms["sparsity"] + w.lam * terms["lambda"]
+    )
     with torch.no_grad():
         if capture.p:
             m = mask.to(torch.float32).unsqueeze(-1)

@@ -15,7 +15,7 @@ from .data import Encoded
 def lm_eval_choices(logliks: list[float], option_chars: list[int]) -> tuple[int, int]:
     """(acc's pick, acc_norm's pick)."""
     acc = max(range(len(logliks)), key=logliks.__getitem__)
-    normed = [ll / n for ll, n in zip(logliks, option_chars)]
+    normed = [ll / n for ll, n in zip(logliks, option_chars, strict=True)]
     return acc, max(range(len(normed)), key=normed.__getitem__)
 
 
@@ -24,7 +24,7 @@ def cloze_accuracy(llm, encoded: list[Encoded], adapter: str | None) -> dict:
     was right (for paired tests between runs on the same items)."""
     results = llm.score_many([(e.options[0], e.options[1]) for e in encoded], adapter=adapter)
     acc, acc_norm = [], []
-    for e, result in zip(encoded, results):
+    for e, result in zip(encoded, results, strict=True):
         pick, pick_norm = lm_eval_choices([c.sum_logprob for c in result.choices], e.options[2])
         acc.append(pick == e.answer)
         acc_norm.append(pick_norm == e.answer)

@@ -23,8 +23,8 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     binomial tail of the split observed."""
     if len(a) != len(b):
         raise ValueError(f"paired results must cover the same items ({len(a)} != {len(b)})")
-    only_a = sum(1 for x, y in zip(a, b) if x and not y)
-    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
     n = only_a + only_b
     k = min(only_a, only_b)
     p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)

@@ -19,7 +19,6 @@ from .examples import read_jsonl
 from .trainer import train
 
 
-
 def _parse_routing(row: dict, where: str) -> tuple[str, str]:
     text, adapter = row.get("text"), row.get("adapter")
     if not isinstance(text, str) or not isinstance(adapter, str) or not text or not adapter:

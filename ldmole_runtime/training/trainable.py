@@ -19,7 +19,9 @@ class TrainableAdapter(nn.Module):
         super().__init__()
         bank = runtime.bank
         if bank.names != [name]:
-            raise LDMoleError(f"training needs a runtime holding only the adapter set being trained, found {bank.names}")
+            raise LDMoleError(
+                f"training needs a runtime holding only the adapter set being trained, found {bank.names}"
+            )
         self.runtime, self.name = runtime, name
         runtime.model.requires_grad_(False)
         slot = bank.slots[0]
@@ -32,7 +34,9 @@ class TrainableAdapter(nn.Module):
             if slot.router.needs_threshold:
                 gb.threshold = self._param(self.lora, gb.threshold)
                 gb.threshold_bias = self._param(self.lora, gb.threshold_bias)
-        slot.lambda_nets = {w: tuple(self._param(self.lambda_net, t) for t in net) for w, net in slot.lambda_nets.items()}
+        slot.lambda_nets = {
+            w: tuple(self._param(self.lambda_net, t) for t in net) for w, net in slot.lambda_nets.items()
+        }
         if slot.score is not None:
             weight, bias = slot.score
             slot.score = (self._param(self.lora, weight), None if bias is None else self._param(self.lora, bias))

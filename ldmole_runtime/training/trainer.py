@@ -30,6 +30,7 @@ from .data import ClassificationExample, CompletionExample, MCExample, check_lab
 from .step import ADAPTER_NAME, TrainStep, collate, make_optimizer, new_training_adapter
 from .trainable import TrainableAdapter
 from .validation import evaluate_all, make_scorer
+
 TASK_OF = {MCExample: "mc", CompletionExample: "completion", ClassificationExample: "classification"}
 
 
@@ -42,7 +43,7 @@ def load_examples(cfg: TrainConfig, tokenizer):
     if len(val_names) != len(names):
         raise LDMoleError(f"--val-data names {len(val_names)} datasets, --data {len(names)}; give one per dataset")
     train, val = [], {}
-    for name, val_name in zip(names, val_names):
+    for name, val_name in zip(names, val_names, strict=True):
         train += load_dataset(name, cfg.task, cfg.train_split, cfg.limit_train)
         val[name] = load_dataset(val_name, cfg.task, cfg.val_split, cfg.limit_val)
     if not train:

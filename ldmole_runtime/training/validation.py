@@ -8,12 +8,11 @@ import torch.nn.functional as F
 
 from ..runtime import LDMoleRuntime
 from .config import TrainConfig
-from .losses import TrainingCapture
 from .mc_eval import cloze_accuracy
 from .step import ADAPTER_NAME, TrainStep, collate
 
 
-def evaluate_all(step: "TrainStep", val: dict[str, list], cfg: TrainConfig, pad_id: int,
+def evaluate_all(step: TrainStep, val: dict[str, list], cfg: TrainConfig, pad_id: int,
                  scorer=None) -> tuple[dict, dict]:
     """(validation metrics, per-item correctness) per dataset; with several datasets the metrics
     also carry their mean accuracy under "accuracy". Correctness is kept where it is known per

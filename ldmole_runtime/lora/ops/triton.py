@@ -18,7 +18,6 @@ from ..adapter_batch import TOKEN_BLOCK, AdapterBatch
 from ..bank import AdapterBank, GroupBank
 from . import torch_ref
 
-
 _REFERENCE = torch_ref.TorchRefOps()
 
 
