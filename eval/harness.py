@@ -28,13 +28,12 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ldmole_runtime.default_base import resolve_base
+from ldmole_eval.model_args import parse_model_args
 from ldmole_runtime.engine.llm import LLM, load_tokenizer
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.runtime import LDMoleRuntime
-
-from .model_args import parse_model_args
+from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.model.runtime import LDMoleRuntime
 
 logger = logging.getLogger("ldmole.eval")
 

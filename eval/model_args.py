@@ -22,10 +22,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmole_runtime.default_adapter import DEFAULT_ADAPTER_NAME, resolve_adapter
-from ldmole_runtime.default_base import DEFAULT_BASE_NAME
+from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import MODES
+from ldmole_runtime.model.default_base import DEFAULT_BASE_NAME
 
 BASE_ONLY = "base"  # active=base: no adapter set, even when some are loaded
 DTYPES = ("float32", "bfloat16", "float16")

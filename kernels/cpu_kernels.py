@@ -1,7 +1,7 @@
 """Build and load the CPU kernels (plain C + OpenMP, called through ctypes).
 
-The shared library is compiled once per machine into the cache (`$LDMOLE_CACHE/kernels`), keyed
-by the source and the CPU, because it is built with -march=native. Without a C compiler the
+The shared library is compiled once per machine into the caller's cache folder, keyed by the
+source and the CPU, because it is built with -march=native. Without a C compiler the
 runtime falls back to the torch path, which computes the same numbers.
 """
 
@@ -30,12 +30,10 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
-def _build() -> ctypes.CDLL:
-    from ldmole_runtime.default_base import default_cache_dir
-
+def _build(cache_dir: Path) -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + _cpu_id().encode()).hexdigest()[:16]
-    out = default_cache_dir() / "kernels" / f"ldmole_cpu-{key}.so"
+    out = Path(cache_dir) / f"ldmole_cpu-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         cc = os.environ.get("CC", "cc")
@@ -58,15 +56,16 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def cpu_kernels() -> ctypes.CDLL | None:
-    """The loaded library, or None when it cannot be built here (then the torch path is used)."""
+def cpu_kernels(cache_dir: Path) -> ctypes.CDLL | None:
+    """The loaded library (built into cache_dir on first use), or None when it cannot be built here
+    (then the torch path is used)."""
     global _lib, _failed
     if _lib is None and _failed is None:
         if os.environ.get("LDMOLE_DISABLE_CPU_KERNELS") == "1":
             _failed = "disabled by LDMOLE_DISABLE_CPU_KERNELS=1"
         else:
             try:
-                _lib = _build()
+                _lib = _build(cache_dir)
             except (OSError, subprocess.CalledProcessError) as exc:
                 _failed = str(exc)
     return _lib

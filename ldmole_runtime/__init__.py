@@ -2,12 +2,11 @@
 
 import importlib.metadata as _metadata
 
-from .adapters.adapter_set import AdapterSet
-from .adapters.init import new_adapter_set
-from .adapters.reference import load_reference
-from .config import ModelConfig
-from .errors import AdapterMismatchError, CheckpointError, LDMoleError, UnsupportedModelError
-from .runtime import ForwardOutput, LDMoleRuntime
+from ldmole_runtime.adapters.adapter_set import AdapterSet, load_reference
+from ldmole_runtime.adapters.init import new_adapter_set
+from ldmole_runtime.errors import AdapterMismatchError, CheckpointError, LDMoleError, UnsupportedModelError
+from ldmole_runtime.model.config import ModelConfig
+from ldmole_runtime.model.runtime import ForwardOutput, LDMoleRuntime
 
 __all__ = [
     "AdapterSet", "new_adapter_set", "load_reference", "ModelConfig", "LDMoleRuntime", "ForwardOutput",

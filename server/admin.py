@@ -10,11 +10,10 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import ldmole_runtime
-
-from .chat import chat_prompt
-from .completions import state_of
-from .errors import APIError
-from .protocol import DetokenizeRequest, LoadAdapterRequest, TokenizeRequest, UnloadAdapterRequest
+from ldmole_server.chat import chat_prompt
+from ldmole_server.completions import state_of
+from ldmole_server.errors import APIError
+from ldmole_server.protocol import DetokenizeRequest, LoadAdapterRequest, TokenizeRequest, UnloadAdapterRequest
 
 router = APIRouter()
 

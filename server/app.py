@@ -14,11 +14,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import ldmole_runtime
-
-from . import admin, chat, completions, scoring
-from .errors import install_error_handlers
-from .middleware import GuardMiddleware
-from .state import ServerState
+from ldmole_server import admin, chat, completions, scoring
+from ldmole_server.errors import install_error_handlers
+from ldmole_server.middleware import GuardMiddleware
+from ldmole_server.state import ServerState
 
 
 def build_app(state: ServerState, on_ready=None) -> FastAPI:

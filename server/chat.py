@@ -7,11 +7,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .completions import Prompt, collect, sampling_params, state_of, stop_holdback, usage
-from .errors import APIError, classify_exception, error_body
-from .protocol import ChatCompletionRequest, ChatMessage
-from .state import ServerState, request_id
-from .streaming import SSE_DONE, merge_streams, sse
+from ldmole_server.completions import Prompt, collect, sampling_params, state_of, stop_holdback, usage
+from ldmole_server.errors import APIError, classify_exception, error_body
+from ldmole_server.protocol import ChatCompletionRequest, ChatMessage
+from ldmole_server.state import ServerState, request_id
+from ldmole_server.streaming import SSE_DONE, merge_streams, sse
 
 router = APIRouter()
 

@@ -63,8 +63,8 @@ class EngineReplica:
         import ray
         import torch
 
-        from .app import build_app
-        from .launch import build_state
+        from ldmole_server.app import build_app
+        from ldmole_server.build import build_state
 
         # Ray sets OMP_NUM_THREADS=1 for actors reserving no CPU; a replica gets its share of the node
         torch.set_num_threads(torch_threads)

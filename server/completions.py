@@ -10,11 +10,10 @@ from fastapi.responses import StreamingResponse
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.errors import PromptTooLongError
-
-from .errors import APIError, classify_exception, error_body
-from .protocol import CompletionRequest, SamplingFields
-from .state import ServerState, request_id
-from .streaming import SSE_DONE, merge_streams, sse, until_disconnected
+from ldmole_server.errors import APIError, classify_exception, error_body
+from ldmole_server.protocol import CompletionRequest, SamplingFields
+from ldmole_server.state import ServerState, request_id
+from ldmole_server.streaming import SSE_DONE, merge_streams, sse, until_disconnected
 
 router = APIRouter()
 

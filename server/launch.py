@@ -4,63 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import signal
 import threading
 
 import uvicorn
 
-from ldmole_runtime.default_adapter import DEFAULT_ADAPTER_NAME, resolve_adapter
-from ldmole_runtime.default_base import resolve_base
-from ldmole_runtime.engine.async_engine import AsyncLLMEngine
-from ldmole_runtime.engine.llm import load_tokenizer
-from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME
 from ldmole_runtime.engine.main_thread_executor import MainThreadExecutor
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import MODES
-from ldmole_runtime.runtime import LDMoleRuntime
-
-from .app import build_app
-from .request_router import RequestRouter
-from .state import ServerSettings, ServerState
-
-
-def parse_adapters(specs: list[str]) -> dict[str, str]:
-    adapters: dict[str, str] = {}
-    for spec in specs:
-        if spec == "default":  # the embedded adapter under its own name
-            spec = f"{DEFAULT_ADAPTER_NAME}=default"
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise LDMoleError(f"--adapter takes NAME=PATH, got {spec!r}")
-        if name in adapters:
-            raise LDMoleError(f"--adapter: the name {name!r} is given twice")
-        adapters[name] = str(resolve_adapter(path))
-    return adapters
-
-
-def build_state(args, executor=None) -> ServerState:
-    base = resolve_base(args.base)
-    adapters = parse_adapters(args.adapter or [])
-    name = args.served_model_name or base.name
-    if name in adapters:
-        raise LDMoleError(f"the adapter name {name!r} is the base model's served name; choose another")
-    runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=args.dtype, device=args.device)
-    tokenizer = load_tokenizer(base)
-    config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                          mode=args.lora_backend, decode_graphs=args.decode_graphs)
-    engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
-    api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
-    settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
-    router = None
-    if args.request_router:
-        router = RequestRouter(args.request_router, args.request_router_labels, runtime, tokenizer)
-        router.check_targets([name] + list(adapters))
-    elif args.request_router_labels:
-        raise LDMoleError("--request-router-labels needs --request-router")
-    return ServerState(engine, tokenizer, name, str(base), adapters, settings, request_router=router)
+from ldmole_runtime.model.default_base import resolve_base
+from ldmole_server.app import build_app
+from ldmole_server.build import build_state, parse_adapters
+from ldmole_server.state import ServerState
 
 
 def curl_examples(state: ServerState, url: str) -> list[str]:
@@ -89,7 +46,7 @@ def serve(args) -> int:
     if args.replicas < 1:
         raise LDMoleError(f"--replicas must be >= 1, got {args.replicas}")
     if args.replicas > 1 or args.address:
-        from .cluster import run_cluster
+        from ldmole_server.cluster import run_cluster  # ray is an optional extra
 
         base = resolve_base(args.base)
         return run_cluster(args, parse_adapters(args.adapter or []), args.served_model_name or base.name)

@@ -62,7 +62,7 @@ class _AdapterClassifier:
 
     def __init__(self, path: Path, runtime, tokenizer):
         from ldmole_runtime.adapters.adapter_set import AdapterSet
-        from ldmole_runtime.runtime import LDMoleRuntime
+        from ldmole_runtime.model.runtime import LDMoleRuntime
 
         adapter = AdapterSet.load(path)
         if adapter.config.num_labels is None:
@@ -75,7 +75,7 @@ class _AdapterClassifier:
         self.id2label: dict[int, str] = {}
 
     def __call__(self, texts: list[str]) -> list[int]:
-        from ldmole_runtime.training.data import ClassificationExample, encode
+        from ldmole_runtime.data.datasets import ClassificationExample, encode
 
         # encoded exactly as the trainer encoded its examples (start token + text + end token)
         max_len = self.runtime.cfg.max_position_embeddings

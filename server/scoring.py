@@ -7,11 +7,11 @@ import time
 
 from fastapi import APIRouter, Request
 
-from .completions import state_of
-from .errors import APIError, classify_exception
-from .protocol import ClassifyRequest, ScoreItem
-from .state import ServerState, request_id
-from .streaming import until_disconnected
+from ldmole_server.completions import state_of
+from ldmole_server.errors import APIError, classify_exception
+from ldmole_server.protocol import ClassifyRequest, ScoreItem
+from ldmole_server.state import ServerState, request_id
+from ldmole_server.streaming import until_disconnected
 
 router = APIRouter()
 

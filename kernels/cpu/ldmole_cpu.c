@@ -18,6 +18,7 @@
 #define MAX_E 64
 #define MAX_R 256
 
+/* the numbering of RouterKind in router_kinds.py */
 enum { ROUTER_SPARSEGEN = 0, ROUTER_SOFTMAX = 1, ROUTER_SINGLE = 2 };
 
 static float dot(const float *a, const float *b, int n) {

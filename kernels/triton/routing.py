@@ -1,4 +1,5 @@
-"""Routing of every adapted token of a step in one launch, and its torch reference.
+"""Routing of every adapted token of a step in one launch (its torch reference, which needs the
+runtime's routers, is `route_blocks_reference` beside the torch backend, lora/ops/torch_ref.py).
 
 One program per block of the step's block table (at most BLOCK_M tokens of one set; see
 `ldmole_runtime/lora/adapter_batch.py`). It computes, for the group's shared input x:
@@ -39,7 +40,7 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         end = tl.load(blocks_ptr + 3 * b + 2)
         offset = tl.load(set_info_ptr + 4 * s)
         E = tl.load(set_info_ptr + 4 * s + 1)
-        kind = tl.load(set_info_ptr + 4 * s + 2)
+        kind = tl.load(set_info_ptr + 4 * s + 2)  # numbered as RouterKind (router_kinds.py)
         top_k = tl.load(set_info_ptr + 4 * s + 3)
 
         rows = start + tl.arange(0, BLOCK_M)
@@ -162,40 +163,4 @@ def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
         x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, *thresholds, p, lam, IN, H, eps,
         P=P, EMAX=max_experts, EP=_pow2(max_experts * P), BLOCK_M=block_m, BLOCK_K=32,
         BLOCK_H=_pow2(H), STORE_LAMBDA=lam_out is not None)
-    return p
-
-
-def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, lambdas, thresholds, max_experts, eps,
-                           block_m=None, lam_out=None):
-    """The same contract in torch, through the runtime's routers (routing.py: the LD-MoLE and AdaMoLE
-    contracts)."""
-    from ldmole_runtime.lora.kernel_tables import KERNEL_ROUTERS
-    from ldmole_runtime.routing import ROUTERS, lambda_from_mlp, threshold_from_layer
-
-    kinds = {v: k for k, v in KERNEL_ROUTERS.items()}
-    N, P = x.shape[0], router.shape[1]
-    p = torch.zeros(N, P, max_experts, dtype=torch.float32)
-    for s, start, end in blocks.tolist():
-        if s < 0:
-            continue
-        offset, E, kind, top_k = set_info[s].tolist()
-        rows = sorted_tokens[start:end]
-        xs = x[rows].float()
-        name = kinds[kind]
-        u = (xs @ router[offset:offset + E].reshape(E * P, -1).float().T).view(-1, E, P).transpose(1, 2)
-        scalar = None
-        if name == "sparsegen":
-            w1, b1, w2, b2 = (t[s] for t in lambdas)
-            lam = lambda_from_mlp(xs, w1, b1, w2[None], b2[None], eps)
-            scalar = lam[:, None]
-            if lam_out is not None:
-                lam_out[rows] = lam[:, None]
-        elif name == "threshold":
-            weight, bias, cap = thresholds
-            t = threshold_from_layer(xs, weight[s], bias[s], float(cap[s]))
-            scalar = t[..., None]
-            if lam_out is not None:
-                lam_out[rows] = t
-        options = {"k": top_k} if name == "topk" else {}
-        p[rows, :, :E] = ROUTERS[name].route(u, scalar, eps=eps, **options) * masks[s][:, None]
     return p

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from .adapter_set import AdapterSet
-from .files import read_json_object, read_state_dict
-from .spec import ALL_PROJECTIONS, AdapterConfig, hidden_size_of
+from ldmole_runtime.adapters.files import read_json_object, read_state_dict
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of
+from ldmole_runtime.errors import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -56,7 +55,7 @@ def _config_fields(raw: dict, source: Path) -> tuple[int, int, float, float | No
     return E, r, float(alpha), cap, [p for p in ALL_PROJECTIONS if p in names]
 
 
-def load_adamole(path: str | Path) -> AdapterSet:
+def read_adamole(path: str | Path) -> AdapterParts:
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     raw = read_json_object(cfg_file)
@@ -102,9 +101,7 @@ def load_adamole(path: str | Path) -> AdapterSet:
         tensors = {k: v for k, v in tensors.items() if not k.endswith(("router", "threshold.weight", "threshold.bias"))}
         if config.threshold_cap > 1:
             raise CheckpointError(f"{cfg_file}: E = 1 with max_threshold > 1 never selects its expert")
-    adapter = AdapterSet(config, {k: v.float().contiguous() for k, v in tensors.items()})
-    adapter.check_tensors(str(weights_file))
-    return adapter
+    return AdapterParts(config, {k: v.float().contiguous() for k, v in tensors.items()}, str(weights_file))
 
 
 def _module(parts: dict[str, torch.Tensor], E: int, r: int, where: str):

@@ -21,20 +21,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
-from ..errors import AdapterMismatchError, CheckpointError
-from ..routing import ROUTERS
-from .files import read_json_object
-from .spec import AdapterConfig, projection_shapes
+from ldmole_runtime.adapters.adamole import read_adamole
+from ldmole_runtime.adapters.files import read_json_object
+from ldmole_runtime.adapters.peft_lora import read_peft
+from ldmole_runtime.adapters.reference import REFERENCE_CONFIG_NAME, read_reference
+from ldmole_runtime.adapters.spec import AdapterConfig, AdapterParts, lambda_key, projection_shapes
+from ldmole_runtime.errors import AdapterMismatchError, CheckpointError
+from ldmole_runtime.lora.routing import ROUTERS
+from ldmole_runtime.model.config import ModelConfig
 
 CONFIG_NAME = "ldmole_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 # a request router's label map ({"0": "adapter-set name", ...}), beside a set with a classification head
 ROUTER_LABELS_NAME = "router_labels.json"
-
-
-def lambda_key(width: int, part: str) -> str:
-    return f"lambda.{width}.{part}"
 
 
 @dataclass
@@ -126,6 +125,12 @@ class AdapterSet:
         return adapter
 
     @classmethod
+    def from_parts(cls, parts: AdapterParts) -> AdapterSet:
+        adapter = cls(parts.config, parts.tensors)
+        adapter.check_tensors(parts.source)
+        return adapter
+
+    @classmethod
     def load(cls, path: str | Path) -> AdapterSet:
         """Load any supported format: a native folder, or one written by another code (`load_foreign`)."""
         path = Path(path)
@@ -140,10 +145,6 @@ class AdapterSet:
         """A folder with `adapter_config.json`, told apart by its fields: the reference LD-MoLE code
         (`lora_nums` / `sparsegen`), the reference AdaMoLE code (`peft_type` ADAMOLE), or PEFT's own
         LoRA (`peft_type` LORA)."""
-        from .adamole import load_adamole
-        from .peft_lora import load_peft
-        from .reference import REFERENCE_CONFIG_NAME, load_reference
-
         path = Path(path)
         if not (path / REFERENCE_CONFIG_NAME).is_file():
             raise CheckpointError(f"{path}: neither {CONFIG_NAME} (native) nor {REFERENCE_CONFIG_NAME} "
@@ -151,10 +152,15 @@ class AdapterSet:
         raw = read_json_object(path / REFERENCE_CONFIG_NAME)
         kind = raw.get("peft_type")
         if kind == "ADAMOLE":
-            return load_adamole(path)
+            return AdapterSet.from_parts(read_adamole(path))
         if kind == "LORA" and any(k in raw for k in ("lora_nums", "sparsegen", "sparsegen_cfg")):
-            return load_reference(path)
+            return AdapterSet.from_parts(read_reference(path))
         if kind == "LORA":
-            return load_peft(path)
+            return AdapterSet.from_parts(read_peft(path))
         raise CheckpointError(f"{path / REFERENCE_CONFIG_NAME}: peft_type {kind!r} is not supported (LORA: PEFT "
                               "LoRA or the LD-MoLE reference code; ADAMOLE: the AdaMoLE reference code)")
+
+
+def load_reference(path: str | Path) -> AdapterSet:
+    """An adapter saved by the reference LD-MoLE code (peft's adapter_config.json + weights)."""
+    return AdapterSet.from_parts(read_reference(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ldmole_runtime.errors import CheckpointError
 
 
 def read_json_object(path: Path) -> dict:

@@ -11,11 +11,11 @@ import math
 
 import torch
 
-from ..config import ModelConfig
-from ..errors import LDMoleError
-from ..routing import ROUTERS
-from .adapter_set import AdapterSet, lambda_key
-from .spec import ALL_PROJECTIONS, AdapterConfig, projection_shapes
+from ldmole_runtime.adapters.adapter_set import AdapterSet
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, lambda_key, projection_shapes
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.lora.routing import ROUTERS
+from ldmole_runtime.model.config import ModelConfig
 
 
 def _kaiming_uniform(shape: tuple[int, ...], fan_in: int, g: torch.Generator) -> torch.Tensor:

@@ -24,10 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError
-from .adapter_set import AdapterSet
-from .files import read_json_object, read_state_dict
-from .spec import ALL_PROJECTIONS, AdapterConfig, hidden_size_of
+from ldmole_runtime.adapters.files import read_json_object, read_state_dict
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of
+from ldmole_runtime.errors import CheckpointError
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 _HEADS = {"score", "classifier"}  # a sequence-classification head, kept as the set's own head
@@ -76,7 +75,7 @@ def _check_config(raw: dict, source: Path) -> None:
             raise CheckpointError(f"{source}: field {name!r} must be a positive number, got {v!r}")
 
 
-def load_peft(path: str | Path) -> AdapterSet:
+def read_peft(path: str | Path) -> AdapterParts:
     path = Path(path)
     cfg_file = path / "adapter_config.json"
     raw = read_json_object(cfg_file)
@@ -139,9 +138,7 @@ def load_peft(path: str | Path) -> AdapterSet:
         projection_shapes=shapes, hidden_size=hidden_size_of(shapes),
         num_labels=num_labels, base_model=raw.get("base_model_name_or_path") or "")
     config.check(str(cfg_file))
-    adapter = AdapterSet(config, {k: v.contiguous() for k, v in tensors.items()})
-    adapter.check_tensors(str(path))
-    return adapter
+    return AdapterParts(config, {k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
 def _scaling(raw: dict, layer: int, proj: str, r: int, source: Path) -> float:

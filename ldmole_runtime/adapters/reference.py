@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from .adapter_set import AdapterSet, lambda_key
-from .files import read_json_object, read_state_dict
-from .spec import ALL_PROJECTIONS, AdapterConfig, hidden_size_of
+from ldmole_runtime.adapters.files import read_json_object, read_state_dict
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of, lambda_key
+from ldmole_runtime.errors import CheckpointError
 
 REFERENCE_CONFIG_NAME = "adapter_config.json"
 REFERENCE_WEIGHTS_NAME = "adapter_model.bin"
@@ -68,7 +67,7 @@ def _single_lambda_net(sd: dict[str, torch.Tensor], source: Path) -> dict[str, t
     return {lambda_key(*part.split(".", 1)): t for part, t in first.items()}
 
 
-def load_reference(path: str | Path) -> AdapterSet:
+def read_reference(path: str | Path) -> AdapterParts:
     path = Path(path)
     cfg_file, weights_file = path / REFERENCE_CONFIG_NAME, path / REFERENCE_WEIGHTS_NAME
     for f in (cfg_file, weights_file):
@@ -149,6 +148,4 @@ def load_reference(path: str | Path) -> AdapterSet:
         num_labels=num_labels, base_model=raw.get("base_model_name_or_path") or "",
     )
     config.check(str(cfg_file))
-    adapter = AdapterSet(config, {k: v.contiguous() for k, v in tensors.items()})
-    adapter.check_tensors(str(weights_file))
-    return adapter
+    return AdapterParts(config, {k: v.contiguous() for k, v in tensors.items()}, str(weights_file))

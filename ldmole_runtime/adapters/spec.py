@@ -7,10 +7,13 @@ once and their router logits in one matmul.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
-from ..config import ModelConfig
-from ..errors import CheckpointError
-from ..routing import ROUTERS
+import torch
+
+from ldmole_runtime.errors import CheckpointError
+from ldmole_runtime.lora.routing import ROUTERS
+from ldmole_runtime.model.config import ModelConfig
 
 # group name -> projections that share one input, in the column order of the fused base weight
 PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
@@ -48,6 +51,18 @@ def _is_int(v) -> bool:
 def _is_width_pair(v) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(w) and w > 0 for w in v)
 
+
+
+def lambda_key(width: int, part: str) -> str:
+    """The tensor key of one part of the λ-network for inputs of this width."""
+    return f"lambda.{width}.{part}"
+
+
+class AdapterParts(NamedTuple):
+    """What a reader of another code's format returns; AdapterSet checks and wraps it."""
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    source: str  # the file the tensors came from, for error messages
 
 @dataclass
 class AdapterConfig:

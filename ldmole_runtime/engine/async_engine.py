@@ -20,11 +20,11 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from ..adapters.adapter_set import AdapterSet
-from ..errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
-from .llm_engine import LLMEngine, RequestOutput
-from .sampling_params import SamplingParams
-from .scoring import ScoreResult, first_token_logprobs, score_choices
+from ldmole_runtime.adapters.adapter_set import AdapterSet
+from ldmole_runtime.engine.llm_engine import LLMEngine, RequestOutput
+from ldmole_runtime.engine.sampling_params import SamplingParams
+from ldmole_runtime.engine.scoring import ScoreResult, first_token_logprobs, score_choices
+from ldmole_runtime.errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
 
 logger = logging.getLogger("ldmole.engine")
 

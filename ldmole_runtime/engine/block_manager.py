@@ -13,7 +13,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .sequence import Sequence
+from ldmole_runtime.engine.sequence import Sequence
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import PagedAttention
-from ..lora.adapter_batch import AdapterBatch, block_capacity
-from ..model import ForwardContext
+from ldmole_runtime.lora.adapter_batch import AdapterBatch, block_capacity
+from ldmole_runtime.model.attention import PagedAttention
+from ldmole_runtime.model.decoder import ForwardContext
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 

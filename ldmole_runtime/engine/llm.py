@@ -11,12 +11,12 @@ import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
-from ..default_base import resolve_base
-from ..errors import LDMoleError, StepFailedError
-from ..runtime import LDMoleRuntime
-from .llm_engine import EngineConfig, LLMEngine, RequestOutput
-from .sampling_params import SamplingParams
-from .scoring import ChoiceScore, ScoreResult, first_token_logprobs, score_choices  # noqa: F401 (API)
+from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from ldmole_runtime.engine.sampling_params import SamplingParams
+from ldmole_runtime.engine.scoring import ChoiceScore, ScoreResult, first_token_logprobs, score_choices  # noqa: F401 (API)
+from ldmole_runtime.errors import LDMoleError, StepFailedError
+from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.model.runtime import LDMoleRuntime
 
 
 def load_tokenizer(base: str | Path):

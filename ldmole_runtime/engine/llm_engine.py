@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LDMoleError, PromptTooLongError
-from ..runtime import LDMoleRuntime
-from .block_manager import BlockManager
-from .expert_stats import ExpertHistogram
-from .model_runner import ModelRunner
-from .output_processor import CompletionOutput, OutputProcessor, RequestOutput, TokenLogprob  # noqa: F401 (API)
-from .sampler import gather_logprobs, sample
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Sequence
+from ldmole_runtime.engine.block_manager import BlockManager
+from ldmole_runtime.engine.expert_stats import ExpertHistogram
+from ldmole_runtime.engine.model_runner import ModelRunner
+from ldmole_runtime.engine.output_processor import CompletionOutput, OutputProcessor, RequestOutput, TokenLogprob  # noqa: F401 (API)
+from ldmole_runtime.engine.sampler import gather_logprobs, sample
+from ldmole_runtime.engine.sampling_params import SamplingParams
+from ldmole_runtime.engine.scheduler import Scheduler
+from ldmole_runtime.engine.sequence import Sequence
+from ldmole_runtime.errors import LDMoleError, PromptTooLongError
+from ldmole_runtime.model.runtime import LDMoleRuntime
 
 logger = logging.getLogger("ldmole.engine")
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import PagedAttention
-from ..errors import LDMoleError
-from ..lora.adapter_batch import AdapterBatch
-from ..lora.ops import lora_ops
-from ..model import ForwardContext
-from ..runtime import LDMoleRuntime
-from .decode_graphs import DecodeGraphs
-from .expert_stats import ActiveExpertCount
-from .sequence import Sequence
+from ldmole_runtime.engine.decode_graphs import DecodeGraphs
+from ldmole_runtime.engine.expert_stats import ActiveExpertCount
+from ldmole_runtime.engine.sequence import Sequence
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.ops import lora_ops
+from ldmole_runtime.model.attention import PagedAttention
+from ldmole_runtime.model.decoder import ForwardContext
+from ldmole_runtime.model.runtime import LDMoleRuntime
 
 DECODE_GRAPH_SETTINGS = ("auto", "off", "eager")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .detokenizer import IncrementalDetokenizer, find_stop
-from .sequence import Sequence
+from ldmole_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
+from ldmole_runtime.engine.sequence import Sequence
 
 
 @dataclass

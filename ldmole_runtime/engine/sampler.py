@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .sampling_params import SamplingParams
+from ldmole_runtime.engine.sampling_params import SamplingParams
 
 
 @dataclass

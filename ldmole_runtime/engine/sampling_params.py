@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from ..errors import LDMoleError
+from ldmole_runtime.errors import LDMoleError
 
 # Below this a temperature is treated as greedy: dividing logits by it would overflow fp32 to inf,
 # and inf - inf in the softmax is NaN. vLLM uses the same cut-off.

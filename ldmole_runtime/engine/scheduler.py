@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .block_manager import BlockManager
-from .sequence import Sequence, Status
+from ldmole_runtime.engine.block_manager import BlockManager
+from ldmole_runtime.engine.sequence import Sequence, Status
 
 
 @dataclass

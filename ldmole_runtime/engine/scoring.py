@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .output_processor import RequestOutput
+from ldmole_runtime.engine.output_processor import RequestOutput
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling_params import SamplingParams
+from ldmole_runtime.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

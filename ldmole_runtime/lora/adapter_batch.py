@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LDMoleError
+from ldmole_runtime.errors import LDMoleError
 
 BASE = -1  # the adapter-set index of tokens that run on the bare base model
 TOKEN_BLOCK = 16  # tokens per kernel program; the Triton kernels' BLOCK_M (tl.dot wants >= 16)

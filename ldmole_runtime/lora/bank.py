@@ -18,18 +18,20 @@ tensors. Stacking happens when a set is added or removed, never per forward, and
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..adapters.adapter_set import AdapterSet, lambda_key
-from ..adapters.spec import PROJECTION_GROUPS, AdapterConfig, projection_shapes
-from ..config import ModelConfig
-from ..errors import LDMoleError
-from ..routing import ROUTERS, Router
-from .kernel_tables import KernelTables, build_tables
+from ldmole_kernels.router_kinds import RouterKind
+from ldmole_runtime.adapters.adapter_set import AdapterSet
+from ldmole_runtime.adapters.spec import PROJECTION_GROUPS, AdapterConfig, lambda_key, projection_shapes
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.lora.kernel_tables import KernelTables, build_tables
+from ldmole_runtime.lora.routing import ROUTERS, Router
+from ldmole_runtime.model.config import ModelConfig
 
 _slot_uids = itertools.count()
 
@@ -61,6 +63,11 @@ class SetSlot:
     @property
     def router(self) -> Router:
         return ROUTERS[self.router_kind]
+
+    @functools.cached_property
+    def kernel_kind(self) -> RouterKind:
+        """The router's number in the kernels (asked per projection group, so worked out once)."""
+        return RouterKind.of(self.router_kind)
 
 
 @dataclass

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-# router kinds as kernels know them
-KERNEL_ROUTERS = {"sparsegen": 0, "softmax": 1, "none": 2, "topk": 3, "threshold": 4}
-
 
 @dataclass
 class KernelTables:
@@ -32,7 +29,7 @@ class KernelTables:
 def build_tables(bank) -> KernelTables:
     slots, device = bank.slots, bank.device
     S = len(slots)
-    info = [(s.offset, s.num_experts, KERNEL_ROUTERS.get(s.router_kind, -1), s.router_options.get("k", 0))
+    info = [(s.offset, s.num_experts, int(s.kernel_kind), s.router_options.get("k", 0))
             for s in slots]
     masks = {}
     for group, gb in ((g, gb) for (layer, g), gb in bank.groups.items() if layer == 0):

@@ -15,12 +15,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..adapters.spec import projection_shapes
-from ..config import ModelConfig
-from ..default_base import resolve_base
-from ..errors import LDMoleError
-from .config import PRESETS, TrainConfig
-from .stats import mcnemar, wilson_interval
+from ldmole_runtime.adapters.spec import projection_shapes
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.model.config import ModelConfig
+from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.training.config import PRESETS, TrainConfig
+from ldmole_runtime.training.stats import mcnemar, wilson_interval
 
 ROWS = ("base", "lora", "paper", "sparse")
 METRICS = ("acc", "acc_norm")  # per-item correctness kept by cloze evaluation, as lm-eval names them
@@ -76,7 +76,7 @@ def _finished(cfg: TrainConfig) -> dict | None:
 
 
 def run_row(cfg: TrainConfig) -> dict:
-    from .trainer import train
+    from ldmole_runtime.training.trainer import train
 
     metrics = _finished(cfg)
     if metrics is not None:

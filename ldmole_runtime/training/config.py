@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..adapters.spec import ALL_PROJECTIONS
-from ..errors import LDMoleError
-from ..routing import ROUTERS
-from .data import MC_FORMATS
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS
+from ldmole_runtime.data.datasets import MC_FORMATS
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.lora.routing import ROUTERS
 
 SCHEDULES = ("multistep", "cosine", "linear", "constant")
 ROUTER_CHOICES = ("sparsegen", "softmax", "topk", "threshold", "lora")  # "lora": E = 1; "threshold": AdaMoLE
@@ -161,8 +161,8 @@ class TrainConfig:
 
 def field_help() -> dict[str, str]:
     """What each `ldmole train` flag does, with its valid values (the CLI's help texts)."""
-    from .benchmarks import ALIASES, BUILTIN_DATASETS
-    from .examples import TASKS
+    from ldmole_runtime.data.benchmarks import ALIASES, BUILTIN_DATASETS
+    from ldmole_runtime.data.examples import TASKS
 
     builtins = ", ".join(BUILTIN_DATASETS)
     aliases = ", ".join(f"{a}={n}" for a, n in ALIASES.items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import LDMoleError
+from ldmole_runtime.errors import LDMoleError
 
 
 def _client(url: str, api_key: str | None):

@@ -9,7 +9,7 @@ on the adapter's current weights.
 
 from __future__ import annotations
 
-from .data import Encoded
+from ldmole_runtime.data.datasets import Encoded
 
 
 def lm_eval_choices(logliks: list[float], option_chars: list[int]) -> tuple[int, int]:

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import DenseCausalAttention
-from ..lora.adapter_batch import AdapterBatch
-from ..model import ForwardContext
-from ..runtime import LDMoleRuntime
-from .config import TrainConfig
-from .losses import LossWeights, TrainingCapture, objective
-from .trainable import TrainableAdapter
+from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.model.attention import DenseCausalAttention
+from ldmole_runtime.model.decoder import ForwardContext
+from ldmole_runtime.model.runtime import LDMoleRuntime
+from ldmole_runtime.training.config import TrainConfig
+from ldmole_runtime.training.losses import LossWeights, TrainingCapture, objective
+from ldmole_runtime.training.trainable import TrainableAdapter
 
 ADAPTER_NAME = "train"
 
@@ -85,7 +85,7 @@ class TrainStep(nn.Module):
 
 def new_training_adapter(base_cfg, cfg: TrainConfig, task: str, **extra):
     """A fresh adapter set shaped by the training settings (B = 0 unless `extra` says otherwise)."""
-    from ..adapters.init import new_adapter_set
+    from ldmole_runtime.adapters.init import new_adapter_set
 
     return new_adapter_set(
         base_cfg, num_experts=cfg.experts, rank=cfg.rank, alpha=cfg.alpha, router=cfg.router_kind,

@@ -12,11 +12,11 @@ import json
 import random
 from pathlib import Path
 
-from ..adapters.adapter_set import ROUTER_LABELS_NAME
-from ..errors import LDMoleError
-from .config import TrainConfig
-from .examples import read_jsonl
-from .trainer import train
+from ldmole_runtime.adapters.adapter_set import ROUTER_LABELS_NAME
+from ldmole_runtime.data.examples import read_jsonl
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.training.config import TrainConfig
+from ldmole_runtime.training.trainer import train
 
 
 def _parse_routing(row: dict, where: str) -> tuple[str, str]:
@@ -34,7 +34,7 @@ def read_routing_data(path: str | Path) -> list[tuple[str, str]]:
 def task_questions(spec: str, split: str, limit: int | None) -> list[tuple[str, str]]:
     """Labelled prompts from built-in datasets: `arc_easy=arc,social_iqa=siqa` labels each dataset's
     questions with an adapter name (the first `limit` of each, after a seeded shuffle)."""
-    from .data import load_dataset
+    from ldmole_runtime.data.datasets import load_dataset
 
     rows = []
     for part in spec.split(","):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import LDMoleError
-from ..runtime import LDMoleRuntime
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.model.runtime import LDMoleRuntime
 
 
 class TrainableAdapter(nn.Module):

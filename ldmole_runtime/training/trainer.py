@@ -21,15 +21,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..adapters.adapter_set import AdapterSet
-from ..default_base import resolve_base
-from ..errors import LDMoleError
-from ..runtime import LDMoleRuntime
-from .config import TrainConfig
-from .data import ClassificationExample, CompletionExample, MCExample, check_labels, encode, load_dataset
-from .step import ADAPTER_NAME, TrainStep, collate, make_optimizer, new_training_adapter
-from .trainable import TrainableAdapter
-from .validation import evaluate_all, make_scorer
+from ldmole_runtime.adapters.adapter_set import AdapterSet
+from ldmole_runtime.data.datasets import (
+    ClassificationExample,
+    CompletionExample,
+    MCExample,
+    check_labels,
+    encode,
+    load_dataset,
+)
+from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.model.runtime import LDMoleRuntime
+from ldmole_runtime.training.config import TrainConfig
+from ldmole_runtime.training.step import ADAPTER_NAME, TrainStep, collate, make_optimizer, new_training_adapter
+from ldmole_runtime.training.trainable import TrainableAdapter
+from ldmole_runtime.training.validation import evaluate_all, make_scorer
 
 TASK_OF = {MCExample: "mc", CompletionExample: "completion", ClassificationExample: "classification"}
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..runtime import LDMoleRuntime
-from .config import TrainConfig
-from .mc_eval import cloze_accuracy
-from .step import ADAPTER_NAME, TrainStep, collate
+from ldmole_runtime.model.runtime import LDMoleRuntime
+from ldmole_runtime.training.config import TrainConfig
+from ldmole_runtime.training.mc_eval import cloze_accuracy
+from ldmole_runtime.training.step import ADAPTER_NAME, TrainStep, collate
 
 
 def evaluate_all(step: TrainStep, val: dict[str, list], cfg: TrainConfig, pad_id: int,
@@ -85,7 +85,7 @@ def make_scorer(runtime: LDMoleRuntime, tokenizer, cfg: TrainConfig):
     cloze evaluation. No prefix cache: the weights change between evaluations under the same set
     identity, so cached blocks would be stale. CPU: the sparse path serving uses; GPU: dense, until
     the GPU kernels remove the sparse path's host syncs."""
-    from ..engine.llm import LLM
+    from ldmole_runtime.engine.llm import LLM
 
     mode = "sparse" if runtime.device.type == "cpu" else "dense"
     return LLM(runtime, tokenizer=tokenizer, mode=mode, expert_sample_every=1, kv_cache_gib=cfg.eval_kv_cache_gib,

@@ -20,7 +20,7 @@ from functools import cache
 
 import torch
 
-from ...errors import LDMoleError
+from ldmole_runtime.errors import LDMoleError
 
 BACKENDS = ("torch", "cpu", "triton")
 MODES = ("sparse", "dense") + BACKENDS
@@ -56,10 +56,10 @@ def lora_ops(mode: str, device: torch.device | str = "cpu"):
 @cache
 def _instance(name: str):
     if name == "torch":
-        from .torch_ref import TorchRefOps
+        from ldmole_runtime.lora.ops.torch_ref import TorchRefOps
         return TorchRefOps()
     if name == "cpu":
-        from .cpu import CpuOps
+        from ldmole_runtime.lora.ops.cpu import CpuOps
         return CpuOps()
-    from .triton import TritonOps
+    from ldmole_runtime.lora.ops.triton import TritonOps
     return TritonOps()

@@ -8,17 +8,17 @@ autograd, unusual strides, no C compiler), the torch reference computes the same
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
 from ldmole_kernels.cpu_kernels import cpu_kernels, ptr
-
-from ...routing import SPARSEGEN_EPS
-from ..adapter_batch import AdapterBatch
-from ..bank import AdapterBank, GroupBank, SetSlot
-from . import torch_ref
-
-KERNEL_ROUTER = {"sparsegen": 0, "softmax": 1, "none": 2}
+from ldmole_kernels.router_kinds import CPU_KERNEL_KINDS
+from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.bank import AdapterBank, GroupBank, SetSlot
+from ldmole_runtime.lora.ops import torch_ref
+from ldmole_runtime.lora.routing import SPARSEGEN_EPS
+from ldmole_runtime.paths import default_cache_dir
 
 
 class CpuOps:
@@ -36,15 +36,20 @@ class CpuOps:
                 torch_ref.apply_segment(y, x, slot, gb, seg, capture, dropout)
 
 
+@functools.cache
+def _library():
+    return cpu_kernels(default_cache_dir() / "kernels")
+
+
 def kernel_applies(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
-    return (cpu_kernels() is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    return (_library() is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and x.is_contiguous() and y.is_contiguous() and not torch.is_grad_enabled()
-            and slot.num_experts <= 64 and gb.A.shape[2] <= 256 and slot.router_kind in KERNEL_ROUTER
+            and slot.num_experts <= 64 and gb.A.shape[2] <= 256 and slot.kernel_kind in CPU_KERNEL_KINDS
             and (seg.index is None or seg.index.dtype == torch.int64))
 
 
 def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: GroupBank, capture) -> None:
-    lib = cpu_kernels()
+    lib = _library()
     E, P, n = slot.num_experts, len(gb.projections), seg.num_tokens
     xs = x if seg.index is None else x[seg.index]
     router = slot.router
@@ -62,7 +67,7 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
     lib.ldmole_group_decode(
         n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
         ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
-        ptr(logits), KERNEL_ROUTER[slot.router_kind], E, P,
+        ptr(logits), slot.kernel_kind, E, P,
         gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
         outs, cols, ptr(mask), slot.scaling,
         y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lam_out))

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...routing import lambda_from_mlp, threshold_from_layer
-from ..adapter_batch import AdapterBatch
-from ..bank import AdapterBank, GroupBank, SetSlot
+from ldmole_kernels.router_kinds import RouterKind
+from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.bank import AdapterBank, GroupBank, SetSlot
+from ldmole_runtime.lora.routing import ROUTERS, lambda_from_mlp, threshold_from_layer
 
 
 def route(slot: SetSlot, set_index: int, gb: GroupBank, xs: torch.Tensor):
@@ -86,3 +87,35 @@ class TorchRefOps:
             slot = bank.slots[seg.set_index]
             if gb.group in slot.group_masks:
                 apply_segment(y, x, slot, gb, seg, capture, dropout)
+
+
+def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, lambdas, thresholds, max_experts, eps,
+                           block_m=None, lam_out=None):
+    """The Triton routing kernel's contract (ldmole_kernels.triton.routing.route_blocks) in torch,
+    through the runtime's routers (routing.py: the LD-MoLE and AdaMoLE contracts)."""
+    N, P = x.shape[0], router.shape[1]
+    p = torch.zeros(N, P, max_experts, dtype=torch.float32)
+    for s, start, end in blocks.tolist():
+        if s < 0:
+            continue
+        offset, E, kind, top_k = set_info[s].tolist()
+        rows = sorted_tokens[start:end]
+        xs = x[rows].float()
+        name = RouterKind(kind).name.lower()
+        u = (xs @ router[offset:offset + E].reshape(E * P, -1).float().T).view(-1, E, P).transpose(1, 2)
+        scalar = None
+        if name == "sparsegen":
+            w1, b1, w2, b2 = (t[s] for t in lambdas)
+            lam = lambda_from_mlp(xs, w1, b1, w2[None], b2[None], eps)
+            scalar = lam[:, None]
+            if lam_out is not None:
+                lam_out[rows] = lam[:, None]
+        elif name == "threshold":
+            weight, bias, cap = thresholds
+            t = threshold_from_layer(xs, weight[s], bias[s], float(cap[s]))
+            scalar = t[..., None]
+            if lam_out is not None:
+                lam_out[rows] = t
+        options = {"k": top_k} if name == "topk" else {}
+        p[rows, :, :E] = ROUTERS[name].route(u, scalar, eps=eps, **options) * masks[s][:, None]
+    return p

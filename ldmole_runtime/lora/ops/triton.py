@@ -12,11 +12,10 @@ import torch
 
 from ldmole_kernels.triton.routing import route_blocks
 from ldmole_kernels.triton.shrink_expand import shrink_expand
-
-from ...routing import SPARSEGEN_EPS
-from ..adapter_batch import TOKEN_BLOCK, AdapterBatch
-from ..bank import AdapterBank, GroupBank
-from . import torch_ref
+from ldmole_runtime.lora.adapter_batch import TOKEN_BLOCK, AdapterBatch
+from ldmole_runtime.lora.bank import AdapterBank, GroupBank
+from ldmole_runtime.lora.ops import torch_ref
+from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 
 _REFERENCE = torch_ref.TorchRefOps()
 

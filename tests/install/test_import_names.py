@@ -1,0 +1,13 @@
+"""The installed distribution claims only project-unique top-level import names: a top-level
+`kernels`, `eval`, `server` or `cli` would shadow other packages (Hugging Face's `kernels`, which
+transformers imports)."""
+
+import importlib
+import importlib.metadata as md
+
+
+def test_top_level_names_are_project_unique():
+    claimed = {name for name, dists in md.packages_distributions().items() if "ldmole" in dists}
+    assert {"ldmole_runtime", "ldmole_kernels", "ldmole_eval", "ldmole_server", "ldmole_cli"} <= claimed
+    assert not claimed & {"kernels", "eval", "server", "cli"}, sorted(claimed)
+    assert importlib.import_module("ldmole_kernels.cpu_kernels").SOURCE.is_file()  # the C source ships too
