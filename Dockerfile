@@ -19,6 +19,7 @@ COPY ldmole_runtime ldmole_runtime
 COPY kernels kernels
 COPY server server
 COPY eval eval
+COPY cli cli
 
 # --no-deps: the lock is complete, so pip resolves nothing; the lock's pip and setuptools build the project.
 RUN pip install --no-cache-dir --no-deps "$(grep '^pip==' requirements.lock)" \

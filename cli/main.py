@@ -129,10 +129,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ldmole_runtime.adapters.default import resolve_adapter
     from ldmole_runtime.engine.llm import LLM
     from ldmole_runtime.engine.sampling_params import SamplingParams
 
-    adapters = {"adapter": args.adapter} if args.adapter else {}
+    adapters = {"adapter": str(resolve_adapter(args.adapter))} if args.adapter else {}
     llm = LLM(args.base, adapters=adapters, dtype=args.dtype, device=args.device)
     name = "adapter" if args.adapter else None
     if args.choices:

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME, resolve_adapter
+from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import MODES
 from ldmole_runtime.model.default_base import DEFAULT_BASE_NAME
 
 BASE_ONLY = "base"  # active=base: no adapter set, even when some are loaded
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_BATCH = 64  # batch_size=auto: the engine's own default of sequences per step
+ENGINE = EngineConfig()  # the engine's defaults, shared with `ldmole serve` and LLM
+DEFAULT_BATCH = ENGINE.max_num_seqs  # batch_size=auto: the engine's own default of sequences per step
 
 
 @dataclass
@@ -42,9 +44,9 @@ class ModelArgs:
     max_length: int | None = None
     max_num_seqs: int = DEFAULT_BATCH
     batch_size: int | str = 1  # as given, for lm-eval's bookkeeping
-    mode: str = "sparse"
-    kv_cache_gib: float = 1.0
-    max_num_batched_tokens: int = 1024
+    mode: str = ENGINE.mode
+    kv_cache_gib: float = ENGINE.kv_cache_gib
+    max_num_batched_tokens: int = ENGINE.max_num_batched_tokens
     add_bos_token: bool | None = None
 
 
@@ -135,11 +137,11 @@ def parse_model_args(kwargs: dict) -> ModelArgs:
     dtype = str(kwargs.get("dtype") or "float32")
     if dtype not in DTYPES:
         raise LDMoleError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    mode = str(kwargs.get("mode") or "sparse")
+    mode = str(kwargs.get("mode") or ENGINE.mode)
     if mode not in MODES:
         raise LDMoleError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     max_length = kwargs.get("max_length")
-    kv = kwargs.get("kv_cache_gib", 1.0)
+    kv = kwargs.get("kv_cache_gib", ENGINE.kv_cache_gib)
     if isinstance(kv, bool) or not isinstance(kv, (int, float)) or kv <= 0:
         raise LDMoleError(f"kv_cache_gib must be a positive number, got {kv!r}")
     add_bos = kwargs.get("add_bos_token")
@@ -151,5 +153,6 @@ def parse_model_args(kwargs: dict) -> ModelArgs:
         max_length=None if max_length in (None, "") else _int("max_length", max_length, low=2),
         max_num_seqs=_batch(batch_size, kwargs.get("max_batch_size")), batch_size=batch_size, mode=mode,
         kv_cache_gib=float(kv),
-        max_num_batched_tokens=_int("max_num_batched_tokens", kwargs.get("max_num_batched_tokens", 1024), low=16),
+        max_num_batched_tokens=_int("max_num_batched_tokens",
+                                    kwargs.get("max_num_batched_tokens", ENGINE.max_num_batched_tokens), low=16),
         add_bos_token=add_bos)

@@ -33,7 +33,7 @@ async def load_lora_adapter(body: LoadAdapterRequest, raw: Request):
     """Load an adapter set (native or reference LD-MoLE folder) under a new name, between engine steps."""
     state = state_of(raw)
     name = body.lora_name
-    if name == state.base_name or name in state.engine.engine.runtime.bank.names:
+    if name == state.base_name or name in state.engine.adapter_names(include_unloading=True):
         raise APIError(400, f"the name {name!r} is already in use; unload it first", "lora_name")
     if not Path(body.lora_path).is_dir():
         raise APIError(400, f"lora_path {body.lora_path!r} is not a folder on the server", "lora_path")
@@ -70,7 +70,7 @@ async def detokenize(body: DetokenizeRequest, raw: Request):
     state = state_of(raw)
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer")
-    vocab = state.engine.engine.runtime.cfg.vocab_size
+    vocab = state.engine.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"token ids must lie in [0, {vocab})", "tokens")
     return {"prompt": state.tokenizer.decode(body.tokens)}
@@ -85,7 +85,7 @@ async def tokenizer_info(raw: Request):
     return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
             "pad_token": tok.pad_token, "unk_token": tok.unk_token,
             "chat_template": getattr(tok, "chat_template", None),
-            "model_max_length": state.max_model_len, "vocab_size": state.engine.engine.runtime.cfg.vocab_size}
+            "model_max_length": state.max_model_len, "vocab_size": state.engine.vocab_size}
 
 
 @router.get("/health")

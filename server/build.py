@@ -50,4 +50,4 @@ def build_state(args, executor=None) -> ServerState:
         router.check_targets([name] + list(adapters))
     elif args.request_router_labels:
         raise LDMoleError("--request-router-labels needs --request-router")
-    return ServerState(engine, tokenizer, name, str(base), adapters, settings, request_router=router)
+    return ServerState(engine, name, str(base), adapters, settings, request_router=router)

@@ -48,11 +48,11 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(state, body, prompt, max_tokens, logprobs)
+    params = sampling_params(body, max_tokens, logprobs)
     rid = request_id("chatcmpl")
-    stream = state.engine.generate(rid, prompt.token_ids, params, adapter)
-    tracker = state.metrics.tracker(state.label(adapter))
+    [stream] = state.engine.generate_many(rid, [prompt.token_ids], [params], adapter)
     model = state.label(adapter)
+    tracker = state.metrics.tracker(model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(state, rid, model, prompt, params, stream, tracker, include_usage, body.n),

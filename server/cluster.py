@@ -117,7 +117,7 @@ class EngineReplica:
 
     async def _apply(self, adapters: dict[str, str]) -> None:
         engine = self.state.engine
-        loaded = set(engine.engine.runtime.bank.names)
+        loaded = set(engine.adapter_names(include_unloading=True))
         for name in sorted(loaded - set(adapters)):
             await engine.unload_adapter(name)
             self.state.adapter_paths.pop(name, None)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from ldmole_runtime.errors import PromptTooLongError
 from ldmole_server.errors import APIError, classify_exception, error_body
 from ldmole_server.protocol import CompletionRequest, SamplingFields
 from ldmole_server.state import ServerState, request_id
@@ -32,21 +31,10 @@ def state_of(raw: Request) -> ServerState:
     return raw.app.state.ldmole
 
 
-def sampling_params(state: ServerState, body: SamplingFields, prompt: Prompt, max_tokens: int | None,
-                    logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-    """The engine's SamplingParams for one prompt; max_tokens None means 'up to the context limit'."""
-    max_seqs = state.engine.engine.config.max_num_seqs
-    if isinstance(body.n, int) and body.n > max_seqs:
-        raise APIError(400, f"n must be <= {max_seqs} (the server's --max-num-seqs), got {body.n}", "n")
-    room = state.max_model_len - len(prompt.token_ids)
-    if room < 1:
-        raise PromptTooLongError(f"the prompt has {len(prompt.token_ids)} tokens; this model's maximum context "
-                                 f"length is {state.max_model_len} tokens, at least one of them generated")
-    if max_tokens is None:
-        max_tokens = max(room, 0)
-    elif isinstance(max_tokens, int) and max_tokens > room:
-        raise APIError(400, f"this model's maximum context length is {state.max_model_len} tokens; the prompt has "
-                            f"{len(prompt.token_ids)} and max_tokens asks for {max_tokens} more", "max_tokens")
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's SamplingParams from the request's fields (max_tokens None: up to the context
+    limit); the engine checks them, with the prompt, in one place."""
     return SamplingParams(
         n=body.n, max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -71,7 +59,7 @@ def completion_prompts(state: ServerState, prompt) -> list[Prompt]:
         raise APIError(400, "prompt must not be empty", "prompt")
     prompts = []
     for item in items:
-        ids = state.engine.engine.encode(item)
+        ids = state.engine.encode(item)
         if not ids:
             raise APIError(400, "prompt must not be empty", "prompt")
         prompts.append(Prompt(ids, item if isinstance(item, str) else None))
@@ -134,12 +122,11 @@ async def create_completion(body: CompletionRequest, raw: Request):
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences: at most {MAX_SEQUENCES_PER_REQUEST} "
                             "per request; split it", "prompt")
     echo_logprobs = body.logprobs if body.echo else None
-    params = [sampling_params(state, body, p, body.max_tokens, body.logprobs, echo_logprobs) for p in prompts]
+    params = [sampling_params(body, body.max_tokens, body.logprobs, echo_logprobs)] * len(prompts)
     rid = request_id("cmpl")
-    state.engine.check_accepting(adapter)
-    streams = [state.engine.generate(f"{rid}-{i}", p.token_ids, params[i], adapter) for i, p in enumerate(prompts)]
-    tracker = state.metrics.tracker(state.label(adapter))
+    streams = state.engine.generate_many(rid, [p.token_ids for p in prompts], params, adapter)
     model = state.label(adapter)
+    tracker = state.metrics.tracker(model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(state, body, rid, model, prompts, params, streams, tracker, include_usage),

@@ -11,6 +11,7 @@ import threading
 import uvicorn
 
 from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME
+from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.engine.main_thread_executor import MainThreadExecutor
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import MODES
@@ -91,10 +92,14 @@ def add_serve_flags(s) -> None:
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: $LDMOLE_API_KEY, "
                                      "else no key)")
-    s.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the paged KV cache, in GiB (default 1)")
-    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
-    s.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="token budget of one engine step: prefill chunks + decodes (default 1024)")
+    d = EngineConfig()  # the engine's defaults, shared with LLM and lm_eval --model ldmole
+    s.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
+                   help=f"memory for the paged KV cache, in GiB (default {d.kv_cache_gib:g})")
+    s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help=f"most sequences in one batch (default {d.max_num_seqs})")
+    s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one engine step: prefill chunks + decodes "
+                        f"(default {d.max_num_batched_tokens})")
     s.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
     s.add_argument("--max-queue", type=int, default=256,
@@ -106,7 +111,7 @@ def add_serve_flags(s) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype (default float32)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    s.add_argument("--lora-backend", default="sparse", choices=MODES,
+    s.add_argument("--lora-backend", default=d.mode, choices=MODES,
                    help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "
                         "experts, the torch reference), or a backend by name: torch, cpu, triton")
     s.add_argument("--request-router", metavar="DIR",
@@ -130,7 +135,7 @@ def add_serve_flags(s) -> None:
                         "and each replica gets (this machine's cores - 1) / replicas threads)")
     s.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="GPUs Ray gives each replica (e.g. 1 with --device cuda; default 0)")
-    s.add_argument("--decode-graphs", default="auto", choices=["auto", "off"],
+    s.add_argument("--decode-graphs", default=d.decode_graphs, choices=["auto", "off"],
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -22,11 +22,9 @@ class EngineCollector:
         self.engine = engine  # AsyncLLMEngine
 
     def collect(self):
-        engine = self.engine.engine
-        s = engine.stats()
+        s = self.engine.stats()
         yield GaugeMetricFamily("ldmole:num_requests_running", "Sequences in the running batch.", s["running"])
-        yield GaugeMetricFamily("ldmole:num_requests_waiting", "Sequences waiting to be scheduled.",
-                                s["waiting"] + len(self.engine._to_admit))
+        yield GaugeMetricFamily("ldmole:num_requests_waiting", "Sequences waiting to be scheduled.", s["waiting"])
         used = 1.0 - s["kv_blocks_free"] / s["kv_blocks_total"]
         yield GaugeMetricFamily("ldmole:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", used)
         yield GaugeMetricFamily("ldmole:kv_cache_blocks_in_use", "KV-cache blocks in use.",
@@ -42,7 +40,7 @@ class EngineCollector:
         yield CounterMetricFamily("ldmole:num_preemptions", "Sequences preempted (KV cache full).", s["preemptions"])
         yield CounterMetricFamily("ldmole:engine_failed_steps", "Engine steps that raised (their requests failed).",
                                   s["failed_steps"])
-        hist = engine.expert_histogram
+        hist = self.engine.expert_histogram
         family = HistogramMetricFamily(
             "ldmole:active_experts_per_token",
             "Mean experts with p > 0 per routing decision of a token (sampled steps), per adapter set.",

@@ -66,7 +66,7 @@ async def classify(body: ClassifyRequest, raw: Request):
         inputs = [inputs]
     if not inputs:
         raise APIError(400, "input must not be empty", "input")
-    ids = [state.engine.engine.encode(x) for x in inputs]
+    ids = [state.engine.encode(x) for x in inputs]
     probs = await state.engine.classify(ids, adapter)
     data = [{"index": i, "label": int(p.argmax()), "probs": p.tolist(), "num_classes": p.numel()}
             for i, p in enumerate(probs)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
+from ldmole_runtime.lora.bank import SetSlot
 from ldmole_server.metrics import ServerMetrics
 
 AUTO = "auto"  # the `model` that asks the request router to pick the adapter set
@@ -22,8 +23,7 @@ class ServerSettings:
 
 @dataclass
 class ServerState:
-    engine: AsyncLLMEngine
-    tokenizer: object | None
+    engine: AsyncLLMEngine  # the server's one door to the engine: sets, tokenizer, limits, admission
     base_name: str  # the base model's served name (`model` field for the bare base)
     base_path: str
     adapter_paths: dict[str, str] = field(default_factory=dict)  # adapter-set name -> folder it came from
@@ -39,34 +39,38 @@ class ServerState:
             self.metrics = ServerMetrics(self.engine, self.request_router)
 
     @property
-    def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+    def tokenizer(self):
+        return self.engine.tokenizer
 
-    def resolve_model(self, model: str | None) -> str | None:
-        """The adapter-set name a request's `model` field selects (None: the bare base)."""
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def resolve_model(self, model: str | None) -> SetSlot | None:
+        """The adapter set a request's `model` field selects, resolved once (None: the bare base)."""
         if model is None or model == self.base_name:
             return None
-        if model == AUTO and AUTO not in self.engine.engine.runtime.bank.names:
+        if model == AUTO and AUTO not in self.engine.adapter_names():
             if self.request_router is None:
                 raise LDMoleError("model 'auto' needs a request router: start the server with --request-router DIR")
             raise LDMoleError("model 'auto' (request routing) works on /v1/completions and /v1/chat/completions")
-        if model in self.engine.engine.runtime.bank.names and model not in self.engine.unloading:
-            return model
-        raise UnknownAdapterError(f"the model {model!r} does not exist; served: {self.model_names()}")
+        if model not in self.engine.adapter_names():
+            raise UnknownAdapterError(f"the model {model!r} does not exist; served: {self.model_names()}")
+        return self.engine.resolve_adapter(model)
 
-    async def pick_model(self, model: str | None, text) -> str | None:
+    async def pick_model(self, model: str | None, text) -> SetSlot | None:
         """As resolve_model, but `model: "auto"` asks the request router, which reads text() (the
         prompt, or a chat's last user message)."""
-        if model == AUTO and self.request_router is not None and AUTO not in self.engine.engine.runtime.bank.names:
+        if model == AUTO and self.request_router is not None and AUTO not in self.engine.adapter_names():
             return self.resolve_model(await self.request_router.route(text()))
         return self.resolve_model(model)
 
     def model_names(self) -> list[str]:
-        return [self.base_name] + [n for n in self.engine.engine.runtime.bank.names if n not in self.engine.unloading]
+        return [self.base_name] + self.engine.adapter_names()
 
-    def label(self, adapter: str | None) -> str:
+    def label(self, adapter: SetSlot | None) -> str:
         """The `adapter` metrics label and `model` response field of a request."""
-        return self.base_name if adapter is None else adapter
+        return self.base_name if adapter is None else adapter.name
 
     def _token_text(self, token_id: int) -> str:
         if self.tokenizer is None:

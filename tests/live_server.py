@@ -65,7 +65,7 @@ class LiveServer:
         if request_router is not None:
             router = RequestRouter(request_router, None, runtime, tokenizer)
             router.check_targets([BASE_NAME] + list(adapters))
-        self.state = ServerState(AsyncLLMEngine(engine, max_queue), tokenizer, BASE_NAME, str(base),
+        self.state = ServerState(AsyncLLMEngine(engine, max_queue), BASE_NAME, str(base),
                                  {k: str(v) for k, v in adapters.items()},
                                  ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes), request_router=router)
         self.app = build_app(self.state)

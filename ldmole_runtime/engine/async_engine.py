@@ -1,4 +1,6 @@
-"""An asyncio front for LLMEngine, for the HTTP server: many concurrent callers, one engine loop.
+"""An asyncio front for LLMEngine, and the server's one door to it: many concurrent callers, one
+engine loop. The server asks it for everything (served sets, tokenizer, limits, admission) and
+never reaches past it.
 
 The engine is not thread-safe, so only the loop touches it: callers' new requests and aborts are
 queued and applied between steps, and each step (and each control, such as loading an adapter set)
@@ -25,6 +27,7 @@ from ldmole_runtime.engine.llm_engine import LLMEngine, RequestOutput
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scoring import ScoreResult, first_token_logprobs, score_choices
 from ldmole_runtime.errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
+from ldmole_runtime.lora.bank import SetSlot
 
 logger = logging.getLogger("ldmole.engine")
 
@@ -49,14 +52,50 @@ class AsyncLLMEngine:
             initargs=(torch.get_num_threads(),))
         self.errored: BaseException | None = None
 
+    # ---- what a caller needs to know: sets, text, limits -------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.runtime.cfg.vocab_size
+
+    def adapter_names(self, include_unloading: bool = False) -> list[str]:
+        """The loaded sets that take new requests (or every loaded set)."""
+        return [n for n in self.engine.runtime.bank.names if include_unloading or n not in self.unloading]
+
+    def resolve_adapter(self, name: str | None) -> SetSlot | None:
+        """The set a request names, resolved once; the slot travels with the request (None: the base)."""
+        if name is not None and name in self.unloading:
+            raise UnknownAdapterError(f"adapter set {name!r} is being unloaded")
+        return self.engine.resolve_adapter(name)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids: text through the tokenizer (the one place), or ids checked as given."""
+        return self.engine.encode(prompt)
+
+    def stats(self) -> dict:
+        """The engine's counters, with requests not yet admitted to the engine counted as waiting."""
+        return self.engine.stats() | {"waiting": self.num_waiting}
+
+    @property
+    def expert_histogram(self):
+        return self.engine.expert_histogram
+
     # ---- requests -------------------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
         return len(self._to_admit) + len(self.engine.scheduler.waiting)
 
-    def check_accepting(self, adapter: str | None = None) -> None:
-        if adapter is not None and adapter in self.unloading:
-            raise UnknownAdapterError(f"adapter set {adapter!r} is being unloaded")
+    def check_accepting(self, adapter: str | SetSlot | None = None) -> None:
+        name = adapter.name if isinstance(adapter, SetSlot) else adapter
+        if name is not None and name in self.unloading:
+            raise UnknownAdapterError(f"adapter set {name!r} is being unloaded")
         if self.errored is not None:
             raise RuntimeError("the engine loop has stopped") from self.errored
         if self.draining:
@@ -76,6 +115,15 @@ class AsyncLLMEngine:
         self.check_accepting(adapter)
         request = self.engine.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from)
         return self._stream(request)
+
+    def generate_many(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                      adapter: SetSlot | None) -> list[AsyncIterator[RequestOutput]]:
+        """One HTTP request's prompts (`{request_id}-{i}`), under the API's limits: admission is checked
+        once and every prompt is validated before any is queued, so a request is refused whole."""
+        self.check_accepting(adapter)
+        requests = [self.engine.prepare_request(f"{request_id}-{i}", ids, p, adapter, serving_limits=True)
+                    for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
+        return [self._stream(r) for r in requests]
 
     async def _stream(self, request) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
@@ -106,7 +154,7 @@ class AsyncLLMEngine:
 
     # ---- scoring ----------------------------------------------------------------------------------
     async def score(self, request_id: str, context: str | list[int], choices: list[str | list[int]],
-                    adapter: str | None = None) -> ScoreResult:
+                    adapter: str | SetSlot | None = None) -> ScoreResult:
         """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it."""
         self.check_accepting(adapter)
         engine = self.engine
@@ -176,7 +224,7 @@ class AsyncLLMEngine:
                 or any(r.adapter == adapter for r in list(self.engine.requests.values()))
                 or any(s.adapter == adapter for s in list(self.engine.held.values())))
 
-    async def classify(self, inputs: list[str | list[int]], adapter: str | None) -> list[torch.Tensor]:
+    async def classify(self, inputs: list[str | list[int]], adapter: str | SetSlot | None) -> list[torch.Tensor]:
         """Class probabilities [num_labels] per input (text or token ids), from the adapter set's (or
         the base's) score head."""
         self.check_accepting(adapter)

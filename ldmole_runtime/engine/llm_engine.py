@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ldmole_runtime.engine.block_manager import BlockManager
+from ldmole_runtime.engine.config import EngineConfig  # noqa: F401 (API: engine users import it from here)
 from ldmole_runtime.engine.expert_stats import ExpertHistogram
 from ldmole_runtime.engine.model_runner import ModelRunner
 from ldmole_runtime.engine.output_processor import CompletionOutput, OutputProcessor, RequestOutput, TokenLogprob  # noqa: F401 (API)
@@ -20,26 +21,11 @@ from ldmole_runtime.engine.sampler import gather_logprobs, sample
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scheduler import Scheduler
 from ldmole_runtime.engine.sequence import Sequence
-from ldmole_runtime.errors import LDMoleError, PromptTooLongError
+from ldmole_runtime.errors import LDMoleError, PromptTooLongError, UnknownAdapterError
+from ldmole_runtime.lora.bank import SetSlot
 from ldmole_runtime.model.runtime import LDMoleRuntime
 
 logger = logging.getLogger("ldmole.engine")
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int | None = None  # None: as many as kv_cache_gib holds (at least one max_model_len sequence)
-    kv_cache_gib: float = 1.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    max_model_len: int | None = None  # None: the base model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    mode: str = "sparse"  # the LoRA-ops backend, or "sparse" (fastest for the device) / "dense" (torch reference)
-    # decode steps from static buffers: "auto" replays CUDA graphs on a GPU with the triton backend;
-    # "off" never; "eager" runs the static-buffer step without capture (tests prove it on CPU)
-    decode_graphs: str = "auto"
-    expert_sample_every: int = 16  # count active experts per token on every N-th step (0: never), for metrics
 
 
 @dataclass
@@ -48,6 +34,7 @@ class _Request:
     adapter: str | None
     seqs: list[Sequence]
     params: SamplingParams
+    slot: SetSlot | None = None
     finished_reported: bool = False
     error: str | None = None  # why a step failed it
 
@@ -55,40 +42,23 @@ class _Request:
 class LLMEngine:
     def __init__(self, runtime: LDMoleRuntime, tokenizer=None, config: EngineConfig | None = None):
         self.runtime, self.tokenizer = runtime, tokenizer
-        self.config = config = config or EngineConfig()
-        self.max_model_len = min(config.max_model_len or runtime.cfg.max_position_embeddings,
-                                 runtime.cfg.max_position_embeddings)
-        cfg = runtime.cfg
-        block_bytes = (2 * cfg.num_layers * config.block_size * cfg.num_kv_heads * cfg.head_dim
-                       * torch.empty((), dtype=runtime.dtype).element_size())
-        num_blocks = config.num_blocks or max(int(config.kv_cache_gib * 2**30) // block_bytes,
-                                              -(-self.max_model_len // config.block_size))
-        if num_blocks * config.block_size < self.max_model_len:
-            raise LDMoleError(f"the KV cache ({num_blocks} blocks of {config.block_size}) cannot hold one sequence "
-                              f"of max_model_len={self.max_model_len} tokens")
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.config = config = (config or EngineConfig()).resolve(runtime, tokenizer)
+        self.max_model_len, self.vocab_size = config.max_model_len, config.vocab_size
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(runtime, num_blocks, config.block_size, config.mode, self.max_model_len,
-                                  config.decode_graphs)
+        self.runner = ModelRunner(runtime, config)
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished contexts whose KV blocks stay for forks
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = config.eos_token_ids
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         self.expert_histogram = ExpertHistogram()
         self.failed_steps = 0
         self.generated_tokens = 0
         self.computed_tokens = 0  # tokens run through the model (prefill chunks and decodes)
 
-    def _eos_ids(self) -> set[int]:
-        ids = getattr(self.runtime.cfg.hf_config, "eos_token_id", None)
-        ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | None = None, prompt_logprobs_from: int | None = None,
+                    adapter: str | SetSlot | None = None, prompt_logprobs_from: int | None = None,
                     target_token: int | None = None) -> None:
         """Queue a request. `prompt_logprobs_from` asks for prompt logprobs from that position on
         (scoring); `params.prompt_logprobs` asks for all of them. `target_token` (with max_tokens 0)
@@ -96,32 +66,33 @@ class LLMEngine:
         self.admit(self.prepare_request(request_id, prompt, params, adapter, prompt_logprobs_from, target_token))
 
     def admit(self, request: _Request) -> None:
-        """Queue a prepared request. The adapter set is checked again here: it may have been unloaded
-        (or reloaded) since the request was prepared."""
+        """Queue a prepared request. Its adapter set is checked again here: it may have been unloaded
+        since the request was prepared."""
         if request.request_id in self.requests:
             raise LDMoleError(f"request id {request.request_id!r} is already in use")
-        key = self._adapter_key(request.adapter)
-        for seq in request.seqs:
-            seq.adapter_key = key
+        if request.slot is not None and request.slot.index is None:
+            raise UnknownAdapterError(f"unknown adapter set {request.adapter!r}: it was unloaded")
         self.requests[request.request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
 
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        adapter: str | None = None, prompt_logprobs_from: int | None = None,
-                        target_token: int | None = None) -> _Request:
-        """Validate a request and build its sequences, without touching the running batch."""
+                        adapter: str | SetSlot | None = None, prompt_logprobs_from: int | None = None,
+                        target_token: int | None = None, serving_limits: bool = False) -> _Request:
+        """Validate a request and build its sequences, without touching the running batch: the one
+        place a request is checked. `serving_limits` adds the HTTP API's stricter rules: the prompt
+        and max_tokens must fit the context together, and n may not exceed max_num_seqs."""
         params = params or SamplingParams()
+        slot = self.resolve_adapter(adapter)
         if target_token is not None:
             if params.max_tokens != 0 or params.n != 1:
                 raise LDMoleError("a target token is scored by a prompt-only request (max_tokens=0, n=1)")
-            if not 0 <= target_token < self.runtime.cfg.vocab_size:
-                raise LDMoleError(f"the target token must lie in [0, {self.runtime.cfg.vocab_size})")
-        adapter_key = self._adapter_key(adapter)
+            if not 0 <= target_token < self.vocab_size:
+                raise LDMoleError(f"the target token must lie in [0, {self.vocab_size})")
         token_ids = self.encode(prompt)
         if not token_ids:
             raise LDMoleError("the prompt is empty")
-        vocab = self.runtime.cfg.vocab_size
+        vocab = self.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise LDMoleError(f"prompt token ids must lie in [0, {vocab})")
         if any(t >= vocab for t in params.logit_bias) or any(t >= vocab for t in params.stop_token_ids):
@@ -129,6 +100,8 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; the maximum is {self.max_model_len - 1} "
                                      f"(max_model_len {self.max_model_len} includes at least one generated token)")
+        if serving_limits:
+            self._check_serving_limits(len(token_ids), params)
         if params.stop and self.tokenizer is None:
             raise LDMoleError("stop strings need a tokenizer; this base model has none (use stop_token_ids)")
         if params.prompt_logprobs is not None:
@@ -137,21 +110,40 @@ class LLMEngine:
             prompt_logprobs_from = len(token_ids)
         if prompt_logprobs_from is not None:
             prompt_logprobs_from = min(max(prompt_logprobs_from, 1), len(token_ids))
+        name = None if slot is None else slot.name
+        # the set's identity in prefix-cache hashes: this very load of it, so that a set reloaded under
+        # the same name never reuses blocks computed with the old weights
+        adapter_key = "" if slot is None else f"{slot.name}#{slot.uid}"
         seqs = []
         for i in range(params.n):
             seed = params.sample_seed(i)
             seqs.append(Sequence(
-                request_id, i, list(token_ids), len(token_ids), adapter, adapter_key, params,
+                request_id, i, list(token_ids), len(token_ids), name, adapter_key, params, slot,
                 generator=None if seed is None else torch.Generator(self.runtime.device).manual_seed(seed),
                 prompt_logprobs_start=prompt_logprobs_from if i == 0 else None, target_token=target_token))
-        return _Request(request_id, adapter, seqs, params)
+        return _Request(request_id, name, seqs, params, slot)
 
-    def _adapter_key(self, adapter: str | None) -> str:
-        """The set's identity in prefix-cache hashes. It names this very load of the set, so a set
-        reloaded under the same name never reuses blocks computed with the old weights."""
+    def _check_serving_limits(self, prompt_len: int, params: SamplingParams) -> None:
+        if params.n > self.config.max_num_seqs:
+            raise LDMoleError(f"n must be <= {self.config.max_num_seqs} (max_num_seqs), got {params.n}")
+        room = self.max_model_len - prompt_len
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise LDMoleError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                              f"{prompt_len} and max_tokens asks for {params.max_tokens} more")
+
+    def resolve_adapter(self, adapter: str | SetSlot | None) -> SetSlot | None:
+        """The loaded set a request names (None: the bare base), resolved once: the request keeps
+        the slot, whose index follows the bank when other sets are unloaded."""
         if adapter is None:
-            return ""
-        return f"{adapter}#{self.runtime.bank.slots[self.runtime.adapter_index(adapter)].uid}"
+            return None
+        if isinstance(adapter, SetSlot):
+            if adapter.index is None:
+                raise UnknownAdapterError(f"unknown adapter set {adapter.name!r}: it was unloaded")
+            return adapter
+        try:
+            return self.runtime.bank.slot(adapter)
+        except KeyError:
+            raise UnknownAdapterError(f"unknown adapter set {adapter!r}; loaded: {self.runtime.bank.names}") from None
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -171,11 +163,12 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
 
     # ---- forks: one context, many continuations (scoring) ---------------------------------------------
-    def add_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> None:
+    def add_context(self, request_id: str, prompt: str | list[int], adapter: str | SetSlot | None = None) -> None:
         """Prefill a context and keep its KV after it finishes, for `fork_request`."""
         self.admit(self.prepare_context(request_id, prompt, adapter))
 
-    def prepare_context(self, request_id: str, prompt: str | list[int], adapter: str | None = None) -> _Request:
+    def prepare_context(self, request_id: str, prompt: str | list[int],
+                        adapter: str | SetSlot | None = None) -> _Request:
         request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0), adapter)
         request.seqs[0].hold = True
         return request
@@ -192,7 +185,7 @@ class LLMEngine:
         is free for the copy (nothing is queued then)."""
         parent = self.held[context_id]
         request = self.prepare_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                                       parent.adapter, parent.num_tokens + 1, target_token)
+                                       parent.slot, parent.num_tokens + 1, target_token)
         child = request.seqs[0]
         child.adapter_key = parent.adapter_key
         if not self.block_manager.fork(parent, child, self.runner.copy_block):
@@ -208,7 +201,7 @@ class LLMEngine:
             return True
         parent = self.held[context_id]
         self.add_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                         parent.adapter, parent.num_tokens, target_token)
+                         parent.slot, parent.num_tokens, target_token)
         return False
 
     def release_context(self, context_id: str) -> None:
@@ -228,11 +221,12 @@ class LLMEngine:
         self.runtime.unload_adapter(name)
         return aborted
 
-    def classify(self, token_ids: list[int], adapter: str | None = None) -> torch.Tensor:
+    def classify(self, token_ids: list[int], adapter: str | SetSlot | None = None) -> torch.Tensor:
         """Class probabilities from the adapter set's (or the base's) classification head."""
         if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(f"the input has {len(token_ids)} tokens; the maximum is {self.max_model_len}")
-        return self.runtime.classify(token_ids, adapter)
+        slot = self.resolve_adapter(adapter)
+        return self.runtime.classify(token_ids, None if slot is None else slot.name)
 
     def has_unfinished_requests(self) -> bool:
         # a snapshot: the async front also asks from its event-loop thread while a step runs

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.engine.decode_graphs import DecodeGraphs
 from ldmole_runtime.engine.expert_stats import ActiveExpertCount
 from ldmole_runtime.engine.sequence import Sequence
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.lora.adapter_batch import AdapterBatch
+from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch
 from ldmole_runtime.lora.ops import lora_ops
 from ldmole_runtime.model.attention import PagedAttention
 from ldmole_runtime.model.decoder import ForwardContext
@@ -39,19 +40,20 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, runtime: LDMoleRuntime, num_blocks: int, block_size: int, mode: str = "sparse",
-                 max_model_len: int | None = None, decode_graphs: str = "auto"):
+    def __init__(self, runtime: LDMoleRuntime, config: EngineConfig):
+        """`config` resolved against this runtime (EngineConfig.resolve)."""
         cfg = runtime.cfg
+        num_blocks, block_size = config.num_blocks, config.block_size
         if runtime.model.lm_head_weight is None:
             raise LDMoleError("the engine generates text: the base model needs an LM head "
                               "(a sequence-classification checkpoint has none)")
         self.runtime, self.block_size, self.num_blocks = runtime, block_size, num_blocks
-        self.max_blocks_per_seq = -(-(max_model_len or cfg.max_position_embeddings) // block_size)
-        self.ops = lora_ops(mode, runtime.device)  # the LoRA-ops backend, chosen once
+        self.max_blocks_per_seq = -(-config.max_model_len // block_size)
+        self.ops = lora_ops(config.mode, runtime.device)  # the LoRA-ops backend, chosen once
         # one block more than the block manager hands out: a static decode step's padding rows write there
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=runtime.dtype, device=runtime.device)
-        self.graphs = self._decode_graphs(decode_graphs)
+        self.graphs = self._decode_graphs(config.decode_graphs)
 
     def _decode_graphs(self, setting: str) -> DecodeGraphs | None:
         """CUDA graphs need a backend that keeps its metadata on the device (triton), and a GPU."""
@@ -93,10 +95,10 @@ class ModelRunner:
         logits = F.linear(hidden, self.runtime.model.lm_head_weight).float()
         return StepLogits(seqs, logits, [], logits[:0])
 
-    def _set_indices(self, seqs: list[Sequence]) -> list[int]:
+    @staticmethod
+    def _set_indices(seqs: list[Sequence]) -> list[int]:
         """Each sequence's adapter-set index in the bank (-1: the bare base)."""
-        index_of = {slot.name: i for i, slot in enumerate(self.runtime.bank.slots)}
-        return [-1 if seq.adapter is None else index_of[seq.adapter] for seq in seqs]
+        return [BASE if seq.slot is None else seq.slot.index for seq in seqs]
 
     def _run_eager(self, batch: list[tuple[Sequence, int]], count_experts: bool) -> StepLogits:
         device, bs = self.runtime.device, self.block_size

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
+from ldmole_runtime.lora.bank import SetSlot
 
 
 class Status(enum.Enum):
@@ -26,9 +27,10 @@ class Sequence:
     index: int  # which of the request's n samples
     token_ids: list[int]
     num_prompt_tokens: int
-    adapter: str | None  # adapter-set name (None: the bare base); its bank index can change between steps
+    adapter: str | None  # adapter-set name (None: the bare base)
     adapter_key: str  # identifies the adapter set's weights in prefix-cache hashes
     params: SamplingParams
+    slot: SetSlot | None = None  # the set, resolved once when the request arrived (its index follows unloads)
     generator: torch.Generator | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING

@@ -59,6 +59,9 @@ class SetSlot:
     router_options: dict = field(default_factory=dict)
     threshold_cap: float = 0.0  # router "threshold": AdaMoLE's τmax
     uid: int = field(default_factory=lambda: next(_slot_uids))  # unique per load, unlike the name or index
+    # the set's place in the bank (the kernels' set index) while it is loaded; None once unloaded.
+    # Requests hold their slot, so this is how they find their set after others are unloaded.
+    index: int | None = None
 
     @property
     def router(self) -> Router:
@@ -123,9 +126,12 @@ class AdapterBank:
         return [s.name for s in self.slots]
 
     def index_of(self, name: str) -> int:
-        for i, slot in enumerate(self.slots):
+        return self.slot(name).index
+
+    def slot(self, name: str) -> SetSlot:
+        for slot in self.slots:
             if slot.name == name:
-                return i
+                return slot
         raise KeyError(name)
 
     def group(self, layer: int, group: str) -> GroupBank:
@@ -180,10 +186,11 @@ class AdapterBank:
             gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs, strict=True)]
             gb.threshold = torch.cat([gb.threshold, T[None]])
             gb.threshold_bias = torch.cat([gb.threshold_bias, Tb[None]])
+        slot.index = len(self.slots)
         self.slots.append(slot)
         self._tables = None
         self.version += 1
-        return len(self.slots) - 1
+        return slot.index
 
     def remove(self, name: str) -> None:
         index = self.index_of(name)
@@ -198,6 +205,8 @@ class AdapterBank:
             gb.threshold, gb.threshold_bias = gb.threshold[others].contiguous(), gb.threshold_bias[others].contiguous()
         for later in self.slots[index:]:
             later.offset -= slot.num_experts
+            later.index -= 1
+        slot.index = None
         self._tables = None
         self.version += 1
 

@@ -6,6 +6,7 @@ takes `--no-deps` and names only the lock, a pin read from the lock, or the proj
 the image would run it in (its WORKDIR, with what the COPY steps put there).
 """
 
+import ast
 import json
 import re
 import shlex
@@ -98,3 +99,13 @@ def test_python_steps_run_where_kernels_resolves_to_site_packages(tmp_path):
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert_not_shadowed(json.loads(proc.stdout.strip().splitlines()[-1]), root_on_path=cwd)
     assert steps >= 1  # the default base is converted at build time
+
+
+def test_the_image_holds_every_installed_package_folder():
+    """setup.py installs these folders; an image without one has an `ldmole` that cannot import."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    mapping = next(ast.literal_eval(node.value) for node in ast.walk(tree)
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "FOLDERS")
+    folders = {"ldmole_runtime", *mapping.values()}
+    copied = {arg.split()[0] for keyword, arg in instructions() if keyword == "COPY"}
+    assert folders <= copied, sorted(folders - copied)
