@@ -101,11 +101,10 @@ class PromptSource:
 
     @classmethod
     def from_text(cls, base, dataset: str, vocab: int) -> PromptSource:
-        from transformers import AutoTokenizer
-
         from ldmole_runtime.data.datasets import load_dataset
+        from ldmole_runtime.model.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        tokenizer = load_tokenizer(base, needed_for="prompts cut from real text")
         texts = [getattr(e, "cloze_context", None) or getattr(e, "prompt", "") for e in
                  load_dataset(dataset, None, "validation", 400)]
         return cls(vocab, tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])

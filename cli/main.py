@@ -163,10 +163,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     for ex in examples:
         if isinstance(ex, MCExample):
             if tokenizer is None:
-                from transformers import AutoTokenizer
-
                 from ldmole_runtime.model.default_base import resolve_base
-                tokenizer = AutoTokenizer.from_pretrained(str(resolve_base(args.base)), local_files_only=True)
+                from ldmole_runtime.model.tokenizer import load_tokenizer
+                tokenizer = load_tokenizer(resolve_base(args.base), needed_for="multiple-choice prompts")
             texts.append(mc_prompt(ex, special_tokens(tokenizer)[0]))
         else:
             texts.append(getattr(ex, "text", None) or getattr(ex, "prompt", "") + getattr(ex, "completion", ""))

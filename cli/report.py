@@ -14,6 +14,7 @@ from pathlib import Path
 from ldmole_cli.report_plots import write_report
 from ldmole_cli.report_stats import routing_statistics, text_batches
 from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.model.tokenizer import load_tokenizer
 
 
 def run_report(base: str, adapter: str, texts: list[str], out_dir: str, batch_size: int = 8,
@@ -39,11 +40,7 @@ def run_report(base: str, adapter: str, texts: list[str], out_dir: str, batch_si
     source = "the given tokenizer"
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         source = base_path if tokenizer is None else Path(tokenizer)
-        try:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(str(source))
-        except Exception as exc:  # transformers raises OSError/ValueError/... for missing or bad files
-            raise LDMoleError(f"cannot load a tokenizer from {source}: {exc}") from None
+        tokenizer = load_tokenizer(source, needed_for="the routing report")
     try:
         empty = not list(tokenizer(sample, truncation=True, max_length=max_length)["input_ids"])
     except Exception as exc:  # a tokenizer object of the wrong kind

@@ -29,11 +29,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ldmole_eval.model_args import parse_model_args
-from ldmole_runtime.engine.llm import LLM, load_tokenizer
+from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
+from ldmole_runtime.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ldmole.eval")
 

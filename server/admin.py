@@ -21,7 +21,12 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(raw: Request):
     state = state_of(raw)
-    card = {"object": "model", "created": state.created, "owned_by": "ldmole", "max_model_len": state.max_model_len}
+    card = {
+        "object": "model",
+        "created": state.created,
+        "owned_by": "ldmole",
+        "max_model_len": state.engine.max_model_len,
+    }
     data = [card | {"id": state.base_name, "root": state.base_path, "parent": None}]
     for name in state.model_names()[1:]:
         data.append(card | {"id": name, "root": state.adapter_paths.get(name), "parent": state.base_name})
@@ -56,36 +61,36 @@ async def tokenize(body: TokenizeRequest, raw: Request):
     state = state_of(raw)
     if body.model is not None:
         state.resolve_model(body.model)
-    if state.tokenizer is None:
+    if state.engine.tokenizer is None:
         raise APIError(400, "this model has no tokenizer")
     if body.messages is not None:
         tokens = chat_prompt(state, body.messages, body.add_generation_prompt).token_ids
     else:
-        tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+        tokens = state.engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, raw: Request):
     state = state_of(raw)
-    if state.tokenizer is None:
+    if state.engine.tokenizer is None:
         raise APIError(400, "this model has no tokenizer")
     vocab = state.engine.vocab_size
     if any(not 0 <= t < vocab for t in body.tokens):
         raise APIError(400, f"token ids must lie in [0, {vocab})", "tokens")
-    return {"prompt": state.tokenizer.decode(body.tokens)}
+    return {"prompt": state.engine.tokenizer.decode(body.tokens)}
 
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(raw: Request):
     state = state_of(raw)
-    tok = state.tokenizer
+    tok = state.engine.tokenizer
     if tok is None:
         raise APIError(404, "this model has no tokenizer")
     return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
             "pad_token": tok.pad_token, "unk_token": tok.unk_token,
             "chat_template": getattr(tok, "chat_template", None),
-            "model_max_length": state.max_model_len, "vocab_size": state.engine.vocab_size}
+            "model_max_length": state.engine.max_model_len, "vocab_size": state.engine.vocab_size}
 
 
 @router.get("/health")

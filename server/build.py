@@ -7,11 +7,11 @@ import os
 
 from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
-from ldmole_runtime.engine.llm import load_tokenizer
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
+from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.request_router import RequestRouter
 from ldmole_server.state import ServerSettings, ServerState
 

@@ -17,7 +17,7 @@ router = APIRouter()
 
 
 def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
-    tok = state.tokenizer
+    tok = state.engine.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]

@@ -32,6 +32,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.request_router import RequestRouter
 
+from ldmole_server.errors import error_body
+
 logger = logging.getLogger("ldmole.cluster")
 REGISTRY, NAMESPACE = "ldmole-adapter-registry", "ldmole"  # a named actor in our own Ray namespace
 AFFINITY_HEADER = "x-ldmole-affinity"  # "off": route at random (to measure what affinity buys)
@@ -259,11 +261,11 @@ class Ingress:
             data = json.loads(body)
             name = data["lora_name"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            return JSONResponse(_error(400, 'expected {"lora_name": ...}'), status_code=400)
+            return JSONResponse(error_body(400, 'expected {"lora_name": ...}'), status_code=400)
         if path.endswith("unload_lora_adapter"):
             version, adapters = await self.registry.snapshot.remote()
             if name not in adapters:
-                return JSONResponse(_error(404, f"adapter set {name!r} is not loaded"), status_code=404)
+                return JSONResponse(error_body(404, f"adapter set {name!r} is not loaded"), status_code=404)
             await self.registry.set.remote(name, None)
             return JSONResponse({"status": "ok", "unloaded": name})
         stream = self.engine.options(stream=True).handle.remote(
@@ -275,14 +277,8 @@ class Ingress:
         return Response(b"".join(chunks), status_code=status, media_type="application/json")
 
 
-def _error(status: int, message: str) -> dict:
-    return {"error": {"message": message, "type": "BadRequestError" if status == 400 else "NotFoundError",
-                      "param": None, "code": status}}
-
-
 def _unavailable(reason: str) -> dict:
-    return {"error": {"message": f"the replica serving this request failed; retry it ({reason})",
-                      "type": "ServiceUnavailableError", "param": None, "code": 503}}
+    return error_body(503, f"the replica serving this request failed; retry it ({reason})")
 
 
 def _streamed(status: int, headers: list, stream) -> Response:

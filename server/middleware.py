@@ -7,12 +7,14 @@ import json
 
 from starlette.exceptions import HTTPException
 
+from ldmole_server.errors import error_body
+
 # Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
 OPEN_PATHS = ("/health", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
 
 
 async def _send_error(send, status: int, message: str, type_: str, extra_headers=()) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": status}}).encode()
+    body = json.dumps(error_body(status, message, type_)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -38,14 +38,6 @@ class ServerState:
         if self.metrics is None:
             self.metrics = ServerMetrics(self.engine, self.request_router)
 
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
     def resolve_model(self, model: str | None) -> SetSlot | None:
         """The adapter set a request's `model` field selects, resolved once (None: the bare base)."""
         if model is None or model == self.base_name:
@@ -73,12 +65,12 @@ class ServerState:
         return self.base_name if adapter is None else adapter.name
 
     def _token_text(self, token_id: int) -> str:
-        if self.tokenizer is None:
+        if self.engine.tokenizer is None:
             return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id])
+        return self.engine.tokenizer.decode([token_id])
 
     def decode(self, token_ids: list[int]) -> str:
-        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+        return "" if self.engine.tokenizer is None else self.engine.tokenizer.decode(token_ids)
 
 
 def request_id(prefix: str) -> str:

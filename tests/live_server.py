@@ -14,8 +14,9 @@ from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
-from ldmole_runtime.engine.llm import LLM, load_tokenizer
+from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.app import build_app
 from ldmole_server.request_router import RequestRouter
 from ldmole_server.state import ServerSettings, ServerState

@@ -14,13 +14,14 @@ The experts are stacked into the native layout, router kind "threshold".
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import torch
 
 from ldmole_runtime.adapters.files import read_json_object, read_state_dict
-from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of, tensor_key
 from ldmole_runtime.errors import CheckpointError
 
 CONFIG_NAME = "adapter_config.json"
@@ -88,9 +89,9 @@ def read_adamole(path: str | Path) -> AdapterParts:
                 raise CheckpointError(f"{where}: missing (target_modules lists it)")
             A, B, gate, theta, bias = _module(parts, E, r, where)
             shapes[proj] = [A.shape[2], B.shape[1]]
-            prefix = f"layers.{layer}.{proj}."
-            tensors |= {prefix + "lora_A": A, prefix + "lora_B": B, prefix + "router": gate,
-                        prefix + "threshold.weight": theta, prefix + "threshold.bias": bias}
+            key = functools.partial(tensor_key, layer, proj)
+            tensors |= {key("lora_A"): A, key("lora_B"): B, key("router"): gate,
+                        key("threshold.weight"): theta, key("threshold.bias"): bias}
 
     config = AdapterConfig(
         num_experts=E, rank=r, alpha=alpha, router="threshold" if E > 1 else "none", target_modules=targets,

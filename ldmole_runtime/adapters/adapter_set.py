@@ -25,7 +25,7 @@ from ldmole_runtime.adapters.adamole import read_adamole
 from ldmole_runtime.adapters.files import read_json_object
 from ldmole_runtime.adapters.peft_lora import read_peft
 from ldmole_runtime.adapters.reference import REFERENCE_CONFIG_NAME, read_reference
-from ldmole_runtime.adapters.spec import AdapterConfig, AdapterParts, lambda_key, projection_shapes
+from ldmole_runtime.adapters.spec import AdapterConfig, AdapterParts, lambda_key, projection_shapes, tensor_key
 from ldmole_runtime.errors import AdapterMismatchError, CheckpointError
 from ldmole_runtime.lora.routing import ROUTERS
 from ldmole_runtime.model.config import ModelConfig
@@ -49,13 +49,13 @@ class AdapterSet:
         for layer in range(c.num_layers):
             for proj in c.target_modules:
                 fan_in, fan_out = c.projection_shapes[proj]
-                shapes[f"layers.{layer}.{proj}.lora_A"] = (E, r, fan_in)
-                shapes[f"layers.{layer}.{proj}.lora_B"] = (E, fan_out, r)
+                shapes[tensor_key(layer, proj, "lora_A")] = (E, r, fan_in)
+                shapes[tensor_key(layer, proj, "lora_B")] = (E, fan_out, r)
                 if ROUTERS[c.router].needs_logits:
-                    shapes[f"layers.{layer}.{proj}.router"] = (E, fan_in)
+                    shapes[tensor_key(layer, proj, "router")] = (E, fan_in)
                 if ROUTERS[c.router].needs_threshold:
-                    shapes[f"layers.{layer}.{proj}.threshold.weight"] = (1, fan_in)
-                    shapes[f"layers.{layer}.{proj}.threshold.bias"] = (1,)
+                    shapes[tensor_key(layer, proj, "threshold.weight")] = (1, fan_in)
+                    shapes[tensor_key(layer, proj, "threshold.bias")] = (1,)
         if ROUTERS[c.router].needs_lambda:
             h = c.lambda_hidden
             for w in c.lambda_widths:

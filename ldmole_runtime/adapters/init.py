@@ -7,12 +7,13 @@ of the math moves the output.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ldmole_runtime.adapters.adapter_set import AdapterSet
-from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, lambda_key, projection_shapes
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, lambda_key, projection_shapes, tensor_key
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.routing import ROUTERS
 from ldmole_runtime.model.config import ModelConfig
@@ -51,14 +52,14 @@ def new_adapter_set(base: ModelConfig, num_experts: int = 8, rank: int = 8, alph
     for layer in range(base.num_layers):
         for proj in targets:
             fan_in, fan_out = shapes[proj]
-            prefix = f"layers.{layer}.{proj}."
-            tensors[prefix + "lora_A"] = _kaiming_uniform((num_experts, rank, fan_in), fan_in, g)
-            tensors[prefix + "lora_B"] = torch.randn((num_experts, fan_out, rank), generator=g) * b_std
+            key = functools.partial(tensor_key, layer, proj)
+            tensors[key("lora_A")] = _kaiming_uniform((num_experts, rank, fan_in), fan_in, g)
+            tensors[key("lora_B")] = torch.randn((num_experts, fan_out, rank), generator=g) * b_std
             if ROUTERS[router].needs_logits:
-                tensors[prefix + "router"] = _kaiming_uniform((num_experts, fan_in), fan_in, g)
+                tensors[key("router")] = _kaiming_uniform((num_experts, fan_in), fan_in, g)
             if ROUTERS[router].needs_threshold:  # AdaMoLE's threshold layer: nn.Linear(in, 1)'s default init
-                tensors[prefix + "threshold.weight"] = _kaiming_uniform((1, fan_in), fan_in, g)
-                tensors[prefix + "threshold.bias"] = _kaiming_uniform((1,), fan_in, g)
+                tensors[key("threshold.weight")] = _kaiming_uniform((1, fan_in), fan_in, g)
+                tensors[key("threshold.bias")] = _kaiming_uniform((1,), fan_in, g)
     for w in widths:
         for layer, (fan_out, fan_in) in (("0", (lambda_hidden, w)), ("2", (1, lambda_hidden))):
             if lambda_init == "sparse":

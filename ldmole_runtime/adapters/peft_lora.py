@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ldmole_runtime.adapters.files import read_json_object, read_state_dict
-from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of
+from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of, tensor_key
 from ldmole_runtime.errors import CheckpointError
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -125,7 +125,7 @@ def read_peft(path: str | Path) -> AdapterParts:
                 r = ab["A"].shape[0]
                 A[0, :r] = ab["A"].float()
                 B[0, :, :r] = ab["B"].float() * _scaling(raw, layer, proj, r, cfg_file)
-            tensors[f"layers.{layer}.{proj}.lora_A"], tensors[f"layers.{layer}.{proj}.lora_B"] = A, B
+            tensors[tensor_key(layer, proj, "lora_A")], tensors[tensor_key(layer, proj, "lora_B")] = A, B
 
     num_labels = None
     if "weight" in head:

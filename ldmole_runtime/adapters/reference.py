@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from ldmole_runtime.adapters.files import read_json_object, read_state_dict
-from ldmole_runtime.adapters.spec import ALL_PROJECTIONS, AdapterConfig, AdapterParts, hidden_size_of, lambda_key
+from ldmole_runtime.adapters.spec import (
+    ALL_PROJECTIONS,
+    AdapterConfig,
+    AdapterParts,
+    hidden_size_of,
+    lambda_key,
+    tensor_key,
+)
 from ldmole_runtime.errors import CheckpointError
 
 REFERENCE_CONFIG_NAME = "adapter_config.json"
@@ -122,12 +129,12 @@ def read_reference(path: str | Path) -> AdapterParts:
                 raise CheckpointError(f"{where}: lora_A {tuple(A.shape[1:])} / lora_B {tuple(B.shape[1:])} "
                                       f"do not have rank r={rank}")
             shapes[proj] = [A.shape[2], B.shape[1]]
-            tensors[f"layers.{layer}.{proj}.lora_A"] = A
-            tensors[f"layers.{layer}.{proj}.lora_B"] = B
+            tensors[tensor_key(layer, proj, "lora_A")] = A
+            tensors[tensor_key(layer, proj, "lora_B")] = B
             if router != "none":
                 if "route" not in entry:
                     raise CheckpointError(f"{where}: missing lora_route (the router)")
-                tensors[f"layers.{layer}.{proj}.router"] = entry["route"]
+                tensors[tensor_key(layer, proj, "router")] = entry["route"]
 
     lambda_tensors = _single_lambda_net(sd, weights_file) if router == "sparsegen" else {}
     tensors |= lambda_tensors

@@ -23,7 +23,6 @@ PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 ALL_PROJECTIONS: tuple[str, ...] = tuple(p for group in PROJECTION_GROUPS.values() for p in group)
-GROUP_OF = {p: g for g, projs in PROJECTION_GROUPS.items() for p in projs}
 
 FORMAT_VERSION = 1
 
@@ -51,6 +50,11 @@ def _is_int(v) -> bool:
 def _is_width_pair(v) -> bool:
     return isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(w) and w > 0 for w in v)
 
+
+
+def tensor_key(layer: int, proj: str, part: str) -> str:
+    """The native format's key of one projection's tensor: lora_A, lora_B, router, threshold.weight, ..."""
+    return f"layers.{layer}.{proj}.{part}"
 
 
 def lambda_key(width: int, part: str) -> str:

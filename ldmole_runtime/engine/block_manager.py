@@ -124,9 +124,6 @@ class BlockManager:
         return True
 
     # ---- allocation ----------------------------------------------------------------------------------
-    def can_hold(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
-
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow the sequence's block table to hold num_tokens tokens; False if blocks ran out."""
         need = self.blocks_needed(num_tokens) - len(seq.block_table)

@@ -17,15 +17,7 @@ from ldmole_runtime.engine.scoring import ChoiceScore, ScoreResult, first_token_
 from ldmole_runtime.errors import LDMoleError, StepFailedError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
-
-
-def load_tokenizer(base: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        return None  # token ids only (e.g. a test model without tokenizer files)
+from ldmole_runtime.model.tokenizer import load_tokenizer
 
 
 class LLM:

@@ -33,10 +33,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The next step's batch: (sequence, tokens to compute) pairs."""
         budget = self.max_num_batched_tokens

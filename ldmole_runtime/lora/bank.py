@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ldmole_kernels.router_kinds import RouterKind
 from ldmole_runtime.adapters.adapter_set import AdapterSet
-from ldmole_runtime.adapters.spec import PROJECTION_GROUPS, AdapterConfig, lambda_key, projection_shapes
+from ldmole_runtime.adapters.spec import PROJECTION_GROUPS, AdapterConfig, lambda_key, projection_shapes, tensor_key
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.kernel_tables import KernelTables, build_tables
 from ldmole_runtime.lora.routing import ROUTERS, Router
@@ -220,15 +220,15 @@ class AdapterBank:
             for i, proj in enumerate(gb.projections):
                 if proj not in c.target_modules:
                     continue
-                prefix = f"layers.{layer}.{proj}."
-                tensors[prefix + "lora_A"] = gb.A[lo:lo + E, i, :r].detach().clone()
-                tensors[prefix + "lora_B"] = gb.B[i][lo:lo + E, :r].transpose(1, 2).detach().clone()
+                key = functools.partial(tensor_key, layer, proj)
+                tensors[key("lora_A")] = gb.A[lo:lo + E, i, :r].detach().clone()
+                tensors[key("lora_B")] = gb.B[i][lo:lo + E, :r].transpose(1, 2).detach().clone()
                 if slot.router.needs_logits:
-                    tensors[prefix + "router"] = gb.router[lo:lo + E, i].detach().clone()
+                    tensors[key("router")] = gb.router[lo:lo + E, i].detach().clone()
                 if slot.router.needs_threshold:
                     s = self.slots.index(slot)
-                    tensors[prefix + "threshold.weight"] = gb.threshold[s, i][None].detach().clone()
-                    tensors[prefix + "threshold.bias"] = gb.threshold_bias[s, i][None].detach().clone()
+                    tensors[key("threshold.weight")] = gb.threshold[s, i][None].detach().clone()
+                    tensors[key("threshold.bias")] = gb.threshold_bias[s, i][None].detach().clone()
         for w, net in slot.lambda_nets.items():
             for part, t in zip(("0.weight", "0.bias", "2.weight", "2.bias"), net, strict=True):
                 tensors[lambda_key(w, part)] = t.detach().clone()
@@ -258,11 +258,11 @@ class AdapterBank:
         for i, (proj, on) in enumerate(zip(gb.projections, targeted, strict=True)):
             if not on:
                 continue
-            prefix = f"layers.{layer}.{proj}."
-            A[:, i, :r] = t[prefix + "lora_A"]
-            Bs[i][:, :r] = t[prefix + "lora_B"].transpose(1, 2)
-            if prefix + "router" in t:
-                R[:, i] = t[prefix + "router"]
-            if prefix + "threshold.weight" in t:
-                T[i], Tb[i] = t[prefix + "threshold.weight"][0], t[prefix + "threshold.bias"][0]
+            key = functools.partial(tensor_key, layer, proj)
+            A[:, i, :r] = t[key("lora_A")]
+            Bs[i][:, :r] = t[key("lora_B")].transpose(1, 2)
+            if key("router") in t:
+                R[:, i] = t[key("router")]
+            if key("threshold.weight") in t:
+                T[i], Tb[i] = t[key("threshold.weight")][0], t[key("threshold.bias")][0]
         return A, R, Bs, T, Tb

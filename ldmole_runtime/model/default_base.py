@@ -72,8 +72,6 @@ def prepare_default_base(
         return target
 
     gguf_path = locate_smollm2_gguf()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cache.mkdir(parents=True, exist_ok=True)
     _sweep_stale_staging(cache)
 
@@ -102,15 +100,16 @@ def _convert(gguf_path: pathlib.Path, out: pathlib.Path) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # local_files_only: a folder on disk; no hub is asked for anything (and none is reachable)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
 
     # Not `from_pretrained(gguf_file=...)`: that path insists on `accelerate` (not a dependency)
     # and leaves a GGUF quantizer attached that refuses to save. Dequantising the tensors onto a
     # freshly built model gives bit-identical weights without either problem.
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     # The GGUF stores no lm_head: SmolLM2 ties it to the input embedding.
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

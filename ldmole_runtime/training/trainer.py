@@ -33,6 +33,7 @@ from ldmole_runtime.data.datasets import (
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
+from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_runtime.training.config import TrainConfig
 from ldmole_runtime.training.step import ADAPTER_NAME, TrainStep, collate, make_optimizer, new_training_adapter
 from ldmole_runtime.training.trainable import TrainableAdapter
@@ -134,13 +135,8 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
 
-    from transformers import AutoTokenizer
-
     base = resolve_base(cfg.base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise LDMoleError(f"{base}: training needs the base model's tokenizer ({exc})") from exc
+    tokenizer = load_tokenizer(base, needed_for="training")
     task, train_enc, val_enc = load_examples(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 

@@ -1,5 +1,8 @@
 """Acceptance tests of the engine: continuous batching over many adapter sets with a paged KV cache."""
 
+# Over 400 lines on purpose: the engine's behaviours against one brute-force reference and one
+# module-scoped runtime (tiny model, three adapter sets), which every test here shares.
+
 import random
 
 import pytest

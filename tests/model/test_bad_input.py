@@ -7,6 +7,9 @@ and checks that
   (b) the CLI exits with code 2 and prints one `ldmole <command>: error: ...` line, no traceback.
 """
 
+# Over 400 lines on purpose: one catalogue of malformed inputs, a numbered section per kind, sharing
+# the helpers that damage copies of the fixtures; split, the sections would each import them all.
+
 from __future__ import annotations
 
 import json

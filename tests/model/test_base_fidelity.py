@@ -65,3 +65,18 @@ def test_smollm2_matches_transformers():
     err = (got - expected).abs().max().item()
     print(f"SmolLM2-135M max abs logit error vs transformers: {err:.3g}")
     assert err <= TOL
+
+
+def test_the_default_base_converts_into_an_empty_cache(tmp_path):
+    """What a fresh machine does first (this machine's own cache is long converted): the GGUF into a
+    new folder, identical to the cached one."""
+    from safetensors.torch import load_file
+
+    from ldmole_runtime.model.default_base import prepare_default_base
+
+    fresh = prepare_default_base(cache_dir=tmp_path)
+    assert fresh.parent == tmp_path
+    cached = load_file(str(prepare_default_base() / "model.safetensors"))
+    converted = load_file(str(fresh / "model.safetensors"))
+    assert converted.keys() == cached.keys()
+    assert all(torch.equal(converted[k], cached[k]) for k in cached)

@@ -25,8 +25,8 @@ from live_server import BASE_NAME, write_model
 
 from ldmole_runtime import LDMoleRuntime
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
-from ldmole_runtime.engine.llm import load_tokenizer
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.app import build_app
 from ldmole_server.state import ServerState
 

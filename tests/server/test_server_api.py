@@ -104,8 +104,8 @@ def test_seeded_sampling_n_and_stop(client, llm):
 
 def test_chat_completion_uses_the_chat_template(client, llm, server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    text = server.state.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = server.state.tokenizer.encode(text, add_special_tokens=False)
+    text = server.state.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = server.state.engine.tokenizer.encode(text, add_special_tokens=False)
     params = SamplingParams(max_tokens=9, temperature=0, logprobs=2)
     expected = llm.generate([ids], params, adapter="math")[0].outputs[0]
     got = client.chat.completions.create(model="math", messages=messages, max_completion_tokens=9, temperature=0,
@@ -176,7 +176,7 @@ def test_models_tokenizer_health_version(http, server, model_files):
     assert by_id["math"]["parent"] == BASE_NAME and by_id["math"]["root"] == str(model_files[1]["math"])
     assert by_id[BASE_NAME]["parent"] is None
     tok = http.post("/tokenize", json={"prompt": "hi there", "add_special_tokens": False}).json()
-    assert tok["tokens"] == server.state.tokenizer.encode("hi there", add_special_tokens=False)
+    assert tok["tokens"] == server.state.engine.tokenizer.encode("hi there", add_special_tokens=False)
     assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "hi there"
     info = http.get("/tokenizer_info").json()
     assert info["eos_token"] == "</s>" and info["chat_template"]

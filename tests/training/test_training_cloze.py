@@ -10,7 +10,8 @@ from tiny_models import tiny_config, write_char_tokenizer, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.data.datasets import MCExample, cloze_pair, encode, load_jsonl
-from ldmole_runtime.engine.llm import LLM, load_tokenizer
+from ldmole_runtime.engine.llm import LLM
+from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_runtime.training.config import TrainConfig
 from ldmole_runtime.training.mc_eval import lm_eval_choices
 from ldmole_runtime.training.step import ADAPTER_NAME, TrainStep, collate
