@@ -11,7 +11,7 @@ from ldmole_server.completions import Prompt, collect, sampling_params, state_of
 from ldmole_server.errors import APIError, classify_exception, error_body
 from ldmole_server.protocol import ChatCompletionRequest, ChatMessage
 from ldmole_server.state import ServerState, request_id
-from ldmole_server.streaming import SSE_DONE, merge_streams, sse
+from ldmole_server.streaming import SSE_DONE, deltas, sse
 
 router = APIRouter()
 
@@ -77,29 +77,17 @@ async def _stream(state: ServerState, rid: str, model: str, prompt: Prompt, para
         return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": choices} | extra)
 
-    sent = [(0, 0)] * n
-    final = None
+    finals = [None]
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
-        async for _, out in merge_streams([stream]):
-            tracker.observe(0, out)
-            final = out
-            for c in out.outputs:
-                n_tok, n_chr = sent[c.index]
-                text = c.text
-                if c.finish_reason is None:
-                    text = text[:max(n_chr, len(text) - stop_holdback(params))]
-                delta = text[n_chr:]
-                if not delta and c.finish_reason is None:
-                    continue
-                logprobs = chat_logprobs(state, c.logprobs[n_tok:]) if c.logprobs is not None else None
-                sent[c.index] = (len(c.token_ids), len(text))
-                yield chunk([{"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
-                              "finish_reason": c.finish_reason}])
-        tracker.finish()
-        if include_usage and final is not None:
-            yield chunk([], usage=usage([prompt], [final]))
+        async for d in deltas([stream], [stop_holdback(params)], tracker, finals,
+                              wanted=lambda d: bool(d.text or d.output.finish_reason)):
+            logprobs = chat_logprobs(state, d.logprobs) if d.output.logprobs is not None else None
+            yield chunk([{"index": d.output.index, "delta": {"content": d.text} if d.text else {},
+                          "logprobs": logprobs, "finish_reason": d.output.finish_reason}])
+        if include_usage and finals[0] is not None:
+            yield chunk([], usage=usage([prompt], finals))
     except Exception as exc:
         status, type_, message = classify_exception(exc)
         tracker.fail(status)

@@ -12,7 +12,7 @@ from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_server.errors import APIError, classify_exception, error_body
 from ldmole_server.protocol import CompletionRequest, SamplingFields
 from ldmole_server.state import ServerState, request_id
-from ldmole_server.streaming import SSE_DONE, merge_streams, sse, until_disconnected
+from ldmole_server.streaming import SSE_DONE, Delta, deltas, merge_streams, sse, until_disconnected
 
 router = APIRouter()
 
@@ -157,38 +157,26 @@ def _prompt_text(state: ServerState, prompt: Prompt) -> str:
 async def _stream(state: ServerState, body: CompletionRequest, rid: str, model: str, prompts: list[Prompt],
                   params: list[SamplingParams], streams, tracker, include_usage: bool):
     created = int(time.time())
-    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (tokens sent, characters sent)
     finals = [None] * len(prompts)
+
+    def echo_ready(i: int, out) -> bool:  # echoed prompt logprobs come whole, with the first chunk
+        return not (body.echo and body.logprobs is not None) or (
+            out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompts[i].token_ids))
+
+    def wanted(d: Delta) -> bool:
+        return bool(d.text or d.token_ids or d.output.finish_reason or d.first)
+
     try:
-        async for i, out in merge_streams(streams):
-            tracker.observe(i, out)
-            finals[i] = out
-            prompt = prompts[i]
-            echo_ready = not (body.echo and body.logprobs is not None) or out.prompt_logprobs is not None and \
-                len(out.prompt_logprobs) == len(prompt.token_ids)
-            if not echo_ready:
-                continue
-            for c in out.outputs:
-                key = (i, c.index)
-                first = key not in sent
-                n_tok, n_chr = sent.get(key, (0, 0))
-                text = c.text
-                if c.finish_reason is None:
-                    text = text[:max(n_chr, len(text) - stop_holdback(params[i]))]
-                delta, ids = text[n_chr:], list(c.token_ids[n_tok:])
-                entries = list(c.logprobs[n_tok:]) if c.logprobs is not None else [None] * len(ids)
-                if first and body.echo:
-                    delta = _prompt_text(state, prompt) + delta
-                    prompt_entries = out.prompt_logprobs or [None] * len(prompt.token_ids)
-                    ids, entries = prompt.token_ids + ids, list(prompt_entries) + entries
-                if not (delta or ids or c.finish_reason or first):
-                    continue
-                sent[key] = (len(c.token_ids), len(text))
-                logprobs = completion_logprobs(state, ids, entries, 0) if body.logprobs is not None else None
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [{"index": i * body.n + c.index, "text": delta, "logprobs": logprobs,
-                                        "finish_reason": c.finish_reason, "stop_reason": None}]})
-        tracker.finish()
+        async for d in deltas(streams, [stop_holdback(p) for p in params], tracker, finals, wanted, echo_ready):
+            prompt, out, text, ids, entries = prompts[d.prompt], finals[d.prompt], d.text, d.token_ids, d.logprobs
+            if d.first and body.echo:
+                text = _prompt_text(state, prompt) + text
+                prompt_entries = out.prompt_logprobs or [None] * len(prompt.token_ids)
+                ids, entries = prompt.token_ids + ids, list(prompt_entries) + entries
+            logprobs = completion_logprobs(state, ids, entries, 0) if body.logprobs is not None else None
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"index": d.prompt * body.n + d.output.index, "text": text, "logprobs": logprobs,
+                                    "finish_reason": d.output.finish_reason, "stop_reason": None}]})
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": usage(prompts, finals)})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -78,3 +79,42 @@ async def until_disconnected(request: Request, work: Callable[[], Awaitable]):
     if task.cancelled():
         return None
     return task.result()
+
+
+@dataclass
+class Delta:
+    """What one choice (a prompt's sample) adds since its last chunk."""
+    prompt: int  # the stream (prompt) it belongs to
+    output: object  # the choice's CompletionOutput so far
+    first: bool  # its first chunk
+    text: str
+    token_ids: list[int]
+    logprobs: list  # one entry (TokenLogprob or None) per new token
+
+
+async def deltas(streams: list[AsyncIterator], holdback: list[int], tracker, finals: list,
+                 wanted: Callable[[Delta], bool], ready: Callable[[int, object], bool] = lambda i, out: True
+                 ) -> AsyncIterator[Delta]:
+    """The choices' increments as the engine streams them: the loop completions and chat share.
+    While a choice runs, its last `holdback[prompt]` characters are kept back (a stop string could
+    still cut them). A delta that is not `wanted` is held over into the next one. `finals` gets each
+    prompt's latest output; the tracker sees every output and is told when all finished."""
+    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (tokens sent, characters sent)
+    async for i, out in merge_streams(streams):
+        tracker.observe(i, out)
+        finals[i] = out
+        if not ready(i, out):
+            continue
+        for c in out.outputs:
+            key = (i, c.index)
+            n_tok, n_chr = sent.get(key, (0, 0))
+            text = c.text
+            if c.finish_reason is None:
+                text = text[:max(n_chr, len(text) - holdback[i])]
+            ids = list(c.token_ids[n_tok:])
+            entries = list(c.logprobs[n_tok:]) if c.logprobs is not None else [None] * len(ids)
+            delta = Delta(i, c, key not in sent, text[n_chr:], ids, entries)
+            if wanted(delta):
+                sent[key] = (len(c.token_ids), len(text))
+                yield delta
+    tracker.finish()
