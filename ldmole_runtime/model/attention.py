@@ -9,9 +9,17 @@ chunks of sequences whose earlier tokens live in a paged KV cache (the engine).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    """What an attention layer asks of the forward: its output for this layer's q, k, v (flat tokens:
+    q [N, H, D], k and v [N, H_kv, D] -> [N, H * D]), wherever the keys and values are kept."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

@@ -17,8 +17,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank
-from ldmole_runtime.lora.capture import RoutingCapture
-from ldmole_runtime.lora.ops import lora_ops
+from ldmole_runtime.lora.capture import RoutingSink
+from ldmole_runtime.lora.ops import LoraOps, lora_ops
+from ldmole_runtime.model.attention import AttentionBackend
 from ldmole_runtime.model.config import ModelConfig
 
 
@@ -27,10 +28,10 @@ class ForwardContext:
     """What every adapted projection needs to know about the current forward."""
     batch: AdapterBatch
     bank: AdapterBank | None
-    attention: object  # any backend with attend(layer, q, k, v); see attention.py
+    attention: AttentionBackend
     # a LoRA-ops backend, or a mode naming one: "sparse" (serving), "dense" (the torch reference)
-    ops: object = "sparse"
-    capture: RoutingCapture | None = None
+    ops: LoraOps | str = "sparse"
+    capture: RoutingSink | None = None
     dropout: float = 0.0  # adapters' input dropout, training only
 
     def __post_init__(self):

@@ -26,13 +26,14 @@ class TrainingCapture:
     threshold: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] AdaMoLE's t (threshold router)
     thresholds_router: bool = False  # the router's per-token scalar is AdaMoLE's threshold, not λ
 
-    def record(self, key: str, index, p: torch.Tensor, lam: torch.Tensor | None, u: torch.Tensor | None = None) -> None:
+    def record(self, key: str, index, p: torch.Tensor, scalar: torch.Tensor | None,
+               u: torch.Tensor | None = None) -> None:  # a RoutingSink
         assert index is None, "training batches hold one adapter set"
         self.p[key] = p
         if u is not None:
             self.u[key] = u
-        if lam is not None:
-            (self.threshold if self.thresholds_router else self.lam)[key] = lam
+        if scalar is not None:  # λ, or AdaMoLE's threshold
+            (self.threshold if self.thresholds_router else self.lam)[key] = scalar
 
 
 def load_balance(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,25 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ldmole_runtime.errors import LDMoleError
+
+if TYPE_CHECKING:
+    from ldmole_runtime.lora.adapter_batch import AdapterBatch
+    from ldmole_runtime.lora.bank import AdapterBank, GroupBank
+    from ldmole_runtime.lora.capture import RoutingSink
+
+
+class LoraOps(Protocol):
+    """The contract every backend keeps (see the module docstring)."""
+    name: str
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
+              capture: RoutingSink | None = None, dropout: float = 0.0) -> None: ...
+
 
 BACKENDS = ("torch", "cpu", "triton")
 MODES = ("sparse", "dense") + BACKENDS
@@ -36,7 +51,7 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def lora_ops(mode: str, device: torch.device | str = "cpu"):
+def lora_ops(mode: str, device: torch.device | str = "cpu") -> LoraOps:
     """The backend object for a mode or backend name on this device."""
     device = torch.device(device)
     if mode not in MODES:
