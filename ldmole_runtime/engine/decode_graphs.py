@@ -1,15 +1,16 @@
 """Decode steps from static buffers, replayed as CUDA graphs on a GPU.
 
 A decode step of B sequences (one new token each) is padded to the next batch bucket; its inputs
-and all its metadata (KV slots, block tables, context lengths, the adapters' token order and block
-table) are written into that bucket's preallocated buffers, and the forward that reads them is
-captured once per (batch bucket, block-table width bucket) and replayed. Launching ~1,000 kernels
+and its attention metadata (KV slots, block tables, context lengths) are written into that
+bucket's preallocated buffers, the adapters' metadata into the model runner's adapter buffers (the
+same ones its eager steps use), and the runner's one forward that reads them is captured once per
+(batch bucket, block-table width bucket) and replayed. Launching ~1,000 kernels
 one by one costs more than running them at small batch; a replay is one launch.
 
 Padding rows are bare-base tokens at position 0 that write their k/v into a scratch block beyond
 the block manager's blocks, so they never touch a real sequence. The adapters' metadata has a
 capacity that depends only on the bucket and the number of loaded sets; the graphs are dropped
-whenever the bank changes (its tensors move).
+whenever the bank or the adapter buffers change (their tensors move).
 
 `mode="eager"` runs the same static-buffer step without capturing: that is how CPU tests prove
 the padding and metadata plumbing equal the dynamic path, which a GPU then only has to replay.
@@ -21,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ldmole_runtime.lora.adapter_batch import AdapterBatch, block_capacity
+from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch
 from ldmole_runtime.model.attention import PagedAttention
-from ldmole_runtime.model.decoder import ForwardContext
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -36,8 +36,7 @@ class _Buffers:
     tables: torch.Tensor  # [Bp, W] block tables
     lens: torch.Tensor  # [Bp] context lengths
     mask: torch.Tensor  # [Bp, 1, 1, W * block_size] keys each query may see (filled inside the step)
-    sorted_tokens: torch.Tensor  # [Bp]
-    blocks: torch.Tensor | None  # [capacity, 3]; None when no adapter set is loaded
+    adapters: AdapterBatch | None = None  # views of the runner's adapter buffers, filled each step
     hidden: torch.Tensor | None = None  # the step's output (a graph's static output)
     graph: object = None
 
@@ -50,7 +49,7 @@ class DecodeGraphs:
         self.scratch_slot = runner.num_blocks * runner.block_size  # first slot of the scratch block
         self.scratch_block = runner.num_blocks
         self.buffers: dict[tuple[int, int], _Buffers] = {}
-        self.bank_version = rt.bank.version
+        self.versions = (rt.bank.version, runner.adapter_buffers.version)
         self.pool = torch.cuda.graph_pool_handle() if mode == "graph" else None
 
     def bucket(self, batch_size: int, width: int) -> tuple[int, int] | None:
@@ -66,10 +65,11 @@ class DecodeGraphs:
         key = self.bucket(B, max(len(t) for t in tables))
         if key is None:
             return None
-        bank = self.runner.runtime.bank
-        if bank.version != self.bank_version:  # sets were loaded or unloaded: every captured pointer is stale
+        bank, adapter_buffers = self.runner.runtime.bank, self.runner.adapter_buffers
+        adapter_buffers.reserve(BATCH_BUCKETS[-1], len(bank.slots))
+        if (bank.version, adapter_buffers.version) != self.versions:  # new tensors: every captured pointer is stale
             self.buffers.clear()
-            self.bank_version = bank.version
+            self.versions = (bank.version, adapter_buffers.version)
         bufs = self.buffers.get(key) or self._new_buffers(*key)
         self._fill(bufs, key, token_ids, positions, slots, tables, set_ids)
         if self.mode == "eager":
@@ -82,13 +82,10 @@ class DecodeGraphs:
     # ---- buffers ----------------------------------------------------------------------------------
     def _new_buffers(self, bp: int, width: int) -> _Buffers:
         device, bs = self.runner.runtime.device, self.runner.block_size
-        num_sets = len(self.runner.runtime.bank.slots)
-        capacity = block_capacity(bp, num_sets)
         long = dict(dtype=torch.long, device=device)
         bufs = _Buffers(torch.zeros(bp, **long), torch.zeros(bp, **long), torch.full((bp,), self.scratch_slot, **long),
                         torch.full((bp, width), self.scratch_block, **long), torch.ones(bp, **long),
-                        torch.zeros(bp, 1, 1, width * bs, dtype=torch.bool, device=device), torch.zeros(bp, **long),
-                        torch.full((capacity, 3), -1, dtype=torch.int32, device=device) if num_sets else None)
+                        torch.zeros(bp, 1, 1, width * bs, dtype=torch.bool, device=device))
         self.buffers[(bp, width)] = bufs
         return bufs
 
@@ -102,13 +99,8 @@ class DecodeGraphs:
         for dst, src in zip((bufs.input_ids, bufs.positions, bufs.slots, bufs.lens), host, strict=True):
             dst.copy_(src, non_blocking=True)
         bufs.tables.copy_(torch.tensor(rows), non_blocking=True)
-        if bufs.blocks is not None:
-            meta = AdapterBatch.from_runs([(s, 1) for s in set_ids] + [(-1, pad)], len(self.runner.runtime.bank.slots))
-            if meta.blocks is None:
-                bufs.blocks.fill_(-1)
-            else:
-                bufs.blocks.copy_(meta.blocks, non_blocking=True)
-                bufs.sorted_tokens[:meta.sorted_tokens.shape[0]].copy_(meta.sorted_tokens, non_blocking=True)
+        bufs.adapters = self.runner.adapter_buffers.fill([(s, 1) for s in set_ids] + [(BASE, pad)],
+                                                         len(self.runner.runtime.bank.slots), static=True)
 
     # ---- the step ---------------------------------------------------------------------------------
     def _forward(self, bufs: _Buffers) -> torch.Tensor:
@@ -118,10 +110,7 @@ class DecodeGraphs:
         torch.lt(keys[None, :], bufs.lens[:, None], out=bufs.mask.view(bp, -1))
         attention = PagedAttention(runner.kv_cache, bufs.slots, torch.arange(bp, device=bufs.lens.device),
                                    bufs.tables, bufs.mask, [], None)
-        adapters = (AdapterBatch(bp, (), bufs.sorted_tokens, bufs.blocks) if bufs.blocks is not None
-                    else AdapterBatch(bp, ()))
-        ctx = ForwardContext(adapters, runner.runtime.bank, attention, runner.ops)
-        return runner.runtime.model(bufs.input_ids, bufs.positions, ctx)
+        return runner.forward(bufs.input_ids, bufs.positions, attention, bufs.adapters)
 
     def _capture(self, bufs: _Buffers) -> None:
         stream = torch.cuda.Stream()

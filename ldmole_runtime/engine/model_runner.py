@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ldmole_runtime.engine.config import EngineConfig
-from ldmole_runtime.engine.decode_graphs import DecodeGraphs
+from ldmole_runtime.engine.decode_graphs import BATCH_BUCKETS, DecodeGraphs
 from ldmole_runtime.engine.expert_stats import ActiveExpertCount
 from ldmole_runtime.engine.sequence import Sequence
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch
+from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch, AdapterBatchBuffers
 from ldmole_runtime.lora.ops import lora_ops
 from ldmole_runtime.model.attention import PagedAttention
 from ldmole_runtime.model.decoder import ForwardContext
@@ -53,6 +53,9 @@ class ModelRunner:
         # one block more than the block manager hands out: a static decode step's padding rows write there
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=runtime.dtype, device=runtime.device)
+        # the adapters' metadata of every step, eager or replayed, in one set of buffers
+        self.adapter_buffers = AdapterBatchBuffers(max(config.max_num_batched_tokens, BATCH_BUCKETS[-1]),
+                                                   runtime.device)
         self.graphs = self._decode_graphs(config.decode_graphs)
 
     def _decode_graphs(self, setting: str) -> DecodeGraphs | None:
@@ -64,6 +67,12 @@ class ModelRunner:
         if setting == "auto" and self.runtime.device.type == "cuda" and self.ops.name == "triton":
             return DecodeGraphs(self, "graph")
         return None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention, adapters: AdapterBatch,
+                counter: ActiveExpertCount | None = None) -> torch.Tensor:
+        """The one forward assembly, for eager and graph-replayed steps: final hidden states [N, hidden]."""
+        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.ops, counter)
+        return self.runtime.model(input_ids, positions, ctx)
 
     @torch.inference_mode()
     def copy_block(self, src: int, dst: int) -> None:
@@ -135,10 +144,9 @@ class ModelRunner:
         slots = table_t[owner, positions // bs] * bs + positions % bs
 
         attention = PagedAttention.build(self.kv_cache, q_lens, ctx_lens, tables, slots)
-        adapters = AdapterBatch.from_runs(list(zip(set_ids, q_lens, strict=True)), len(self.runtime.bank.slots), device)
+        adapters = self.adapter_buffers.fill(list(zip(set_ids, q_lens, strict=True)), len(self.runtime.bank.slots))
         counter = ActiveExpertCount(len(input_ids), device) if count_experts and not adapters.is_bare else None
-        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.ops, counter)
-        hidden = self.runtime.model(torch.tensor(input_ids, device=device), positions, ctx)
+        hidden = self.forward(torch.tensor(input_ids, device=device), positions, attention, adapters, counter)
 
         rows = torch.tensor(sample_rows + prompt_index, device=device, dtype=torch.long)
         logits = F.linear(hidden[rows], self.runtime.model.lm_head_weight).float()

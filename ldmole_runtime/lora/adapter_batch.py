@@ -105,3 +105,66 @@ def _to_device(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor
     if device.type == "cpu":
         return t
     return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+
+class AdapterBatchBuffers:
+    """A step's adapter metadata in preallocated device buffers, filled in place (vLLM's
+    LoRAKernelMeta). The model runner owns one: eager steps and CUDA-graph replays read the same
+    tensors, so a captured graph finds each step's contents at the addresses it was captured with."""
+
+    def __init__(self, max_tokens: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.sorted_tokens = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
+        self.blocks: torch.Tensor | None = None  # [block_capacity(max_tokens, num_sets), 3]
+        self.num_sets = 0
+        self.version = 0  # bumped when the buffers are reallocated (captured graphs then hold stale pointers)
+
+    def fill(self, runs: list[tuple[int, int]], num_sets: int, static: bool = False) -> AdapterBatch:
+        """The step's AdapterBatch, from (set index, token count) runs in token order, its tensors
+        views of these buffers. `static` (a graph-replayed step): the block table keeps its full
+        capacity even when no token is adapted, so the captured kernels always find one."""
+        step = AdapterBatch.from_runs(runs, num_sets)  # worked out on the host
+        n = step.num_tokens
+        if num_sets == 0 or (step.blocks is None and not static):
+            return AdapterBatch(n, ())
+        self.reserve(n, num_sets)
+        blocks = self.blocks[:block_capacity(n, num_sets)]
+        if step.blocks is None:
+            blocks.fill_(BASE)
+            return AdapterBatch(n, (), self.sorted_tokens[:0], blocks)
+        m = step.sorted_tokens.shape[0]
+        _copy(self.sorted_tokens[:m], step.sorted_tokens)
+        _copy(blocks, step.blocks)
+        sorted_tokens = self.sorted_tokens[:m]
+        segments = tuple(seg if seg.index is None else
+                         Segment(seg.set_index, sorted_tokens[_offset(step, seg):_offset(step, seg) + seg.num_tokens],
+                                 seg.num_tokens)
+                         for seg in step.segments)
+        return AdapterBatch(n, segments, sorted_tokens, blocks)
+
+    def reserve(self, num_tokens: int, num_sets: int) -> None:
+        """Buffers for steps of up to num_tokens tokens over num_sets loaded sets."""
+        if num_tokens > self.sorted_tokens.shape[0]:
+            self.sorted_tokens = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+            self.blocks = None
+        if self.blocks is None or num_sets != self.num_sets:
+            capacity = block_capacity(self.sorted_tokens.shape[0], num_sets)
+            self.blocks = torch.full((capacity, 3), BASE, dtype=torch.int32, device=self.device)
+            self.num_sets = num_sets
+            self.version += 1
+
+
+def _offset(step: AdapterBatch, seg: Segment) -> int:
+    """Where a segment's rows start in the step's sorted_tokens (segments are stored set by set)."""
+    start = 0
+    for other in step.segments:
+        if other is seg:
+            return start
+        start += other.num_tokens
+    raise ValueError("segment not in this step")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.device.type == "cuda":
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=dst.device.type == "cuda")
