@@ -19,6 +19,7 @@ from ldmole_runtime.lora.adapter_batch import AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.lora.capture import RoutingSink
 from ldmole_runtime.lora.ops import LoraOps, lora_ops
+from ldmole_runtime.lora.ops.step import LoraStep
 from ldmole_runtime.model.attention import AttentionBackend
 from ldmole_runtime.model.config import ModelConfig
 
@@ -37,6 +38,7 @@ class ForwardContext:
     def __post_init__(self):
         if isinstance(self.ops, str):
             self.ops = lora_ops(self.ops, "cpu" if self.bank is None else self.bank.device)
+        self.lora = LoraStep(self.ops, self.bank, self.batch, self.capture, self.dropout)  # what the layers call
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -95,13 +97,13 @@ class AdaptedLinear(nn.Module):
     def __init__(self, layer: int, group: str, fan_in: int, fan_outs: tuple[int, ...], bias: bool):
         super().__init__()
         self.layer, self.group, self.fan_outs = layer, group, fan_outs
+        self.key = (layer, group)  # the bank's group of this projection
         self.weight = _param(sum(fan_outs), fan_in)
         self.bias = _param(sum(fan_outs)) if bias else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if ctx.bank is not None and not ctx.batch.is_bare:
-            ctx.ops.apply(y, x, ctx.bank, ctx.bank.group(self.layer, self.group), ctx.batch, ctx.capture, ctx.dropout)
+        ctx.lora.apply(y, x, self.key)
         return y
 
 

@@ -3,6 +3,8 @@
     ops.apply(y, x, bank, group_bank, adapter_batch, capture=None, dropout=0.0)
 
 adds the adapters' delta of one projection group to the fused base output y [N, Σ out], in place.
+The model's layers do not call it directly: a forward binds the bank, the step's metadata, the
+routing sink and the dropout once (step.LoraStep), and a layer calls `apply(y, x, group)`.
 
 * `torch`: the reference and oracle (routing per set, experts rank-stacked, differentiable);
 * `cpu`: the fused C kernel, one call per set present; skips experts with p = 0;
