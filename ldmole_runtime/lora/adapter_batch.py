@@ -136,11 +136,12 @@ class AdapterBatchBuffers:
         _copy(self.sorted_tokens[:m], step.sorted_tokens)
         _copy(blocks, step.blocks)
         sorted_tokens = self.sorted_tokens[:m]
-        segments = tuple(seg if seg.index is None else
-                         Segment(seg.set_index, sorted_tokens[_offset(step, seg):_offset(step, seg) + seg.num_tokens],
-                                 seg.num_tokens)
-                         for seg in step.segments)
-        return AdapterBatch(n, segments, sorted_tokens, blocks)
+        segments, start = [], 0  # segments are stored set by set in sorted_tokens
+        for seg in step.segments:
+            rows = None if seg.index is None else sorted_tokens[start:start + seg.num_tokens]
+            segments.append(Segment(seg.set_index, rows, seg.num_tokens))
+            start += seg.num_tokens
+        return AdapterBatch(n, tuple(segments), sorted_tokens, blocks)
 
     def reserve(self, num_tokens: int, num_sets: int) -> None:
         """Buffers for steps of up to num_tokens tokens over num_sets loaded sets."""
@@ -152,16 +153,6 @@ class AdapterBatchBuffers:
             self.blocks = torch.full((capacity, 3), BASE, dtype=torch.int32, device=self.device)
             self.num_sets = num_sets
             self.version += 1
-
-
-def _offset(step: AdapterBatch, seg: Segment) -> int:
-    """Where a segment's rows start in the step's sorted_tokens (segments are stored set by set)."""
-    start = 0
-    for other in step.segments:
-        if other is seg:
-            return start
-        start += other.num_tokens
-    raise ValueError("segment not in this step")
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
