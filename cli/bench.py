@@ -83,12 +83,12 @@ def random_model(shape: str, dtype: torch.dtype, device: str, seed: int) -> Deco
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _engine(rt: LDMoleRuntime, mode: str, max_seqs: int, s: BenchSettings) -> LLMEngine:
+def _engine(rt: LDMoleRuntime, lora_backend: str, max_seqs: int, s: BenchSettings) -> LLMEngine:
     max_len = max(s.prompt_len + s.decode_steps + 8, s.prefill_len + 8)
     blocks = max_seqs * -(-max_len // 16) + 8
     return LLMEngine(rt, config=EngineConfig(block_size=16, num_blocks=blocks, max_num_seqs=max_seqs,
                                              max_num_batched_tokens=max(2048, s.prefill_len), max_model_len=max_len,
-                                             enable_prefix_caching=False, mode=mode,
+                                             enable_prefix_caching=False, lora_backend=lora_backend,
                                              decode_graphs=s.decode_graphs))
 
 
@@ -141,8 +141,8 @@ def decode_tokens_per_s(rt: LDMoleRuntime, variants: dict[str, tuple[str | None,
     return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
-def prefill_tokens_per_s(rt: LDMoleRuntime, adapter: str | None, mode: str, s: BenchSettings) -> float:
-    engine = _engine(rt, mode, s.prefill_prompts, s)
+def prefill_tokens_per_s(rt: LDMoleRuntime, adapter: str | None, lora_backend: str, s: BenchSettings) -> float:
+    engine = _engine(rt, lora_backend, s.prefill_prompts, s)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     engine.add_request("warm", s.prompts(1, 16, s.seed + 1)[0], params, adapter)
     while engine.has_unfinished_requests():
@@ -254,8 +254,8 @@ def run(s: BenchSettings) -> dict:
 
 
 def rt_backend(rt: LDMoleRuntime, s: BenchSettings) -> str:
-    from ldmole_runtime.lora.ops import lora_ops
-    return lora_ops(s.lora_backend, rt.device).name
+    from ldmole_runtime.lora.ops import select_lora_backend
+    return select_lora_backend(s.lora_backend, rt.device).name
 
 
 def decode_bytes_per_step(rt: LDMoleRuntime, context: int) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from ldmole_cli.bench_commands import add_bench_parsers
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.lora.ops import MODES
+from ldmole_runtime.lora.ops import LORA_BACKENDS
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
@@ -36,13 +36,15 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
     adapters = {"adapter": args.adapter} if args.adapter else {}
     rt = LDMoleRuntime.from_pretrained(args.base, adapters=adapters, dtype=args.dtype, device=args.device)
-    out = rt.forward(input_ids, "adapter" if args.adapter else None, mode=args.mode, capture_routing=bool(args.adapter))
+    out = rt.forward(input_ids, "adapter" if args.adapter else None, lora_backend=args.lora_backend,
+                     capture_routing=bool(args.adapter))
     tensors = {"logits": out.logits.float()}
     tensors |= {f"routing.{k}": v.float() for k, v in out.routing.items()}
     router = rt.bank.slots[0].router if args.adapter else None
-    if router is not None and (router.needs_lambda or router.needs_threshold):
-        name = "lambda" if router.needs_lambda else "threshold"  # AdaMoLE: a threshold per token and projection
-        tensors |= {f"{name}.{k}": v.float() for k, v in out.lambdas.items()}
+    if router is not None and router.needs_lambda:
+        tensors |= {f"lambda.{k}": v.float() for k, v in out.lambdas.items()}
+    if router is not None and router.needs_threshold:  # AdaMoLE: a threshold per token and projection
+        tensors |= {f"threshold.{k}": v.float() for k, v in out.thresholds.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, args.out)
     print(f"wrote {len(tensors)} tensors to {args.out} (logits {tuple(out.logits.shape)})")
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the weights and the computation (default float32)")
     f.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    f.add_argument("--mode", default="sparse", choices=MODES,
+    f.add_argument("--lora-backend", "--mode", dest="lora_backend", default="sparse", choices=LORA_BACKENDS,
                    help="the adapters' compute: sparse (only experts with p > 0, the fastest backend for the "
                    "device), dense (all experts, the torch reference), or a backend by name: torch, cpu, triton")
     f.set_defaults(func=cmd_forward)

@@ -68,7 +68,7 @@ def _check_batch(item, index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def routing_statistics(runtime, adapter: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       mode: str = "sparse") -> dict:
+                       lora_backend: str = "sparse") -> dict:
     """Routing statistics of adapter set `adapter` over the real tokens of `batches`.
 
     Each batch is (input_ids [B, T], attention_mask [B, T]); rows may be right-padded with any
@@ -103,7 +103,7 @@ def routing_statistics(runtime, adapter: str, batches: Iterable[tuple[torch.Tens
         ids, mask = _check_batch(item, b)
         if not mask.any():
             continue
-        out = runtime.forward(ids, adapters=adapter, mode=mode, capture_routing=True)
+        out = runtime.forward(ids, adapters=adapter, lora_backend=lora_backend, capture_routing=True)
         mask = mask.to(out.hidden.device)
         missing = [k for k in keys if k not in out.routing]
         if missing:
@@ -173,7 +173,7 @@ def routing_statistics(runtime, adapter: str, batches: Iterable[tuple[torch.Tens
     return {
         "adapter": adapter,
         "router": slot.router_kind,
-        "mode": mode,
+        "lora_backend": lora_backend,
         "num_experts": E,
         "num_layers": L,
         "projections": projs,

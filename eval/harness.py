@@ -65,7 +65,8 @@ class LDMoleLM(TemplateLM):
         if self.max_length + 2 > base_len:
             raise LDMoleError(f"max_length={self.max_length} is too long for this base: at most {base_len - 2} "
                               f"(max_position_embeddings {base_len})")
-        self.llm = LLM(runtime, tokenizer=load_tokenizer(base), mode=args.mode, max_num_seqs=args.max_num_seqs,
+        self.llm = LLM(runtime, tokenizer=load_tokenizer(base), lora_backend=args.lora_backend,
+                       max_num_seqs=args.max_num_seqs,
                        kv_cache_gib=args.kv_cache_gib, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=self.max_length + 2)
         self.tokenizer = self.llm.engine.tokenizer

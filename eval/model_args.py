@@ -6,8 +6,9 @@
     active=NAME                         which loaded set answers (default: the only one; "base": none)
     dtype=float32|bfloat16|float16      weights' dtype (default float32)
     max_length=N                        tokens per scored sequence, as the `hf` backend's max_length
-    mode=sparse|dense|torch|cpu|triton  the adapters' compute (sparse: the device's fastest backend; dense: the
-                                        torch reference; or a backend by name)
+    lora_backend=sparse|dense|torch|cpu|triton
+                                        the adapters' compute (sparse: the device's fastest backend; dense: the
+                                        torch reference; or a backend by name); `mode=` is its older name
     kv_cache_gib=F, max_num_batched_tokens=N
                                         engine sizing
     add_bos_token=true|false            as the `hf` backend's option (default: the tokenizer's own habit)
@@ -25,7 +26,7 @@ from pathlib import Path
 from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.lora.ops import MODES
+from ldmole_runtime.lora.ops import LORA_BACKENDS, lora_backend_setting
 from ldmole_runtime.model.default_base import DEFAULT_BASE_NAME
 
 BASE_ONLY = "base"  # active=base: no adapter set, even when some are loaded
@@ -44,14 +45,14 @@ class ModelArgs:
     max_length: int | None = None
     max_num_seqs: int = DEFAULT_BATCH
     batch_size: int | str = 1  # as given, for lm-eval's bookkeeping
-    mode: str = ENGINE.mode
+    lora_backend: str = ENGINE.lora_backend
     kv_cache_gib: float = ENGINE.kv_cache_gib
     max_num_batched_tokens: int = ENGINE.max_num_batched_tokens
     add_bos_token: bool | None = None
 
 
 KNOWN_KEYS = ("base", "adapter", "active", "dtype", "device", "max_length", "batch_size", "max_batch_size",
-              "mode", "kv_cache_gib", "max_num_batched_tokens", "add_bos_token")
+              "lora_backend", "mode", "kv_cache_gib", "max_num_batched_tokens", "add_bos_token")
 
 
 def parse_adapters(spec) -> dict[str, str]:
@@ -137,9 +138,10 @@ def parse_model_args(kwargs: dict) -> ModelArgs:
     dtype = str(kwargs.get("dtype") or "float32")
     if dtype not in DTYPES:
         raise LDMoleError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    mode = str(kwargs.get("mode") or ENGINE.mode)
-    if mode not in MODES:
-        raise LDMoleError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    lora_backend = str(lora_backend_setting(kwargs.get("lora_backend") or None, kwargs.get("mode") or None,
+                                            ENGINE.lora_backend))
+    if lora_backend not in LORA_BACKENDS:
+        raise LDMoleError(f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {lora_backend!r}")
     max_length = kwargs.get("max_length")
     kv = kwargs.get("kv_cache_gib", ENGINE.kv_cache_gib)
     if isinstance(kv, bool) or not isinstance(kv, (int, float)) or kv <= 0:
@@ -151,7 +153,7 @@ def parse_model_args(kwargs: dict) -> ModelArgs:
     return ModelArgs(
         base=base, adapters=adapters, active=active, dtype=dtype, device=_device(kwargs.get("device")),
         max_length=None if max_length in (None, "") else _int("max_length", max_length, low=2),
-        max_num_seqs=_batch(batch_size, kwargs.get("max_batch_size")), batch_size=batch_size, mode=mode,
+        max_num_seqs=_batch(batch_size, kwargs.get("max_batch_size")), batch_size=batch_size, lora_backend=lora_backend,
         kv_cache_gib=float(kv),
         max_num_batched_tokens=_int("max_num_batched_tokens",
                                     kwargs.get("max_num_batched_tokens", ENGINE.max_num_batched_tokens), low=16),

@@ -14,7 +14,7 @@ from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME
 from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.engine.main_thread_executor import MainThreadExecutor
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.lora.ops import MODES
+from ldmole_runtime.lora.ops import LORA_BACKENDS
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_server.app import build_app
 from ldmole_server.build import build_state, parse_adapters
@@ -111,7 +111,7 @@ def add_serve_flags(s) -> None:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype (default float32)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    s.add_argument("--lora-backend", default=d.mode, choices=MODES,
+    s.add_argument("--lora-backend", default=d.lora_backend, choices=LORA_BACKENDS,
                    help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "
                         "experts, the torch reference), or a backend by name: torch, cpu, triton")
     s.add_argument("--request-router", metavar="DIR",

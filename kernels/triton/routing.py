@@ -30,9 +30,9 @@ import triton.language as tl
 
 @triton.jit
 def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_ptr, router_ptr,
-                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, thr_w_ptr, thr_b_ptr, cap_ptr, p_ptr, lam_ptr, IN, H, eps,
+                  w1_ptr, b1_ptr, w2_ptr, b2_ptr, thr_w_ptr, thr_b_ptr, cap_ptr, p_ptr, scalar_ptr, IN, H, eps,
                   P: tl.constexpr, EMAX: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, STORE_LAMBDA: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, STORE_SCALAR: tl.constexpr):
     b = tl.program_id(0)
     s = tl.load(blocks_ptr + 3 * b)
     if s >= 0:
@@ -102,12 +102,12 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         big = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
         denom = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
         t_col = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
-        lam_col = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # what is captured: λ, or t per projection
+        scalar_col = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # what is captured: λ, or t per projection
         for i in tl.static_range(P):
             mine = (i_of == i)[None, :]
             t_i = tl.sum(tl.where(ps[None, :] == i, t, 0.0), axis=1)
             t_col = tl.where(mine, t_i[:, None], t_col)
-            lam_col = tl.where(ps[None, :] == i, tl.where(kind == 4, t_i, lam)[:, None], lam_col)
+            scalar_col = tl.where(ps[None, :] == i, tl.where(kind == 4, t_i, lam)[:, None], scalar_col)
             k_i = tl.sum(tl.where(support & mine, 1.0, 0.0), axis=1)
             s_i = tl.sum(tl.where(support & mine, u, 0.0), axis=1)
             tau = tl.where(mine, ((s_i - 1.0 + lam) / tl.maximum(k_i, 1.0))[:, None], tau)
@@ -130,9 +130,10 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         p = tl.where(col_ok[None, :], p, 0.0) * tl.load(mask_ptr + s * P + i_of)[None, :]
         tl.store(p_ptr + tok[:, None] * (P * EMAX) + (i_of * EMAX + e_of)[None, :], p,
                  mask=row_ok[:, None] & col_ok[None, :])
-        if STORE_LAMBDA:
+        if STORE_SCALAR:
             has_scalar = rows < tl.where((kind == 0) | (kind == 4), end, 0)  # λ (sparsegen) or t (AdaMoLE)
-            tl.store(lam_ptr + tok[:, None] * P + ps[None, :], lam_col, mask=has_scalar[:, None] & (ps < P)[None, :])
+            tl.store(scalar_ptr + tok[:, None] * P + ps[None, :], scalar_col,
+                     mask=has_scalar[:, None] & (ps < P)[None, :])
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -142,8 +143,8 @@ def _pow2(n: int, least: int = 16) -> int:
 def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Tensor, set_info: torch.Tensor,
                  masks: torch.Tensor, router: torch.Tensor, lambdas: tuple[torch.Tensor, ...] | None,
                  thresholds: tuple[torch.Tensor, torch.Tensor, torch.Tensor], max_experts: int, eps: float,
-                 block_m: int, lam_out: torch.Tensor | None = None) -> torch.Tensor:
-    """p [N, P, max_experts] fp32 for every token in `blocks` (zeros elsewhere); λ or t into lam_out [N, P].
+                 block_m: int, scalar_out: torch.Tensor | None = None) -> torch.Tensor:
+    """p [N, P, max_experts] fp32 for every token in `blocks` (zeros elsewhere); λ or t into scalar_out [N, P].
 
     x [N, in]; router [G, P, in] (the bank's); masks [S, P]; lambdas (w1 [S, H, in], b1, w2, b2)
     for this fan-in, or None when no loaded set has a λ-network of this width; thresholds
@@ -158,9 +159,10 @@ def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
     else:
         w1, b1, w2, b2 = lambdas
         H = w1.shape[1]
-    lam = lam_out if lam_out is not None else p
+    scalars = scalar_out if scalar_out is not None else p  # a pointer the kernel never writes
     _route_kernel[(blocks.shape[0],)](
-        x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, *thresholds, p, lam, IN, H, eps,
+        x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, *thresholds, p, scalars,
+        IN, H, eps,
         P=P, EMAX=max_experts, EP=_pow2(max_experts * P), BLOCK_M=block_m, BLOCK_K=32,
-        BLOCK_H=_pow2(H), STORE_LAMBDA=lam_out is not None)
+        BLOCK_H=_pow2(H), STORE_SCALAR=scalar_out is not None)
     return p

@@ -25,7 +25,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the base model's max_position_embeddings
     enable_prefix_caching: bool = True
-    mode: str = "sparse"  # the LoRA-ops backend, or "sparse" (fastest for the device) / "dense" (torch reference)
+    # one of lora.ops.LORA_BACKENDS: "sparse" (the fastest for the device), "dense" (the torch reference), or a
+    # backend by name
+    lora_backend: str = "sparse"
     # decode steps from static buffers: "auto" replays CUDA graphs on a GPU with the triton backend;
     # "off" never; "eager" runs the static-buffer step without capture (tests prove it on CPU)
     decode_graphs: str = "auto"

@@ -23,7 +23,7 @@ class ActiveExpertCount:
         self.active = torch.zeros(num_tokens, device=device)
         self.decisions = torch.zeros(num_tokens, device=device)
 
-    def record(self, key: str, index, p: torch.Tensor, scalar=None, u=None) -> None:  # a RoutingSink
+    def record(self, key: str, index, p: torch.Tensor, **_) -> None:  # a RoutingSink; λ, thresholds, logits unused
         active = (p > 0).sum(-1).float()
         if index is None:
             self.active += active

@@ -20,6 +20,7 @@ from ldmole_runtime.engine.scoring import (  # noqa: F401 (API)
     score_choices,
 )
 from ldmole_runtime.errors import LDMoleError, StepFailedError
+from ldmole_runtime.lora.ops import lora_backend_setting
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
 from ldmole_runtime.model.tokenizer import load_tokenizer
@@ -34,6 +35,9 @@ class LLM:
             base = resolve_base(base)
             runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=dtype, device=device)
             tokenizer = tokenizer or load_tokenizer(base)
+        if "mode" in engine_kwargs:  # the older name of lora_backend
+            mode = engine_kwargs.pop("mode")
+            engine_kwargs["lora_backend"] = lora_backend_setting(engine_kwargs.get("lora_backend"), mode)
         self.engine = LLMEngine(runtime, tokenizer, EngineConfig(**engine_kwargs))
         self._ids = itertools.count()
         self._awaited: set[str] = set()  # request ids a caller of _run waits for

@@ -19,7 +19,7 @@ from ldmole_runtime.engine.expert_stats import ActiveExpertCount
 from ldmole_runtime.engine.sequence import Sequence
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch, AdapterBatchBuffers
-from ldmole_runtime.lora.ops import lora_ops
+from ldmole_runtime.lora.ops import select_lora_backend
 from ldmole_runtime.model.attention import PagedAttention
 from ldmole_runtime.model.decoder import ForwardContext
 from ldmole_runtime.model.runtime import LDMoleRuntime
@@ -49,7 +49,7 @@ class ModelRunner:
                               "(a sequence-classification checkpoint has none)")
         self.runtime, self.block_size, self.num_blocks = runtime, block_size, num_blocks
         self.max_blocks_per_seq = -(-config.max_model_len // block_size)
-        self.ops = lora_ops(config.mode, runtime.device)  # the LoRA-ops backend, chosen once
+        self.lora_backend = select_lora_backend(config.lora_backend, runtime.device)  # chosen once
         # one block more than the block manager hands out: a static decode step's padding rows write there
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim,
                                     dtype=runtime.dtype, device=runtime.device)
@@ -64,14 +64,14 @@ class ModelRunner:
             raise LDMoleError(f"decode_graphs must be one of {DECODE_GRAPH_SETTINGS}, got {setting!r}")
         if setting == "eager":
             return DecodeGraphs(self, "eager")
-        if setting == "auto" and self.runtime.device.type == "cuda" and self.ops.name == "triton":
+        if setting == "auto" and self.runtime.device.type == "cuda" and self.lora_backend.name == "triton":
             return DecodeGraphs(self, "graph")
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention, adapters: AdapterBatch,
                 counter: ActiveExpertCount | None = None) -> torch.Tensor:
         """The one forward assembly, for eager and graph-replayed steps: final hidden states [N, hidden]."""
-        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.ops, counter)
+        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.lora_backend, counter)
         return self.runtime.model(input_ids, positions, ctx)
 
     @torch.inference_mode()

@@ -18,7 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.lora.capture import RoutingSink
-from ldmole_runtime.lora.ops import LoraOps, lora_ops
+from ldmole_runtime.lora.ops import LoraBackend, select_lora_backend
 from ldmole_runtime.lora.ops.step import LoraStep
 from ldmole_runtime.model.attention import AttentionBackend
 from ldmole_runtime.model.config import ModelConfig
@@ -30,15 +30,17 @@ class ForwardContext:
     batch: AdapterBatch
     bank: AdapterBank | None
     attention: AttentionBackend
-    # a LoRA-ops backend, or a mode naming one: "sparse" (serving), "dense" (the torch reference)
-    ops: LoraOps | str = "sparse"
+    # a LoRA backend, or its name: "sparse" (serving), "dense" (the torch reference), ...
+    lora_backend: LoraBackend | str = "sparse"
     capture: RoutingSink | None = None
     dropout: float = 0.0  # adapters' input dropout, training only
 
     def __post_init__(self):
-        if isinstance(self.ops, str):
-            self.ops = lora_ops(self.ops, "cpu" if self.bank is None else self.bank.device)
-        self.lora = LoraStep(self.ops, self.bank, self.batch, self.capture, self.dropout)  # what the layers call
+        if isinstance(self.lora_backend, str):
+            device = "cpu" if self.bank is None else self.bank.device
+            self.lora_backend = select_lora_backend(self.lora_backend, device)
+        # what the layers call
+        self.lora = LoraStep(self.lora_backend, self.bank, self.batch, self.capture, self.dropout)
 
 
 def _param(*shape: int) -> nn.Parameter:

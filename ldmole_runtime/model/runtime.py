@@ -19,7 +19,7 @@ from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
 from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.lora.capture import RoutingCapture
-from ldmole_runtime.lora.ops import lora_ops
+from ldmole_runtime.lora.ops import lora_backend_setting, select_lora_backend
 from ldmole_runtime.model.attention import DenseCausalAttention
 from ldmole_runtime.model.decoder import DecoderModel, ForwardContext
 from ldmole_runtime.model.default_base import resolve_base
@@ -33,7 +33,9 @@ class ForwardOutput:
     hidden: torch.Tensor  # [B, T, hidden]
     logits: torch.Tensor  # [B, T, vocab] (LM head) or [B, num_labels] (classification head)
     routing: dict[str, torch.Tensor] = field(default_factory=dict)  # "{layer}.{proj}" -> [B, T, E]
-    lambdas: dict[str, torch.Tensor] = field(default_factory=dict)  # "{layer}.{proj}" -> [B, T]
+    # "{layer}.{proj}" -> [B, T]: a Sparsegen router's λ, AdaMoLE's threshold (NaN where the router has none)
+    lambdas: dict[str, torch.Tensor] = field(default_factory=dict)
+    thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -97,11 +99,12 @@ class LDMoleRuntime:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, adapters: str | Sequence[str | None] | torch.Tensor | None = None,
-                mode: str = "sparse", capture_routing: bool = False,
-                lengths: torch.Tensor | None = None) -> ForwardOutput:
-        """`lengths` (classification heads): each row's real length; by default the last token that is
-        not the pad token, as transformers' sequence classifiers read it."""
-        ops = lora_ops(mode, self.device)
+                lora_backend: str | None = None, capture_routing: bool = False,
+                lengths: torch.Tensor | None = None, mode: str | None = None) -> ForwardOutput:
+        """`lora_backend`: one of LORA_BACKENDS (default "sparse"; `mode` is its older name). `lengths`
+        (classification heads): each row's real length; by default the last token that is not the pad
+        token, as transformers' sequence classifiers read it."""
+        backend = select_lora_backend(lora_backend_setting(lora_backend, mode), self.device)
         if input_ids.dim() != 2:
             raise LDMoleError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         input_ids = input_ids.to(self.device).long()
@@ -117,12 +120,13 @@ class LDMoleRuntime:
             E = max((self.bank.slots[s.set_index].num_experts for s in batch.segments), default=1)
             capture = RoutingCapture(B * T, E)
         positions = torch.arange(T, device=self.device).repeat(B)
-        ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), ops, capture)
+        ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), backend, capture)
         hidden = self.model(input_ids.reshape(-1), positions, ctx).view(B, T, -1)
         out = ForwardOutput(hidden, self._logits(hidden, input_ids, set_ids[:, -1], lengths))
         if capture is not None:
             out.routing = {k: v.view(B, T, -1) for k, v in capture.routing.items()}
             out.lambdas = {k: v.view(B, T) for k, v in capture.lambdas.items()}
+            out.thresholds = {k: v.view(B, T) for k, v in capture.thresholds.items()}
         return out
 
     @torch.inference_mode()

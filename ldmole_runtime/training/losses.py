@@ -24,16 +24,17 @@ class TrainingCapture:
     u: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, E] router logits
     lam: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] (modules whose router has λ)
     threshold: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] AdaMoLE's t (threshold router)
-    thresholds_router: bool = False  # the router's per-token scalar is AdaMoLE's threshold, not λ
 
-    def record(self, key: str, index, p: torch.Tensor, scalar: torch.Tensor | None,
-               u: torch.Tensor | None = None) -> None:  # a RoutingSink
+    def record(self, key: str, index, p: torch.Tensor, *, lam: torch.Tensor | None = None,
+               threshold: torch.Tensor | None = None, u: torch.Tensor | None = None) -> None:  # a RoutingSink
         assert index is None, "training batches hold one adapter set"
         self.p[key] = p
         if u is not None:
             self.u[key] = u
-        if scalar is not None:  # λ, or AdaMoLE's threshold
-            (self.threshold if self.thresholds_router else self.lam)[key] = scalar
+        if lam is not None:
+            self.lam[key] = lam
+        if threshold is not None:
+            self.threshold[key] = threshold
 
 
 def load_balance(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ def objective(
     u = stacked(capture.u, list(capture.lam)) if w.reg else None
     if p is None:
         balance = zero
-    elif capture.thresholds_router:
+    elif capture.threshold:
         balance = adamole_balance(p, stacked(capture.u, routed), stacked(capture.threshold, routed), mask).sum()
     else:
         balance = load_balance(p, mask).mean()

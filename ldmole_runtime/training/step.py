@@ -53,11 +53,11 @@ class TrainStep(nn.Module):
         self.runtime, self.adapter, self.task, self.cfg = runtime, adapter, task, cfg
         self.weights = LossWeights(cfg.ce, cfg.lb, cfg.reg, cfg.lam, cfg.k)
 
-    def hidden(self, batch: Batch, dropout: float, capture=None, mode: str = "dense") -> torch.Tensor:
+    def hidden(self, batch: Batch, dropout: float, capture=None, lora_backend: str = "dense") -> torch.Tensor:
         B, T = batch.input_ids.shape
         device = self.runtime.device
         ctx = ForwardContext(AdapterBatch.from_runs([(0, B * T)], 1, device), self.runtime.bank,
-                             DenseCausalAttention(B, T), mode, capture, dropout)
+                             DenseCausalAttention(B, T), lora_backend, capture, dropout)
         positions = torch.arange(T, device=device).repeat(B)
         return self.runtime.model(batch.input_ids.to(device).reshape(-1), positions, ctx).view(B, T, -1)
 
@@ -73,7 +73,7 @@ class TrainStep(nn.Module):
         return F.linear(hidden[selected], self.runtime.model.lm_head_weight), labels[selected]
 
     def new_capture(self) -> TrainingCapture:
-        return TrainingCapture(thresholds_router=self.adapter.slot.router.needs_threshold)
+        return TrainingCapture()
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         capture = self.new_capture()

@@ -41,7 +41,7 @@ def evaluate(step: TrainStep, encoded: list, cfg: TrainConfig, pad_id: int, scor
     for start in range(0, len(encoded), cfg.eval_batch_size):
         batch = collate(encoded[start:start + cfg.eval_batch_size], pad_id)
         capture = step.new_capture()
-        hidden = step.hidden(batch, 0.0, capture, mode="sparse")  # what serving runs
+        hidden = step.hidden(batch, 0.0, capture, lora_backend="sparse")  # what serving runs
         mask = batch.mask.reshape(-1).to(hidden.device)
         active.append(torch.stack([(p > 0).float()[mask].sum(-1).mean() for p in capture.p.values()]).mean().item())
         if step.task == "mc":
@@ -87,7 +87,8 @@ def make_scorer(runtime: LDMoleRuntime, tokenizer, cfg: TrainConfig):
     the GPU kernels remove the sparse path's host syncs."""
     from ldmole_runtime.engine.llm import LLM
 
-    mode = "sparse" if runtime.device.type == "cpu" else "dense"
-    return LLM(runtime, tokenizer=tokenizer, mode=mode, expert_sample_every=1, kv_cache_gib=cfg.eval_kv_cache_gib,
+    lora_backend = "sparse" if runtime.device.type == "cpu" else "dense"
+    return LLM(runtime, tokenizer=tokenizer, lora_backend=lora_backend, expert_sample_every=1,
+               kv_cache_gib=cfg.eval_kv_cache_gib,
                enable_prefix_caching=False,
                max_model_len=min(cfg.max_length + 2, runtime.cfg.max_position_embeddings))

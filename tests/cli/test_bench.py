@@ -37,7 +37,7 @@ def test_target_experts_calibrates_real_sparsegen_routing():
         s = BenchSettings(shape="tiny", target_experts=target)
         rt, _, _ = _setup(s)
         ids = torch.tensor(s.prompts(4, 64, s.seed + 3))
-        routing = rt.forward(ids, "bench", mode="dense", capture_routing=True).routing
+        routing = rt.forward(ids, "bench", lora_backend="dense", capture_routing=True).routing
         counts = torch.stack([(p > 0).sum(-1).float() for p in routing.values()])
         assert abs(counts.mean().item() - target) <= 0.1
         assert counts.min() < counts.max()  # per-token, per-layer counts still vary

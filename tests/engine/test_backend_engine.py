@@ -23,7 +23,7 @@ def runtime(tmp_path_factory):
 
 
 def run(runtime, mode, **engine):
-    llm = LLM(runtime, mode=mode, max_num_batched_tokens=48, block_size=4, **engine)
+    llm = LLM(runtime, lora_backend=mode, max_num_batched_tokens=48, block_size=4, **engine)
     prompts = [[3 + (7 * i + 5 * j) % 290 for j in range(4 + 3 * i)] for i in range(6)]
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     return llm.generate(prompts, params, adapter=["wide", "narrow", None, "lora", "wide", "narrow"])

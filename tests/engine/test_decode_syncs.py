@@ -1,4 +1,4 @@
-"""A decode step's model forward makes no device→host sync, on every LoRA-ops backend, and the
+"""A decode step's model forward makes no device→host sync, on every LoRA backend, and the
 adapters add at most a budgeted number of ops per layer over the bare base.
 
 The engine runs real requests (two adapter sets and the bare base in one batch); every model
@@ -48,7 +48,7 @@ def recorded_forwards(runtime, backend, adapters, monkeypatch, **engine):
 
     monkeypatch.setattr(model, "forward", counted_forward)
     with count_triton_launches(monkeypatch, current):
-        llm = LLM(runtime, mode=backend, enable_prefix_caching=False, **engine)
+        llm = LLM(runtime, lora_backend=backend, enable_prefix_caching=False, **engine)
         prompts = [[5, 9, 11, 3, 7, 2], [4, 4, 8, 1, 6, 6, 2], [10, 3, 3, 9, 12]]
         llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), adapter=adapters)
     return records

@@ -9,8 +9,8 @@ from ldmole_runtime.adapters.init import new_adapter_set
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank
 from ldmole_runtime.lora.capture import RoutingCapture
-from ldmole_runtime.lora.ops.cpu import CpuOps
-from ldmole_runtime.lora.ops.torch_ref import TorchRefOps
+from ldmole_runtime.lora.ops.cpu import CpuBackend
+from ldmole_runtime.lora.ops.torch_ref import TorchRefBackend
 from ldmole_runtime.model.config import ModelConfig
 from ldmole_runtime.paths import default_cache_dir
 
@@ -36,7 +36,7 @@ def bank():
 def run_group(bank, gb, x, set_ids, use_kernel):
     y = torch.randn(x.shape[0], sum(gb.fan_outs), generator=torch.Generator().manual_seed(9))
     capture = RoutingCapture(x.shape[0], 8)
-    ops = CpuOps() if use_kernel else TorchRefOps()
+    ops = CpuBackend() if use_kernel else TorchRefBackend()
     with torch.inference_mode():
         ops.apply(y, x, bank, gb, AdapterBatch.build(set_ids, len(bank.slots)), capture)
     return y, capture
@@ -57,6 +57,7 @@ def test_kernel_matches_torch_reference(bank, group, n):
         assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
         assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
         assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)
+        assert torch.equal(cap_kernel.thresholds[key].isnan(), cap_torch.thresholds[key].isnan())
 
 
 def test_kernel_changes_only_adapted_rows(bank):

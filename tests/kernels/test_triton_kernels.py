@@ -52,8 +52,9 @@ def route_both(bank, gb, x, batch):
     args = (x, batch.sorted_tokens, batch.blocks, t.set_info, t.masks[gb.group], gb.router,
             t.lambdas.get(gb.fan_in), (gb.threshold, gb.threshold_bias, t.threshold_cap), t.max_experts,
             SPARSEGEN_EPS, TOKEN_BLOCK)
-    lam, lam_ref = (torch.full((x.shape[0], len(gb.projections)), float("nan")) for _ in range(2))
-    return route_blocks(*args, lam_out=lam), lam, route_blocks_reference(*args, lam_out=lam_ref), lam_ref
+    scalars, scalars_ref = (torch.full((x.shape[0], len(gb.projections)), float("nan")) for _ in range(2))
+    return (route_blocks(*args, scalar_out=scalars), scalars,
+            route_blocks_reference(*args, scalar_out=scalars_ref), scalars_ref)
 
 
 # token counts below, at, and not a multiple of the block; a seed each

@@ -23,17 +23,18 @@ def fixture_dir(official_fixtures):
     return root
 
 
-def forward(root, adapter, tmp_path, mode):
+def forward(root, adapter, tmp_path, backend):
     expected = load_file(str(root / "expected.safetensors"))
     save_file({"input_ids": expected["input_ids"]}, str(tmp_path / "in.safetensors"))
     assert main(["forward", "--base", str(root / "base"), "--adapter", str(adapter), "--inputs",
-                 str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors"), "--mode", mode]) == 0
+                 str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors"),
+                 "--lora-backend", backend]) == 0
     return load_file(str(tmp_path / "out.safetensors")), expected
 
 
-@pytest.mark.parametrize("mode", ["cpu", "torch", "triton"])
-def test_forward_matches_the_adamole_code(fixture_dir, tmp_path, mode):
-    got, expected = forward(fixture_dir, fixture_dir / "adapter", tmp_path, mode)
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_forward_matches_the_adamole_code(fixture_dir, tmp_path, backend):
+    got, expected = forward(fixture_dir, fixture_dir / "adapter", tmp_path, backend)
     assert (got["logits"] - expected["logits"]).abs().max() <= TOL
     keys = sorted(k for k in expected if k.startswith(("routing.", "threshold.")))
     assert len(keys) == 28 and sorted(k for k in got if k.startswith(("routing.", "threshold."))) == keys

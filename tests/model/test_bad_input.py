@@ -551,7 +551,7 @@ def test_forward_bad_arguments(runtime):
         runtime.forward(torch.tensor([1, 2, 3]))
     with pytest.raises(LDMoleError, match=r"got 1 adapter names for 2 rows"):
         runtime.forward(torch.tensor([[1, 2], [3, 4]]), ["math"])
-    with pytest.raises(LDMoleError, match=r"unknown mode 'fast'"):
+    with pytest.raises(LDMoleError, match=r"unknown lora_backend 'fast'"):
         runtime.forward(torch.tensor([[1, 2]]), mode="fast")
 
 

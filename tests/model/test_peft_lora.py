@@ -59,7 +59,7 @@ def test_logits_equal_peft(base, tmp_path, case):
     want = peft_logits(base, adapter, ids)
     rt = LDMoleRuntime.from_pretrained(base, adapters={"p": adapter})
     for mode in ("cpu", "torch"):
-        got = rt.forward(ids, "p", mode=mode).logits
+        got = rt.forward(ids, "p", lora_backend=mode).logits
         assert (got - want).abs().max() <= TOL
     plain = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")(ids).logits
     assert (want - plain).abs().max() > 1e-2  # the adapter matters
@@ -76,7 +76,7 @@ def test_ranks_64_32_16_8_share_one_batch(base, tmp_path):
     ids = torch.randint(3, 300, (5, 8), generator=torch.Generator().manual_seed(1))
     rows = ["r64", "r32", None, "r16", "r8"]
     for mode in ("cpu", "torch", "triton"):
-        mixed = rt.forward(ids, rows, mode=mode).logits
+        mixed = rt.forward(ids, rows, lora_backend=mode).logits
         for i, name in enumerate(rows):
             if name is None:
                 want = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")(ids[i:i + 1]).logits

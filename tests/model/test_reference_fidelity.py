@@ -9,14 +9,14 @@ TOL = 1e-4
 
 
 @pytest.mark.parametrize("case", ["qwen3-lm", "qwen3-cls"])
-@pytest.mark.parametrize("mode", ["cpu", "torch", "triton"])  # every LoRA-ops backend
-def test_forward_matches_reference_code(official_fixtures, tmp_path, case, mode):
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])  # every LoRA backend
+def test_forward_matches_reference_code(official_fixtures, tmp_path, case, backend):
     root = official_fixtures / case
     expected = load_file(str(root / "expected.safetensors"))
     save_file({"input_ids": expected["input_ids"]}, str(tmp_path / "in.safetensors"))
     rc = main(["forward", "--base", str(root / "base"), "--adapter", str(root / "adapter"),
                "--inputs", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors"),
-               "--dtype", "float32", "--mode", mode])
+               "--dtype", "float32", "--lora-backend", backend])
     assert rc == 0
     got = load_file(str(tmp_path / "out.safetensors"))
 

@@ -53,11 +53,16 @@ def test_mixed_batch_sparse_equals_dense(runtime, backend):
     ids = torch.tensor([runtime.adapter_index(a) for a in rows])[:, None].repeat(1, 13)
     ids[6, ::3] = runtime.adapter_index("narrow")  # sets also mix inside one row
     ids[6, 1::4] = -1
-    sparse = runtime.forward(input_ids, ids, mode=backend, capture_routing=True)
-    dense = runtime.forward(input_ids, ids, mode="dense", capture_routing=True)
+    sparse = runtime.forward(input_ids, ids, lora_backend=backend, capture_routing=True)
+    dense = runtime.forward(input_ids, ids, lora_backend="dense", capture_routing=True)
     assert (sparse.logits - dense.logits).abs().max() <= 1e-5
     for key in dense.routing:
         assert torch.equal(sparse.routing[key] > 0, dense.routing[key] > 0)
+        # λ of the Sparsegen sets, AdaMoLE's thresholds of "ada": each in its own capture, NaN elsewhere
+        assert torch.allclose(sparse.lambdas[key], dense.lambdas[key], atol=1e-5, equal_nan=True)
+        assert torch.allclose(sparse.thresholds[key], dense.thresholds[key], atol=1e-5, equal_nan=True)
+    assert dense.thresholds["0.q_proj"][7].isfinite().all() and dense.lambdas["0.q_proj"][7].isnan().all()
+    assert dense.lambdas["0.q_proj"][0].isfinite().all() and dense.thresholds["0.q_proj"][0].isnan().all()
 
     # the mixture really is sparse and per-token, and the dense set really activates all its experts
     active = (sparse.routing["0.q_proj"] > 0).sum(-1)

@@ -90,8 +90,8 @@ def test_a_completion_reaches_the_expert_math_through_few_files(model_files, bac
     base, adapters = model_files
     runtime = LDMoleRuntime.from_pretrained(base, adapters={k: str(v) for k, v in adapters.items()})
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # the engine's step thread, profiled too
-    engine = AsyncLLMEngine(LLMEngine(runtime, load_tokenizer(base),
-                                      EngineConfig(num_blocks=256, block_size=4, mode=backend)), executor=worker)
+    config = EngineConfig(num_blocks=256, block_size=4, lora_backend=backend)
+    engine = AsyncLLMEngine(LLMEngine(runtime, load_tokenizer(base), config), executor=worker)
     state = ServerState(engine, BASE_NAME, str(base), {k: str(v) for k, v in adapters.items()})
     recorder = PathRecorder(EXPERT_MATH[backend])
 

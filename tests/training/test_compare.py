@@ -79,14 +79,14 @@ def test_masked_projections_make_no_routing_decisions(base):
     runtime.load_adapter("qv", new_adapter_set(runtime.cfg, num_experts=4, rank=4, lambda_hidden=16,
                                                target_modules=["q_proj", "v_proj"], seed=1))
     ids = torch.randint(0, 100, (2, 9))
-    for mode in ("sparse", "dense"):
-        out = runtime.forward(ids, "qv", mode=mode, capture_routing=True)
+    for backend in ("sparse", "dense"):
+        out = runtime.forward(ids, "qv", lora_backend=backend, capture_routing=True)
         assert {k.split(".", 1)[1] for k in out.routing} == {"q_proj", "v_proj"}
         manual = torch.stack([(p > 0).sum(-1).float() for p in out.routing.values()]).mean(0).reshape(-1)
         counter = ActiveExpertCount(ids.numel(), runtime.device)
         with torch.inference_mode():
             batch = AdapterBatch.build(torch.zeros(ids.numel(), dtype=torch.long), 1)
-            ctx = ForwardContext(batch, runtime.bank, DenseCausalAttention(2, 9), mode, counter)
+            ctx = ForwardContext(batch, runtime.bank, DenseCausalAttention(2, 9), backend, counter)
             runtime.model(ids.reshape(-1), torch.arange(9).repeat(2), ctx)
         assert bool((counter.per_token_mean() >= 1).all())
         torch.testing.assert_close(counter.per_token_mean(), manual)

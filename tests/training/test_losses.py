@@ -56,7 +56,7 @@ def test_objective_weights_the_terms():
     for key in ("0.q_proj", "0.k_proj"):
         u = torch.randn(4, 4, generator=g)
         lam = torch.randn(4, generator=g) * 0.3
-        cap.record(key, None, sparsegen_lin(u, lam), lam, u)
+        cap.record(key, None, sparsegen_lin(u, lam), lam=lam, u=u)
     ce = torch.tensor(2.0)
     w = LossWeights(ce=0.5, lb=0.3, reg=2.0, lam=0.1, k=2)
     terms = objective(ce, cap, mask, w)

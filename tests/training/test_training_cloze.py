@@ -62,7 +62,8 @@ def test_answer_text_loss_matches_a_hand_computation(base):
     logprobs = []
     assert len(encoded) == len(examples)
     for e in encoded:
-        lp = torch.log_softmax(runtime.forward(torch.tensor([e.input_ids]), ADAPTER_NAME, mode="dense").logits[0], -1)
+        logits = runtime.forward(torch.tensor([e.input_ids]), ADAPTER_NAME, lora_backend="dense").logits[0]
+        lp = torch.log_softmax(logits, -1)
         ctx_len = len(e.options[0])
         answer = e.input_ids[ctx_len:]
         logprobs += [lp[ctx_len - 1 + i, t].item() for i, t in enumerate(answer)]

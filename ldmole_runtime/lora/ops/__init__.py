@@ -1,6 +1,6 @@
-"""The mixture's compute behind one contract, several backends; one is chosen per engine.
+"""The LoRA backend: the mixture's compute behind one contract; one backend is chosen per engine.
 
-    ops.apply(y, x, bank, group_bank, adapter_batch, capture=None, dropout=0.0)
+    backend.apply(y, x, bank, group_bank, adapter_batch, capture=None, dropout=0.0)
 
 adds the adapters' delta of one projection group to the fused base output y [N, Σ out], in place.
 The model's layers do not call it directly: a forward binds the bank, the step's metadata, the
@@ -11,8 +11,10 @@ routing sink and the dropout once (step.LoraStep), and a layer calls `apply(y, x
 * `triton`: GPU kernels (routing epilogue, sparse shrink/expand) over all sets in one launch each;
   runs on CPU under Triton's interpreter (`TRITON_INTERPRET=1`), for tests.
 
-Modes name a backend by intent: `dense` is the torch reference, `sparse` the fastest sparse
-backend for the device (cpu on CPU, triton on CUDA).
+Two more names pick a backend by intent: `dense` is the torch reference, `sparse` the fastest
+sparse backend for the device (cpu on CPU, triton on CUDA). The one setting is called
+`lora_backend` everywhere: `EngineConfig`, `LLM`, `LDMoleRuntime.forward`, `lm_eval`'s model_args
+and the `--lora-backend` flag (`mode` is still accepted as an older spelling).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     from ldmole_runtime.lora.capture import RoutingSink
 
 
-class LoraOps(Protocol):
+class LoraBackend(Protocol):
     """The contract every backend keeps (see the module docstring)."""
     name: str
 
@@ -39,8 +41,7 @@ class LoraOps(Protocol):
               capture: RoutingSink | None = None, dropout: float = 0.0) -> None: ...
 
 
-BACKENDS = ("torch", "cpu", "triton")
-MODES = ("sparse", "dense") + BACKENDS
+LORA_BACKENDS = ("sparse", "dense", "torch", "cpu", "triton")
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -53,30 +54,38 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def lora_ops(mode: str, device: torch.device | str = "cpu") -> LoraOps:
-    """The backend object for a mode or backend name on this device."""
+def select_lora_backend(name: str, device: torch.device | str = "cpu") -> LoraBackend:
+    """The backend object for one of LORA_BACKENDS on this device."""
     device = torch.device(device)
-    if mode not in MODES:
-        raise LDMoleError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if mode == "sparse":
-        mode = "cpu" if device.type == "cpu" else ("triton" if triton_usable(device) else "torch")
-    elif mode == "dense":
-        mode = "torch"
-    if mode == "cpu" and device.type != "cpu":
+    if name not in LORA_BACKENDS:
+        raise LDMoleError(f"unknown lora_backend {name!r}; choose one of {LORA_BACKENDS}")
+    if name == "sparse":
+        name = "cpu" if device.type == "cpu" else ("triton" if triton_usable(device) else "torch")
+    elif name == "dense":
+        name = "torch"
+    if name == "cpu" and device.type != "cpu":
         raise LDMoleError(f"the cpu backend runs on the CPU; the model is on {device}")
-    if mode == "triton" and not triton_usable(device):
+    if name == "triton" and not triton_usable(device):
         raise LDMoleError("the triton backend needs a CUDA device with triton installed "
                           "(or TRITON_INTERPRET=1: Triton's slow CPU interpreter, for tests)")
-    return _instance(mode)
+    return _instance(name)
+
+
+def lora_backend_setting(lora_backend: str | None, mode: str | None, default: str = "sparse") -> str:
+    """`lora_backend`, or `mode`, its older spelling (still accepted where users could pass it)."""
+    if mode is not None and lora_backend is not None and mode != lora_backend:
+        raise LDMoleError(f"lora_backend={lora_backend!r} and mode={mode!r} disagree: mode is the older "
+                          "name of the same setting; pass lora_backend only")
+    return lora_backend or mode or default
 
 
 @cache
 def _instance(name: str):
     if name == "torch":
-        from ldmole_runtime.lora.ops.torch_ref import TorchRefOps
-        return TorchRefOps()
+        from ldmole_runtime.lora.ops.torch_ref import TorchRefBackend
+        return TorchRefBackend()
     if name == "cpu":
-        from ldmole_runtime.lora.ops.cpu import CpuOps
-        return CpuOps()
-    from ldmole_runtime.lora.ops.triton import TritonOps
-    return TritonOps()
+        from ldmole_runtime.lora.ops.cpu import CpuBackend
+        return CpuBackend()
+    from ldmole_runtime.lora.ops.triton import TritonBackend
+    return TritonBackend()

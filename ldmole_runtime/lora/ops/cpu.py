@@ -21,7 +21,7 @@ from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 from ldmole_runtime.paths import default_cache_dir
 
 
-class CpuOps:
+class CpuBackend:
     name = "cpu"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
@@ -61,7 +61,7 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
         b2 = slot.lambda_out_bias[gb.fan_in]
     logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).T if router.needs_logits else None
     p_out = x.new_empty(n, P, E)
-    lam_out = x.new_full((n,), float("nan")) if capture is not None else None
+    lambdas_out = x.new_full((n,), float("nan")) if capture is not None else None
     mask = slot.group_masks[gb.group]
     B_ptrs, outs, cols = _kernel_layout(gb)
     lib.ldmole_group_decode(
@@ -70,9 +70,9 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
         ptr(logits), slot.kernel_kind, E, P,
         gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
         outs, cols, ptr(mask), slot.scaling,
-        y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lam_out))
+        y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
     if capture is not None:
-        torch_ref.record(capture, slot, gb, seg.index, p_out, lam_out if router.needs_lambda else None)
+        torch_ref.record(capture, slot, gb, seg.index, p_out, lambdas_out if router.needs_lambda else None)
 
 
 def _kernel_layout(gb: GroupBank) -> tuple:

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from ldmole_runtime.lora.adapter_batch import AdapterBatch
     from ldmole_runtime.lora.bank import AdapterBank
     from ldmole_runtime.lora.capture import RoutingSink
-    from ldmole_runtime.lora.ops import LoraOps
+    from ldmole_runtime.lora.ops import LoraBackend
 
 
 class LoraStep:
@@ -18,14 +18,14 @@ class LoraStep:
     forward, bound when the forward starts; every adapted projection group then passes only its
     input, its output and its (layer, group) key."""
 
-    __slots__ = ("ops", "bank", "batch", "capture", "dropout", "active")
+    __slots__ = ("backend", "bank", "batch", "capture", "dropout", "active")
 
-    def __init__(self, ops: LoraOps, bank: AdapterBank | None, batch: AdapterBatch,
+    def __init__(self, backend: LoraBackend, bank: AdapterBank | None, batch: AdapterBatch,
                  capture: RoutingSink | None = None, dropout: float = 0.0):
-        self.ops, self.bank, self.batch, self.capture, self.dropout = ops, bank, batch, capture, dropout
+        self.backend, self.bank, self.batch, self.capture, self.dropout = backend, bank, batch, capture, dropout
         self.active = bank is not None and not batch.is_bare  # nothing to add: the bare base
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, group: tuple[int, str]) -> None:
         """Add the adapters' delta of one projection group (layer, group name) to its fused base output y."""
         if self.active:
-            self.ops.apply(y, x, self.bank, self.bank.groups[group], self.batch, self.capture, self.dropout)
+            self.backend.apply(y, x, self.bank, self.bank.groups[group], self.batch, self.capture, self.dropout)

@@ -21,32 +21,37 @@ from ldmole_runtime.lora.routing import ROUTERS, lambda_from_mlp, threshold_from
 
 
 def route(slot: SetSlot, set_index: int, gb: GroupBank, xs: torch.Tensor):
-    """Expert weights p [n, P, E] (fp32), the router's per-token scalar (λ [n], or AdaMoLE's
-    thresholds [n, P]; None for other routers) and router logits u [n, P, E] for the tokens xs of
-    one set."""
+    """Expert weights p [n, P, E] (fp32), the router's per-token scalar (a Sparsegen router's λ [n],
+    AdaMoLE's thresholds [n, P]; None for other routers) and router logits u [n, P, E] for the tokens
+    xs of one set."""
     E, P = slot.num_experts, len(gb.projections)
     router = slot.router
-    lam = None
+    scalar = None
     if router.needs_lambda:
-        lam = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in])
+        scalar = lambda_from_mlp(xs, *slot.lambda_nets[gb.fan_in])
     elif router.needs_threshold:
-        lam = threshold_from_layer(xs, gb.threshold[set_index], gb.threshold_bias[set_index], slot.threshold_cap)
+        scalar = threshold_from_layer(xs, gb.threshold[set_index], gb.threshold_bias[set_index], slot.threshold_cap)
     if router.needs_logits:
         weights = gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in)
         u = (xs @ weights.T).view(-1, E, P).transpose(1, 2)
     else:
         u = xs.new_zeros(xs.shape[0], P, 1)
-    scalar = None if lam is None else (lam[..., None] if router.needs_threshold else lam[:, None])
-    p = router.route(u, scalar, **slot.router_options)
+    per_projection = None if scalar is None else (scalar[..., None] if router.needs_threshold else scalar[:, None])
+    p = router.route(u, per_projection, **slot.router_options)
     mask = slot.group_masks[gb.group]
-    return (p if mask is None else p * mask), lam, u
+    return (p if mask is None else p * mask), scalar, u
 
 
-def record(capture, slot: SetSlot, gb: GroupBank, index, p, lam, u=None) -> None:
-    """Only the projections a set adapts make routing decisions (a masked one's p is all zero)."""
+def record(capture, slot: SetSlot, gb: GroupBank, index, p, scalar, u=None) -> None:
+    """Hands a sink the routing of each projection the set adapts (a masked one's p is all zero);
+    `scalar` is what route() returns: λ [n], or AdaMoLE's thresholds [n, P]."""
     for i in slot.adapted[gb.group]:
-        scalar = lam[:, i] if lam is not None and lam.dim() == 2 else lam  # a threshold per projection
-        capture.record(f"{gb.layer}.{gb.projections[i]}", index, p[:, i], scalar, None if u is None else u[:, i])
+        kw = {}
+        if slot.router.needs_lambda:
+            kw["lam"] = scalar
+        elif slot.router.needs_threshold:
+            kw["threshold"] = scalar[:, i]
+        capture.record(f"{gb.layer}.{gb.projections[i]}", index, p[:, i], u=None if u is None else u[:, i], **kw)
 
 
 def expert_delta(y: torch.Tensor, xs: torch.Tensor, index, slot: SetSlot, gb: GroupBank, p: torch.Tensor) -> None:
@@ -67,13 +72,13 @@ def apply_segment(y, x, slot: SetSlot, gb: GroupBank, seg, capture=None, dropout
     xs = x if seg.index is None else x[seg.index]
     if dropout > 0.0:
         xs = F.dropout(xs, dropout, training=True)
-    p, lam, u = route(slot, seg.set_index, gb, xs)
+    p, scalar, u = route(slot, seg.set_index, gb, xs)
     if capture is not None:
-        record(capture, slot, gb, seg.index, p, lam, u)
+        record(capture, slot, gb, seg.index, p, scalar, u)
     expert_delta(y, xs, seg.index, slot, gb, p)
 
 
-class TorchRefOps:
+class TorchRefBackend:
     """Per set present: route, then the rank-stacked experts. Differentiable (training runs it)."""
     name = "torch"
 
@@ -90,7 +95,7 @@ class TorchRefOps:
 
 
 def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, lambdas, thresholds, max_experts, eps,
-                           block_m=None, lam_out=None):
+                           block_m=None, scalar_out=None):
     """The Triton routing kernel's contract (ldmole_kernels.triton.routing.route_blocks) in torch,
     through the runtime's routers (routing.py: the LD-MoLE and AdaMoLE contracts)."""
     N, P = x.shape[0], router.shape[1]
@@ -108,14 +113,14 @@ def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, la
             w1, b1, w2, b2 = (t[s] for t in lambdas)
             lam = lambda_from_mlp(xs, w1, b1, w2[None], b2[None], eps)
             scalar = lam[:, None]
-            if lam_out is not None:
-                lam_out[rows] = lam[:, None]
+            if scalar_out is not None:
+                scalar_out[rows] = lam[:, None]
         elif name == "threshold":
             weight, bias, cap = thresholds
             t = threshold_from_layer(xs, weight[s], bias[s], float(cap[s]))
             scalar = t[..., None]
-            if lam_out is not None:
-                lam_out[rows] = t
+            if scalar_out is not None:
+                scalar_out[rows] = t
         options = {"k": top_k} if name == "topk" else {}
         p[rows, :, :E] = ROUTERS[name].route(u, scalar, eps=eps, **options) * masks[s][:, None]
     return p

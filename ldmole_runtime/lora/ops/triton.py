@@ -17,10 +17,10 @@ from ldmole_runtime.lora.bank import AdapterBank, GroupBank
 from ldmole_runtime.lora.ops import torch_ref
 from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 
-_REFERENCE = torch_ref.TorchRefOps()
+_REFERENCE = torch_ref.TorchRefBackend()
 
 
-class TritonOps:
+class TritonBackend:
     name = "triton"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
@@ -31,10 +31,11 @@ class TritonOps:
         tables = bank.kernel_tables()
         x = x.contiguous()
         P = len(gb.projections)
-        lam = torch.full((x.shape[0], P), float("nan"), device=x.device) if capture is not None else None
+        # what the router's scalar was per token and projection: λ (the same for every projection) or AdaMoLE's t
+        scalars = torch.full((x.shape[0], P), float("nan"), device=x.device) if capture is not None else None
         p = route_blocks(x, batch.sorted_tokens, batch.blocks, tables.set_info, tables.masks[gb.group], gb.router,
                          tables.lambdas.get(gb.fan_in), (gb.threshold, gb.threshold_bias, tables.threshold_cap),
-                         tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, lam)
+                         tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, scalars)
         shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, tables.set_info, tables.scaling, gb.A, gb.B,
                       TOKEN_BLOCK)
         if capture is not None:
@@ -42,9 +43,5 @@ class TritonOps:
                 slot = bank.slots[seg.set_index]
                 if gb.group in slot.group_masks:
                     rows = slice(None) if seg.index is None else seg.index
-                    scalar = None
-                    if slot.router.needs_lambda:
-                        scalar = lam[rows, 0]
-                    elif slot.router.needs_threshold:
-                        scalar = lam[rows]
+                    scalar = scalars[rows, 0] if slot.router.needs_lambda else scalars[rows]
                     torch_ref.record(capture, slot, gb, seg.index, p[rows, :, :slot.num_experts], scalar)
