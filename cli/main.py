@@ -67,16 +67,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_router(args: argparse.Namespace) -> int:
-    from ldmole_runtime.training.train_router import train_router
+def cmd_train_selector(args: argparse.Namespace) -> int:
+    from ldmole_runtime.training.train_selector import train_selector
 
     overrides = dict(base=args.base, out=args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                      rank=args.rank, alpha=2.0 * args.rank, seed=args.seed, device=args.device, progress=False)
-    metrics = train_router(args.data, args.val_data, args.val_fraction, overrides, args.tasks, args.limit_per_task)
+    metrics = train_selector(args.data, args.val_data, args.val_fraction, overrides, args.tasks, args.limit_per_task)
     last = metrics["epochs"][-1]["validation"] if metrics["epochs"] else {}
-    router = Path(args.out).resolve() / "adapter"
-    print(json.dumps({"routing_accuracy": last.get("accuracy"), "labels": metrics["labels"], "router": str(router)}))
-    print(f"serve it: ldmole serve --base {shlex.quote(args.base)} --request-router {shlex.quote(str(router))} "
+    selector = Path(args.out).resolve() / "adapter"
+    print(json.dumps({"accuracy": last.get("accuracy"), "labels": metrics["labels"], "selector": str(selector)}))
+    print(f"serve it: ldmole serve --base {shlex.quote(args.base)} --adapter-selector {shlex.quote(str(selector))} "
           + " ".join(f"--adapter {name}=..." for name in metrics["labels"].values()))
     return 0
 
@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--api-key", help="the server's API key for --load-into (default: $LDMOLE_API_KEY)")
     t.set_defaults(func=cmd_train)
 
-    tr = sub.add_parser("train-router", help="train a request router for `ldmole serve --request-router`: a "
-                        "classifier over adapter-set names, from labelled prompts")
+    tr = sub.add_parser("train-selector", aliases=["train-router"],
+                        help="train an adapter selector for `ldmole serve --adapter-selector`: a classifier over "
+                        "adapter-set names, from labelled prompts (train-router: its older name)")
     tr.add_argument("--data", help='JSONL of {"text": prompt, "adapter": adapter-set name}')
     tr.add_argument("--tasks", metavar="DATASET=ADAPTER,...", help="instead of --data: built-in multiple-choice "
                     "datasets' questions, each labelled with an adapter-set name (e.g. arc_easy=arc,social_iqa=siqa); "
@@ -285,14 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of each adapter's examples held out for validation when --val-data is not given "
                     "(default 0.2)")
     tr.add_argument("--base", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
-    tr.add_argument("--out", default="runs/router", help="run folder; the router is OUT/adapter (default runs/router)")
+    tr.add_argument("--out", default="runs/selector",
+                    help="run folder; the selector is OUT/adapter (default runs/selector)")
     tr.add_argument("--epochs", type=int, default=2, help="passes over the training prompts (default 2)")
     tr.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
     tr.add_argument("--batch-size", type=int, default=8, help="prompts per step (default 8)")
     tr.add_argument("--rank", type=int, default=8, help="LoRA rank of the classifier's adapter (default 8)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the data order (default 0)")
     tr.add_argument("--device", default="auto", help="cpu, cuda, or auto (default auto)")
-    tr.set_defaults(func=cmd_train_router)
+    tr.set_defaults(func=cmd_train_selector)
 
     c = sub.add_parser("compare", help="train and evaluate, on the same items: the zero-shot base, plain LoRA at "
                        "an equal parameter budget, LD-MoLE with the paper recipe and with the sparse recipe; "
@@ -354,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # training needs autograd; serve runs its own threads
-        if args.command in ("train", "train-router", "compare", "bench-train", "serve", "bench-serve"):
+        if args.command in ("train", "train-selector", "train-router", "compare", "bench-train", "serve",
+                            "bench-serve"):
             return args.func(args)
         with torch.inference_mode():
             return args.func(args)

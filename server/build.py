@@ -1,5 +1,5 @@
-"""A ServerState from `ldmole serve`'s flags: the runtime, the engine, the settings and the router
-(for one process, and for every replica of a cluster)."""
+"""A ServerState from `ldmole serve`'s flags: the runtime, the engine, the settings and the adapter
+selector (for one process, and for every replica of a cluster)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
 from ldmole_runtime.model.tokenizer import load_tokenizer
-from ldmole_server.request_router import RequestRouter
+from ldmole_server.adapter_selector import AdapterSelector
 from ldmole_server.state import ServerSettings, ServerState
 
 
@@ -44,10 +44,10 @@ def build_state(args, executor=None) -> ServerState:
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
     settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
-    router = None
-    if args.request_router:
-        router = RequestRouter(args.request_router, args.request_router_labels, runtime, tokenizer)
-        router.check_targets([name] + list(adapters))
-    elif args.request_router_labels:
-        raise LDMoleError("--request-router-labels needs --request-router")
-    return ServerState(engine, name, str(base), adapters, settings, request_router=router)
+    selector = None
+    if args.adapter_selector:
+        selector = AdapterSelector(args.adapter_selector, args.adapter_selector_labels, runtime, tokenizer)
+        selector.check_targets([name] + list(adapters))
+    elif args.adapter_selector_labels:
+        raise LDMoleError("--adapter-selector-labels needs --adapter-selector")
+    return ServerState(engine, name, str(base), adapters, settings, adapter_selector=selector)

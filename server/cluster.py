@@ -4,12 +4,12 @@
 
 * Every EngineReplica runs the single-process app (server/app.py) unchanged, called in process
   through ASGI, with its own engine and KV cache: every endpoint behaves as without Ray.
-* **Affinity** uses Serve's model multiplexing and its request-router hook: the ingress calls the
-  engine deployment with `multiplexed_model_id` = the request's `model`, and `AffinityRouter` sends
-  a set's requests to the replica that served it (its prefix cache is warm there), or to the set's
-  home replica by a stable hash, spilling to another replica only when that one is full
-  (`max_ongoing_requests`). Every replica holds every adapter set (they are
-  small); runtime loads and unloads go through a registry actor that every replica follows.
+* **Affinity** uses Serve's model multiplexing and its replica-choice hook (Serve's "request
+  router"): the ingress calls the engine deployment with `multiplexed_model_id` = the request's
+  `model`, and `AffinityReplicaChooser` sends a set's requests to the replica that served it (its
+  prefix cache is warm there), or to the set's home replica by a stable hash, spilling to another
+  replica only when that one is full (`max_ongoing_requests`). Every replica holds every adapter set
+  (they are small); runtime loads and unloads go through a registry actor that every replica follows.
 * **Faults**: a request whose replica dies before the response started is retried once on another
   replica; one whose stream had started ends with a retriable 503 error event. Serve replaces the
   replica.
@@ -191,12 +191,12 @@ class MetricsMirror:
                 gauge.set(sample.value, tags=dict(sample.labels) or None)
 
 
-# ---- routing: a set's requests go to its home replica ---------------------------------------------
-class AffinityRouter(RequestRouter):
-    """Serve's request-router hook. A request carrying a model id (the adapter set) goes first to a
-    replica that already served that set, else to the set's home by a stable hash; if that replica is
-    full, Serve falls through to the others (the second rank), so a hot set still spreads. Requests
-    without one are spread at random."""
+# ---- replica choice: a set's requests go to its home replica -----------------------------------------
+class AffinityReplicaChooser(RequestRouter):
+    """Serve's replica-choice hook (Serve calls it a request router). A request carrying a model id
+    (the adapter set) goes first to a replica that already served that set, else to the set's home by
+    a stable hash; if that replica is full, Serve falls through to the others (the second rank), so
+    a hot set still spreads. Requests without one are spread at random."""
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         replicas = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
@@ -321,7 +321,7 @@ def deploy(args, adapters: dict, base_name: str):
     threads = int(args.cpus_per_replica) if args.cpus_per_replica >= 1 else share
     engine = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=args.replicas,
                               max_ongoing_requests=args.max_num_seqs, health_check_period_s=1,
-                              request_router_config={"request_router_class": AffinityRouter},
+                              request_router_config={"request_router_class": AffinityReplicaChooser},
                               ray_actor_options={"num_cpus": args.cpus_per_replica,
                                                  "num_gpus": args.gpus_per_replica}).bind(serve_args, threads)
     ingress = serve.deployment(IngressDeployment, name="Ingress", max_ongoing_requests=4096,

@@ -114,13 +114,14 @@ def add_serve_flags(s) -> None:
     s.add_argument("--lora-backend", default=d.lora_backend, choices=LORA_BACKENDS,
                    help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "
                         "experts, the torch reference), or a backend by name: torch, cpu, triton")
-    s.add_argument("--request-router", metavar="DIR",
+    s.add_argument("--adapter-selector", "--request-router", metavar="DIR",
                    help="serve `model: \"auto\"`: a sequence-classification model folder (transformers, e.g. "
-                        "BERT-tiny) or an adapter set with a classification head (`ldmole train-router`) picks "
-                        "the adapter set of each such request from its prompt (a chat's last user message)")
-    s.add_argument("--request-router-labels", metavar="JSON",
-                   help="the request router's label map, {\"0\": \"adapter-name\", ...} (default: the folder's "
-                        "router_labels.json, else the model's id2label)")
+                        "BERT-tiny) or an adapter set with a classification head (`ldmole train-selector`) picks "
+                        "the adapter set of each such request from its prompt (a chat's last user message); "
+                        "--request-router is its older name")
+    s.add_argument("--adapter-selector-labels", "--request-router-labels", metavar="JSON",
+                   help="the adapter selector's label map, {\"0\": \"adapter-name\", ...} (default: the folder's "
+                        "selector_labels.json, else the model's id2label)")
     s.add_argument("--replicas", type=int, default=1,
                    help="engine replicas behind one endpoint, on Ray Serve (each with its own engine and KV "
                         "cache; requests of one adapter set stick to one replica); default 1: no Ray")

@@ -54,23 +54,23 @@ class EngineCollector:
         yield family
 
 
-class RouterCollector:
-    """The request router's decisions per adapter set, read at scrape time."""
+class SelectorCollector:
+    """The adapter selector's decisions per adapter set, read at scrape time."""
 
-    def __init__(self, router):
-        self.router = router
+    def __init__(self, selector):
+        self.selector = selector
 
     def collect(self):
-        family = CounterMetricFamily("ldmole:request_router_decisions",
-                                     "Requests with model 'auto', by the adapter set the request router chose.",
+        family = CounterMetricFamily("ldmole:adapter_selector_decisions",
+                                     "Requests with model 'auto', by the adapter set the adapter selector chose.",
                                      labels=["adapter"])
-        for name, n in sorted(self.router.decisions.items()):
+        for name, n in sorted(self.selector.decisions.items()):
             family.add_metric([name], n)
         yield family
 
 
 class ServerMetrics:
-    def __init__(self, engine, request_router=None):
+    def __init__(self, engine, adapter_selector=None):
         self.registry = registry = CollectorRegistry()
         self.success = Counter("ldmole:request_success", "Finished requests, by adapter and finish reason.",
                                ["adapter", "finished_reason"], registry=registry)
@@ -87,8 +87,8 @@ class ServerMetrics:
         self.e2e = Histogram("ldmole:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              ["adapter"], buckets=LATENCY_BUCKETS, registry=registry)
         registry.register(EngineCollector(engine))
-        if request_router is not None:
-            registry.register(RouterCollector(request_router))
+        if adapter_selector is not None:
+            registry.register(SelectorCollector(adapter_selector))
 
     def tracker(self, adapter: str) -> RequestTracker:
         return RequestTracker(self, adapter)

@@ -12,7 +12,7 @@ from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
 from ldmole_runtime.lora.bank import SetSlot
 from ldmole_server.metrics import ServerMetrics
 
-AUTO = "auto"  # the `model` that asks the request router to pick the adapter set
+AUTO = "auto"  # the `model` that asks the adapter selector to pick the adapter set
 
 
 @dataclass
@@ -29,32 +29,33 @@ class ServerState:
     adapter_paths: dict[str, str] = field(default_factory=dict)  # adapter-set name -> folder it came from
     settings: ServerSettings = field(default_factory=ServerSettings)
     metrics: ServerMetrics | None = None
-    request_router: object | None = None  # a request_router.RequestRouter: serves `model: "auto"`
+    adapter_selector: object | None = None  # a adapter_selector.AdapterSelector: serves `model: "auto"`
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
         # a cache per instance (a cached method would key on, and keep alive, every ServerState)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
         if self.metrics is None:
-            self.metrics = ServerMetrics(self.engine, self.request_router)
+            self.metrics = ServerMetrics(self.engine, self.adapter_selector)
 
     def resolve_model(self, model: str | None) -> SetSlot | None:
         """The adapter set a request's `model` field selects, resolved once (None: the bare base)."""
         if model is None or model == self.base_name:
             return None
         if model == AUTO and AUTO not in self.engine.adapter_names():
-            if self.request_router is None:
-                raise LDMoleError("model 'auto' needs a request router: start the server with --request-router DIR")
-            raise LDMoleError("model 'auto' (request routing) works on /v1/completions and /v1/chat/completions")
+            if self.adapter_selector is None:
+                raise LDMoleError("model 'auto' needs an adapter selector: start the server with "
+                                  "--adapter-selector DIR")
+            raise LDMoleError("model 'auto' (adapter selection) works on /v1/completions and /v1/chat/completions")
         if model not in self.engine.adapter_names():
             raise UnknownAdapterError(f"the model {model!r} does not exist; served: {self.model_names()}")
         return self.engine.resolve_adapter(model)
 
     async def pick_model(self, model: str | None, text) -> SetSlot | None:
-        """As resolve_model, but `model: "auto"` asks the request router, which reads text() (the
+        """As resolve_model, but `model: "auto"` asks the adapter selector, which reads text() (the
         prompt, or a chat's last user message)."""
-        if model == AUTO and self.request_router is not None and AUTO not in self.engine.adapter_names():
-            return self.resolve_model(await self.request_router.route(text()))
+        if model == AUTO and self.adapter_selector is not None and AUTO not in self.engine.adapter_names():
+            return self.resolve_model(await self.adapter_selector.select(text()))
         return self.resolve_model(model)
 
     def model_names(self) -> list[str]:

@@ -17,8 +17,8 @@ from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.model.tokenizer import load_tokenizer
+from ldmole_server.adapter_selector import AdapterSelector
 from ldmole_server.app import build_app
-from ldmole_server.request_router import RequestRouter
 from ldmole_server.state import ServerSettings, ServerState
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -57,18 +57,19 @@ def free_port() -> int:
 class LiveServer:
     def __init__(self, base: Path, adapters: dict[str, Path], *, api_key: str | None = None,
                  max_queue: int | None = 256,
-                 num_blocks: int = 256, max_body_bytes: int = 1 << 20, request_router: Path | None = None):
+                 num_blocks: int = 256, max_body_bytes: int = 1 << 20, adapter_selector: Path | None = None):
         runtime = LDMoleRuntime.from_pretrained(base, adapters={k: str(v) for k, v in adapters.items()})
         tokenizer = load_tokenizer(base)
         engine = LLMEngine(runtime, tokenizer, EngineConfig(block_size=4, num_blocks=num_blocks, max_num_seqs=32,
                                                             max_num_batched_tokens=256, expert_sample_every=1))
-        router = None
-        if request_router is not None:
-            router = RequestRouter(request_router, None, runtime, tokenizer)
-            router.check_targets([BASE_NAME] + list(adapters))
+        selector = None
+        if adapter_selector is not None:
+            selector = AdapterSelector(adapter_selector, None, runtime, tokenizer)
+            selector.check_targets([BASE_NAME] + list(adapters))
         self.state = ServerState(AsyncLLMEngine(engine, max_queue), BASE_NAME, str(base),
                                  {k: str(v) for k, v in adapters.items()},
-                                 ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes), request_router=router)
+                                 ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes),
+                                 adapter_selector=selector)
         self.app = build_app(self.state)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

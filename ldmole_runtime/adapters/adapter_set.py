@@ -32,8 +32,9 @@ from ldmole_runtime.model.config import ModelConfig
 
 CONFIG_NAME = "ldmole_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
-# a request router's label map ({"0": "adapter-set name", ...}), beside a set with a classification head
-ROUTER_LABELS_NAME = "router_labels.json"
+# an adapter selector's label map ({"0": "adapter-set name", ...}), beside a set with a classification head
+SELECTOR_LABELS_NAME = "selector_labels.json"
+LEGACY_SELECTOR_LABELS_NAME = "router_labels.json"  # what `ldmole train-router` wrote before the rename
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""MoLE-style request routing through the real server and the real `openai` client: a tiny random
+"""MoLE-style adapter selection through the real server and the real `openai` client: a tiny random
 BERT classifier picks one of four PEFT LoRAs (ranks 64/32/16/8) for `model: "auto"`; every decision
 equals transformers' own classifier argmax on the same text, and every answer equals a direct
 request to the chosen set."""
@@ -61,7 +61,7 @@ def test_auto_requests_follow_the_classifier(setup):
     base, loras, router_dir = setup
     expected = reference_decisions(router_dir, TEXTS)
     assert len(set(expected)) >= 3  # the test really routes to different sets
-    with LiveServer(base, loras, request_router=router_dir) as srv:
+    with LiveServer(base, loras, adapter_selector=router_dir) as srv:
         client = OpenAI(base_url=srv.url + "/v1", api_key="none")
         for text, want in zip(TEXTS, expected, strict=True):
             auto = client.completions.create(model="auto", prompt=text, max_tokens=6, temperature=0)
@@ -83,7 +83,7 @@ def test_auto_requests_follow_the_classifier(setup):
         metrics = srv_metrics(srv)
         for name in set(expected):
             n = 2 * expected.count(name) + (name == expected[1])
-            assert f'ldmole:request_router_decisions_total{{adapter="{name}"}} {float(n)}' in metrics
+            assert f'ldmole:adapter_selector_decisions_total{{adapter="{name}"}} {float(n)}' in metrics
 
 
 def srv_metrics(srv):
@@ -91,29 +91,52 @@ def srv_metrics(srv):
     return httpx.get(srv.url + "/metrics").text
 
 
-def test_auto_without_a_router_is_a_clear_400(setup):
+def test_auto_without_a_selector_is_a_clear_400(setup):
     base, loras, _ = setup
     with LiveServer(base, loras) as srv:
         client = OpenAI(base_url=srv.url + "/v1", api_key="none")
-        with pytest.raises(BadRequestError, match="needs a request router"):
+        with pytest.raises(BadRequestError, match="needs an adapter selector"):
             client.completions.create(model="auto", prompt="hi", max_tokens=2)
 
 
-def test_router_labels_naming_unknown_sets_are_refused(setup, tmp_path):
+def test_selector_labels_naming_unknown_sets_are_refused(setup, tmp_path):
     base, loras, router_dir = setup
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"0": "r64", "1": "r32", "2": "nope", "3": "r8"}))
     parser = argparse.ArgumentParser()
     add_serve_flags(parser)
-    args = parser.parse_args(["--base", str(base), "--request-router", str(router_dir),
-                              "--request-router-labels", str(labels)]
+    args = parser.parse_args(["--base", str(base), "--adapter-selector", str(router_dir),
+                              "--adapter-selector-labels", str(labels)]
                              + sum((["--adapter", f"{n}={p}"] for n, p in loras.items()), []))
     with pytest.raises(LDMoleError, match=r"not served: \['nope'\]"):
         build_state(args)
 
 
-def test_train_router_then_serve_auto(setup, tmp_path):
-    """`ldmole train-router` on labelled prompts (the keyword decides the set), then the server routes
+def test_older_names_still_work(setup, tmp_path):
+    """`--request-router`/`--request-router-labels` and a folder's `router_labels.json` (what the
+    selector was called before) are still read."""
+    import shutil
+
+    base, loras, router_dir = setup
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"0": "r64", "1": "gone", "2": "r32", "3": "r8"}))
+    adapters = sum((["--adapter", f"{n}={p}"] for n, p in loras.items()), [])
+    args = parser.parse_args(["--base", str(base), "--request-router", str(router_dir),
+                              "--request-router-labels", str(labels)] + adapters)
+    assert (args.adapter_selector, args.adapter_selector_labels) == (str(router_dir), str(labels))
+    with pytest.raises(LDMoleError, match=r"not served: \['gone'\]"):
+        build_state(args)
+    legacy = tmp_path / "legacy"
+    shutil.copytree(router_dir, legacy)
+    (legacy / "router_labels.json").write_text(json.dumps({"0": "r64", "1": "r32", "2": "old", "3": "r8"}))
+    with pytest.raises(LDMoleError, match=r"not served: \['old'\]"):
+        build_state(parser.parse_args(["--base", str(base), "--adapter-selector", str(legacy)] + adapters))
+
+
+def test_train_selector_then_serve_auto(setup, tmp_path):
+    """`ldmole train-selector` on labelled prompts (the keyword decides the set), then the server routes
     held-out prompts with it: decisions match the labels, answers match direct requests."""
     import random
 
@@ -133,11 +156,11 @@ def test_train_router_then_serve_auto(setup, tmp_path):
 
     data, held_out = tmp_path / "route.jsonl", rows(12)
     data.write_text("\n".join(json.dumps(r) for r in rows(96)) + "\n")
-    assert main(["train-router", "--data", str(data), "--base", str(base), "--out", str(tmp_path / "router"),
+    assert main(["train-selector", "--data", str(data), "--base", str(base), "--out", str(tmp_path / "router"),
                  "--epochs", "4", "--lr", "1e-2", "--device", "cpu"]) == 0
     router = tmp_path / "router" / "adapter"
-    assert json.loads((router / "router_labels.json").read_text()) == {"0": "r32", "1": "r64", "2": "r8"}
-    with LiveServer(base, loras, request_router=router) as srv:
+    assert json.loads((router / "selector_labels.json").read_text()) == {"0": "r32", "1": "r64", "2": "r8"}
+    with LiveServer(base, loras, adapter_selector=router) as srv:
         client = OpenAI(base_url=srv.url + "/v1", api_key="none")
         right = 0
         for row in held_out:

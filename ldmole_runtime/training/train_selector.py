@@ -1,9 +1,9 @@
-"""`ldmole train-router`: train a request router (MoLE-style) with the ordinary trainer.
+"""`ldmole train-selector`: train an adapter selector (MoLE-style) with the ordinary trainer.
 
 Labelled prompts, JSONL of {"text": ..., "adapter": ...}, become a classification task over the
 adapter names (sorted: label i is the i-th name); `ldmole train` trains a set with a classification
-head on the base, and its adapter folder gets `router_labels.json`, so that
-`ldmole serve --request-router RUN/adapter` serves `model: "auto"` with it.
+head on the base, and its adapter folder gets `selector_labels.json`, so that
+`ldmole serve --adapter-selector RUN/adapter` serves `model: "auto"` with it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from ldmole_runtime.adapters.adapter_set import ROUTER_LABELS_NAME
+from ldmole_runtime.adapters.adapter_set import SELECTOR_LABELS_NAME
 from ldmole_runtime.data.examples import read_jsonl
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.training.config import TrainConfig
@@ -66,7 +66,7 @@ def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list
     return train_rows, val_rows
 
 
-def train_router(data: str | None, val_data: str | None, val_fraction: float, overrides: dict,
+def train_selector(data: str | None, val_data: str | None, val_fraction: float, overrides: dict,
                  tasks: str | None = None, limit_per_task: int | None = None) -> dict:
     """Train on labelled prompts (`data`, or built-in datasets' questions: `tasks`, validated on
     their validation splits); returns the trainer's metrics plus the label map."""
@@ -81,12 +81,12 @@ def train_router(data: str | None, val_data: str | None, val_fraction: float, ov
         train_rows, val_rows = split_validation(read_routing_data(data), val_fraction, overrides.get("seed", 0))
     names = sorted({a for _, a in train_rows})
     if len(names) < 2:
-        raise LDMoleError(f"a router needs at least two adapters to choose between; the data names {names}")
+        raise LDMoleError(f"an adapter selector needs at least two adapters to choose between; the data names {names}")
     unseen = sorted({a for _, a in val_rows} - set(names))
     if unseen:
         raise LDMoleError(f"validation data names adapters the training data does not: {unseen}")
-    out = Path(overrides.get("out", "runs/router"))
-    files = out / "router_data"
+    out = Path(overrides.get("out", "runs/selector"))
+    files = out / "selector_data"
     files.mkdir(parents=True, exist_ok=True)
     for split, part in (("train", train_rows), ("validation", val_rows)):
         with open(files / f"{split}.jsonl", "w") as f:
@@ -100,5 +100,5 @@ def train_router(data: str | None, val_data: str | None, val_fraction: float, ov
     metrics = train(cfg)
     labels = {str(i): name for i, name in enumerate(names)}
     if (out / "adapter").is_dir():
-        (out / "adapter" / ROUTER_LABELS_NAME).write_text(json.dumps(labels, indent=2) + "\n")
+        (out / "adapter" / SELECTOR_LABELS_NAME).write_text(json.dumps(labels, indent=2) + "\n")
     return metrics | {"labels": labels}

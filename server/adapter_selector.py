@@ -1,10 +1,10 @@
-"""MoLE-style request routing: `model: "auto"` picks an adapter set per request with a classifier.
+"""MoLE-style adapter selection: `model: "auto"` picks an adapter set per request with a classifier.
 
 The classifier is a sequence-classification model folder: any transformers
 `AutoModelForSequenceClassification` (e.g. BERT-tiny, as in MoLE), or an adapter set of ours with a
-classification head (what `ldmole train-router` writes) on the served base. Its labels name
+classification head (what `ldmole train-selector` writes) on the served base. Its labels name
 adapter sets (or the base's served name): from the model's `id2label`, the folder's
-`router_labels.json`, or a JSON file given with `--request-router-labels`.
+`selector_labels.json` (`router_labels.json`, its older name), or a JSON file given with `--adapter-selector-labels`.
 
 It runs on CPU in its own thread, so the engine loop never waits for it, and batches what arrives
 together: requests queue up while a batch is classified, and the next batch takes them all.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ldmole_runtime.adapters.adapter_set import ROUTER_LABELS_NAME
+from ldmole_runtime.adapters.adapter_set import LEGACY_SELECTOR_LABELS_NAME, SELECTOR_LABELS_NAME
 from ldmole_runtime.errors import LDMoleError
 
 MAX_BATCH = 32
@@ -48,7 +48,7 @@ class _HFClassifier:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True).eval()
         except (OSError, ValueError) as exc:
-            raise LDMoleError(f"--request-router {path}: not a sequence-classification model folder ({exc})") from exc
+            raise LDMoleError(f"--adapter-selector {path}: not a sequence-classification model folder ({exc})") from exc
         self.id2label = {int(k): v for k, v in (self.model.config.id2label or {}).items()}
 
     @torch.inference_mode()
@@ -66,11 +66,11 @@ class _AdapterClassifier:
 
         adapter = AdapterSet.load(path)
         if adapter.config.num_labels is None:
-            raise LDMoleError(f"--request-router {path}: the adapter set has no classification head (num_labels)")
+            raise LDMoleError(f"--adapter-selector {path}: the adapter set has no classification head (num_labels)")
         if tokenizer is None:
-            raise LDMoleError("--request-router with an adapter set needs the base's tokenizer")
+            raise LDMoleError("--adapter-selector with an adapter set needs the base's tokenizer")
         self.runtime = LDMoleRuntime(runtime.model)  # its own bank: the engine's is not touched
-        self.runtime.load_adapter("router", adapter)
+        self.runtime.load_adapter("selector", adapter)
         self.tokenizer = tokenizer
         self.id2label: dict[int, str] = {}
 
@@ -80,26 +80,27 @@ class _AdapterClassifier:
         # encoded exactly as the trainer encoded its examples (start token + text + end token)
         max_len = self.runtime.cfg.max_position_embeddings
         return [int(self.runtime.classify(encode(ClassificationExample(t, 0), "classification", self.tokenizer,
-                                                 max_len).input_ids, "router").argmax()) for t in texts]
+                                                 max_len).input_ids, "selector").argmax()) for t in texts]
 
 
-class RequestRouter:
+class AdapterSelector:
     def __init__(self, path: str | Path, labels_path: str | Path | None, runtime, tokenizer):
         path = Path(path)
         if not path.is_dir():
-            raise LDMoleError(f"--request-router {path}: folder does not exist")
+            raise LDMoleError(f"--adapter-selector {path}: folder does not exist")
         is_adapter = (path / "ldmole_adapter.json").is_file()
         self.classifier = _AdapterClassifier(path, runtime, tokenizer) if is_adapter else _HFClassifier(path)
         if labels_path is not None:
             self.labels = read_labels(Path(labels_path))
-        elif (path / ROUTER_LABELS_NAME).is_file():
-            self.labels = read_labels(path / ROUTER_LABELS_NAME)
+        elif any((path / name).is_file() for name in (SELECTOR_LABELS_NAME, LEGACY_SELECTOR_LABELS_NAME)):
+            found = [name for name in (SELECTOR_LABELS_NAME, LEGACY_SELECTOR_LABELS_NAME) if (path / name).is_file()]
+            self.labels = read_labels(path / found[0])
         else:
             self.labels = self.classifier.id2label
         if not self.labels:
-            raise LDMoleError(f"--request-router {path}: no label map (id2label, {ROUTER_LABELS_NAME}, or "
-                              "--request-router-labels)")
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ldmole-request-router")
+            raise LDMoleError(f"--adapter-selector {path}: no label map (id2label, {SELECTOR_LABELS_NAME}, or "
+                              "--adapter-selector-labels)")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ldmole-adapter-selector")
         self.pending: list[tuple[str, asyncio.Future]] = []
         self.busy = False
         self.decisions: dict[str, int] = {}
@@ -108,15 +109,15 @@ class RequestRouter:
         """Every label must name a served set (or the base): checked at start-up, and when sets unload."""
         unknown = sorted({name for name in self.labels.values() if name not in served})
         if unknown:
-            raise LDMoleError(f"the request router's labels name adapter sets that are not served: {unknown}; "
+            raise LDMoleError(f"the adapter selector's labels name adapter sets that are not served: {unknown}; "
                               f"served: {served}")
 
     def label_of(self, index: int) -> str:
         if index not in self.labels:
-            raise LDMoleError(f"the request router predicted label {index}, which its label map does not name")
+            raise LDMoleError(f"the adapter selector predicted label {index}, which its label map does not name")
         return self.labels[index]
 
-    async def route(self, text: str) -> str:
+    async def select(self, text: str) -> str:
         """The served name the classifier picks for this text."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((text, future))
