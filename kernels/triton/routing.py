@@ -32,10 +32,14 @@ import triton.language as tl
 def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_ptr, router_ptr,
                   w1_ptr, b1_ptr, w2_ptr, b2_ptr, thr_w_ptr, thr_b_ptr, cap_ptr, p_ptr, scalar_ptr, IN, H, eps,
                   P: tl.constexpr, EMAX: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, STORE_SCALAR: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_LAMBDA: tl.constexpr,
+                  STORE_SCALAR: tl.constexpr):
     b = tl.program_id(0)
     s = tl.load(blocks_ptr + 3 * b)
-    if s >= 0:
+    ps = tl.arange(0, 16)  # a group's projections (P ≤ 3), padded to a dot-sized tile
+    # a block of a set that adapts none of this group's projections has nothing to route (p stays 0)
+    adapts = tl.sum(tl.load(mask_ptr + tl.maximum(s, 0) * P + ps, mask=ps < tl.where(s >= 0, P, 0), other=0.0))
+    if adapts > 0.0:
         start = tl.load(blocks_ptr + 3 * b + 1)
         end = tl.load(blocks_ptr + 3 * b + 2)
         offset = tl.load(set_info_ptr + 4 * s)
@@ -52,10 +56,8 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
         col_ok = e_of < E
         hs = tl.arange(0, BLOCK_H)
         h_ok = hs < H
-        load_u = e_of < tl.where(kind != 2, E, 0)  # E = 1 (kind 2) has no router weights
-        load_h = hs < tl.where(kind == 0, H, 0)  # only sparsegen sets have a λ-network
-        ps = tl.arange(0, 16)  # threshold layers: P ≤ 3 rows, padded to a dot-sized tile
-        load_t = ps < tl.where(kind == 4, P, 0)
+        load_u = e_of < E
+        load_t = ps < P
         acc_t = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
 
         acc_u = tl.zeros((BLOCK_M, EP), dtype=tl.float32)
@@ -65,20 +67,27 @@ def _route_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_pt
             k_ok = ks < IN
             xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                          other=0.0).to(tl.float32)
-            r = tl.load(router_ptr + (offset * P + cols)[:, None] * IN + ks[None, :],
-                        mask=load_u[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc_u += tl.dot(xk, tl.trans(r), input_precision="ieee")
-            w1 = tl.load(w1_ptr + s * H * IN + hs[:, None] * IN + ks[None, :],
-                         mask=load_h[:, None] & k_ok[None, :], other=0.0)
-            acc_h += tl.dot(xk, tl.trans(w1), input_precision="ieee")
-            tw = tl.load(thr_w_ptr + (s * P + ps[:, None]) * IN + ks[None, :], mask=load_t[:, None] & k_ok[None, :],
-                         other=0.0).to(tl.float32)
-            acc_t += tl.dot(xk, tl.trans(tw), input_precision="ieee")
+            if kind != 2:  # E = 1 (kind 2) has no router weights
+                r = tl.load(router_ptr + (offset * P + cols)[:, None] * IN + ks[None, :],
+                            mask=load_u[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                acc_u += tl.dot(xk, tl.trans(r), input_precision="ieee")
+            if HAS_LAMBDA:  # some set has a λ-network of this fan-in: w1 [S, H, IN] holds a row per set
+                if kind == 0:  # only sparsegen sets have one
+                    w1 = tl.load(w1_ptr + s * H * IN + hs[:, None] * IN + ks[None, :],
+                                 mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+                    acc_h += tl.dot(xk, tl.trans(w1), input_precision="ieee")
+            if kind == 4:  # AdaMoLE's threshold layers
+                tw = tl.load(thr_w_ptr + (s * P + ps[:, None]) * IN + ks[None, :],
+                             mask=load_t[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                acc_t += tl.dot(xk, tl.trans(tw), input_precision="ieee")
 
-        b1 = tl.load(b1_ptr + s * H + hs, mask=h_ok, other=0.0)
-        w2 = tl.load(w2_ptr + s * H + hs, mask=h_ok, other=0.0)
-        z = tl.sum(tl.maximum(acc_h + b1[None, :], 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr + s)
-        lam = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z))) + (1.0 - eps)  # logsigmoid + 1 - eps
+        lam = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read only by sparsegen sets, which have a λ-network
+        if HAS_LAMBDA:
+            if kind == 0:
+                b1 = tl.load(b1_ptr + s * H + hs, mask=h_ok, other=0.0)
+                w2 = tl.load(w2_ptr + s * H + hs, mask=h_ok, other=0.0)
+                z = tl.sum(tl.maximum(acc_h + b1[None, :], 0.0) * w2[None, :], axis=1) + tl.load(b2_ptr + s)
+                lam = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z))) + (1.0 - eps)  # logsigmoid + 1 - eps
         tb = tl.load(thr_b_ptr + s * P + ps, mask=load_t, other=0.0).to(tl.float32)
         # [BLOCK_M, 16]: the threshold of projection i in column i
         t = tl.load(cap_ptr + s) / (1.0 + tl.exp(-(acc_t + tb[None, :])))
@@ -153,9 +162,9 @@ def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
     P = router.shape[1]
     assert x.stride(1) == 1 and router.is_contiguous() and masks.is_contiguous()
     p = torch.zeros(N, P, max_experts, device=x.device, dtype=torch.float32)
-    if lambdas is None:
-        zero = torch.zeros(1, device=x.device)
-        w1, b1, w2, b2, H = zero, zero, zero, zero, 1
+    if lambdas is None:  # no set has a λ-network of this fan-in: HAS_LAMBDA=False, never read
+        w1 = b1 = w2 = b2 = p
+        H = 1
     else:
         w1, b1, w2, b2 = lambdas
         H = w1.shape[1]
@@ -164,5 +173,5 @@ def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
         x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, b2, *thresholds, p, scalars,
         IN, H, eps,
         P=P, EMAX=max_experts, EP=_pow2(max_experts * P), BLOCK_M=block_m, BLOCK_K=32,
-        BLOCK_H=_pow2(H), STORE_SCALAR=scalar_out is not None)
+        BLOCK_H=_pow2(H), HAS_LAMBDA=lambdas is not None, STORE_SCALAR=scalar_out is not None)
     return p

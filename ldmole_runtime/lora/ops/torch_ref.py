@@ -101,7 +101,7 @@ def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, la
     N, P = x.shape[0], router.shape[1]
     p = torch.zeros(N, P, max_experts, dtype=torch.float32)
     for s, start, end in blocks.tolist():
-        if s < 0:
+        if s < 0 or not masks[s].any():  # bare-base tokens, or a set adapting none of the group
             continue
         offset, E, kind, top_k = set_info[s].tolist()
         rows = sorted_tokens[start:end]
