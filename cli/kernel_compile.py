@@ -14,9 +14,11 @@ Compiled kernels land in Triton's cache (TRITON_CACHE_DIR), so a second run only
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import pathlib
 import re
 import subprocess
 import tempfile
@@ -133,9 +135,14 @@ _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 
 
 def ptxas_report(ptx: str, capability: int) -> tuple[int, int, int, int]:
-    """(registers, spill stores, spill loads, stack bytes) from ptxas -v, with the flags Triton assembles with."""
+    """(registers, spill stores, spill loads, stack bytes) from ptxas -v, with the flags Triton assembles with.
+    Kept beside Triton's cache, by the PTX's hash: a warm run needs no assembler."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
+    cache = pathlib.Path(os.environ.get("TRITON_CACHE_DIR") or pathlib.Path.home() / ".triton" / "cache") / "ptxas-v"
+    entry = cache / f"{hashlib.sha256(ptx.encode()).hexdigest()}-{capability}.json"
+    if entry.is_file():
+        return tuple(json.loads(entry.read_text()))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
@@ -147,6 +154,10 @@ def ptxas_report(ptx: str, capability: int) -> tuple[int, int, int, int]:
     regs = max(int(m) for m in _PTXAS.findall(out))
     spills = [tuple(map(int, m)) for m in _SPILL.findall(out)] or [(0, 0, 0)]
     stack, stores, loads = (max(s[i] for s in spills) for i in range(3))
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = entry.with_suffix(f".{os.getpid()}")
+    partial.write_text(json.dumps([regs, stores, loads, stack]))
+    partial.replace(entry)  # atomic: a parallel worker never reads half an entry
     return regs, stores, loads, stack
 
 
