@@ -20,15 +20,24 @@ SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.uni
             aten.unique_dim, aten.bincount, aten.is_nonzero, aten.equal, aten.histc, aten.allclose}
 
 
+# ops that only allocate or re-describe memory: no device work is launched for them
+ALLOCATING_OPS = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided}
+
+
 class OpCounter(TorchDispatchMode):
+    """`ops`: every aten op and Triton launch; `launches`: those that put work on the device (not views,
+    not bare allocations); `allocations`: the bare allocations."""
+
     def __init__(self):
         super().__init__()
-        self.ops, self.syncs, self.paused = 0, [], False
+        self.ops, self.launches, self.allocations, self.syncs, self.paused = 0, 0, 0, [], False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.paused:
             self.ops += 1
+            self.allocations += func.overloadpacket in ALLOCATING_OPS
+            self.launches += not (func.is_view or func.overloadpacket in ALLOCATING_OPS)
             if func.overloadpacket in SYNC_OPS or _is_sync(func, args, kwargs):
                 self.syncs.append(str(func))
         return func(*args, **kwargs)
@@ -62,6 +71,7 @@ def count_triton_launches(monkeypatch, counter_ref: list):
                 if counter is None:
                     return launch(*args, **kwargs)
                 counter.ops += 1
+                counter.launches += 1
                 counter.paused = True
                 try:
                     return launch(*args, **kwargs)

@@ -184,7 +184,8 @@ def _pow2(n: int, least: int = 16) -> int:
 def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Tensor, set_info: torch.Tensor,
                  masks: torch.Tensor, router: torch.Tensor, lambdas: tuple[torch.Tensor, ...] | None,
                  thresholds: tuple[torch.Tensor, torch.Tensor, torch.Tensor], max_experts: int, eps: float,
-                 block_m: int, scalar_out: torch.Tensor | None = None) -> torch.Tensor:
+                 block_m: int, scalar_out: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """p [N, P, max_experts] fp32 for every token in `blocks` (rows of other tokens are left unwritten);
     λ or t into scalar_out [N, P].
 
@@ -194,8 +195,11 @@ def route_blocks(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
     N, IN = x.shape
     P = router.shape[1]
     assert x.stride(1) == 1 and router.is_contiguous() and masks.is_contiguous()
-    # rows of tokens in `blocks` are written whole; other rows (bare-base tokens) are never read
-    p = torch.empty(N, P, max_experts, device=x.device, dtype=torch.float32)
+    # rows of tokens in `blocks` are written whole; other rows (bare-base tokens) are never read. `out`: a
+    # flat fp32 buffer to hold p (a step's scratch, reused by every group), else a new one
+    numel = N * P * max_experts
+    p = torch.empty(numel, device=x.device, dtype=torch.float32) if out is None else out[:numel]
+    p = p.view(N, P, max_experts)
     if lambdas is None:  # no set has a λ-network of this fan-in: HAS_LAMBDA=False, never read
         w1 = b1 = w2 = b2 = p
         H = 1

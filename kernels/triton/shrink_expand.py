@@ -109,7 +109,8 @@ def _pow2(n: int, least: int = 16) -> int:
 
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_tokens: torch.Tensor,
                   blocks: torch.Tensor, set_info: torch.Tensor, scaling: torch.Tensor, A: torch.Tensor,
-                  Bs: list[torch.Tensor], block_m: int, block_n: int = 64) -> None:
+                  Bs: list[torch.Tensor], block_m: int, block_n: int = 64,
+                  h_out: torch.Tensor | None = None) -> None:
     """y [N, Σ out] += the experts' delta, for the tokens in `blocks`. A [G, P, r, in], Bs[i] [G, r, out_i]."""
     N, IN = x.shape
     _, P, R, _ = A.shape
@@ -117,7 +118,9 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_toke
     assert len(Bs) == P <= 3 and A.is_contiguous() and all(b.is_contiguous() for b in Bs)
     assert x.stride(1) == 1 and y.stride(1) == 1 and p.is_contiguous()
     upcast = x.dtype == torch.float32 or _interpreted()
-    h = torch.empty(N, P, EMAX, R, device=x.device, dtype=torch.float32)
+    numel = N * P * EMAX * R  # h_out: a flat fp32 buffer to hold h (a step's scratch, reused by every group)
+    h = torch.empty(numel, device=x.device, dtype=torch.float32) if h_out is None else h_out[:numel]
+    h = h.view(N, P, EMAX, R)
     grid = (blocks.shape[0], P * EMAX)
     _shrink_kernel[grid](x, x.stride(0), sorted_tokens, blocks, set_info, scaling, p, A, h, IN, R,
                          P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_K=32, UPCAST=upcast)

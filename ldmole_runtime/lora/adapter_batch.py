@@ -15,7 +15,7 @@ no device→host sync, and copied to the device once per forward:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,6 +44,16 @@ class AdapterBatch:
     segments: tuple[Segment, ...]
     sorted_tokens: torch.Tensor | None = None  # [M] rows of adapted tokens, grouped by set
     blocks: torch.Tensor | None = None  # [capacity, 3] (set, start, end) into sorted_tokens
+    # the kernels' per-step work buffers (expert weights p, shrink outputs h), shared by every layer and
+    # group of the step: allocated with the step's metadata, never once per group
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def scratch_buffer(self, name: str, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat fp32 buffer of at least numel elements, the same one for every caller of this step."""
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.scratch[name] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
 
     @property
     def is_bare(self) -> bool:

@@ -15,9 +15,10 @@ from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.sampling_params import SamplingParams
 
 # Ops per decoder layer that the adapters may add to a decode step (two sets present), per backend.
-# triton: 4 groups × (p buffer, h buffer, 3 launches), whatever the number of sets; the others
-# route one set at a time.
-OPS_PER_LAYER_BUDGET = {"triton": 20, "cpu": 48, "torch": 320}
+# triton: 4 groups × (3 launches + 4 views of the step's two work buffers, p and h), whatever the number of
+# sets, plus the two buffers once per step; the others route one set at a time.
+OPS_PER_LAYER_BUDGET = {"triton": 29, "cpu": 48, "torch": 320}
+GROUPS_PER_LAYER = 4  # qkv, o, gate_up, down
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +75,17 @@ def test_static_decode_step_has_no_sync(runtime, monkeypatch):
     assert len(decode) == 2
     for counter in decode:
         assert counter.syncs == []
+
+
+def test_triton_decode_launches_at_most_three_kernels_per_group(runtime, monkeypatch):
+    """Routing, shrink, expand: nothing else goes to the device per adapted group (the work buffers
+    are the step's, allocated once; no memset, no per-group allocation)."""
+    adapted = recorded_forwards(runtime, "triton", ["a", "b", None], monkeypatch, expert_sample_every=0)
+    bare = recorded_forwards(runtime, "triton", [None, None, None], monkeypatch, expert_sample_every=0)
+    decode = [c for n, c in adapted if n == 3]
+    bare_decode = [c for n, c in bare if n == 3]
+    for step, base in zip(decode, bare_decode, strict=True):
+        per_group = (step.launches - base.launches) / (runtime.cfg.num_layers * GROUPS_PER_LAYER)
+        assert per_group == 3, f"{per_group} launches per adapted group"
+        assert step.allocations - base.allocations == 2  # p and h, once for the whole step
+

@@ -33,11 +33,15 @@ class TritonBackend:
         P = len(gb.projections)
         # what the router's scalar was per token and projection: λ (the same for every projection) or AdaMoLE's t
         scalars = torch.full((x.shape[0], P), float("nan"), device=x.device) if capture is not None else None
+        # work buffers sized for the widest group (3 projections) and the bank's rank: one each per step
+        N, R = x.shape[0], gb.A.shape[2]
+        p_buf = batch.scratch_buffer("p", N * 3 * tables.max_experts, x.device)
+        h_buf = batch.scratch_buffer("h", N * 3 * tables.max_experts * R, x.device)
         p = route_blocks(x, batch.sorted_tokens, batch.blocks, tables.set_info, tables.masks[gb.group], gb.router,
                          tables.lambdas.get(gb.fan_in), (gb.threshold, gb.threshold_bias, tables.threshold_cap),
-                         tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, scalars)
+                         tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, scalars, out=p_buf)
         shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, tables.set_info, tables.scaling, gb.A, gb.B,
-                      TOKEN_BLOCK)
+                      TOKEN_BLOCK, h_out=h_buf)
         if capture is not None:
             for seg in batch.segments:
                 slot = bank.slots[seg.set_index]
