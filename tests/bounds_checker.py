@@ -39,6 +39,8 @@ class Violations:
     launches: int = 0
     accesses: int = 0
     bad: list[str] = field(default_factory=list)
+    loaded: dict[str, int] = field(default_factory=dict)  # watched tensor -> elements loaded from it
+    multiply_adds: int = 0  # of every tl.dot: M·N·K
 
 
 class OutOfBounds(AssertionError):
@@ -46,13 +48,18 @@ class OutOfBounds(AssertionError):
 
 
 @contextlib.contextmanager
-def bounds_checked():
-    """Every interpreted launch inside the block is checked; raises OutOfBounds at exit on a violation."""
+def bounds_checked(watch: dict[str, torch.Tensor] | None = None):
+    """Every interpreted launch inside the block is checked; raises OutOfBounds at exit on a violation.
+    Also counts, for the work a kernel does, the elements loaded from each `watch` tensor and the
+    multiply-adds of its dots."""
     found = Violations()
+    watched = {name: _span(t) for name, t in (watch or {}).items()}
+    found.loaded = dict.fromkeys(watched, 0)
     spans: list[tuple[int, int]] = []
     init_args = interpreter.GridExecutor._init_args_hst
     masked_load = interpreter.InterpreterBuilder.create_masked_load
     masked_store = interpreter.InterpreterBuilder.create_masked_store
+    dot = interpreter.InterpreterBuilder.create_dot
 
     def record_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
@@ -68,6 +75,9 @@ def bounds_checked():
         found.accesses += addresses.size
         if addresses.size == 0:
             return
+        if kind == "load":
+            for name, (lo, hi) in watched.items():
+                found.loaded[name] += int(((addresses >= lo) & (addresses < hi)).sum())
         inside = np.zeros(addresses.size, dtype=bool)
         for lo, hi in spans:
             inside |= (addresses >= lo) & (addresses + itemsize <= hi)
@@ -85,7 +95,13 @@ def bounds_checked():
         check("store", ptrs, mask, np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize)
         return masked_store(self, ptrs, value, mask, cache_policy)
 
+    def count_dot(self, a, b, d, *args):
+        m, k = np.shape(a.data)[-2:]
+        found.multiply_adds += m * k * np.shape(b.data)[-1]
+        return dot(self, a, b, d, *args)
+
     interpreter.GridExecutor._init_args_hst = record_args
+    interpreter.InterpreterBuilder.create_dot = count_dot
     interpreter.InterpreterBuilder.create_masked_load = load
     interpreter.InterpreterBuilder.create_masked_store = store
     try:
@@ -94,5 +110,6 @@ def bounds_checked():
         interpreter.GridExecutor._init_args_hst = init_args
         interpreter.InterpreterBuilder.create_masked_load = masked_load
         interpreter.InterpreterBuilder.create_masked_store = masked_store
+        interpreter.InterpreterBuilder.create_dot = dot
     if found.bad:
         raise OutOfBounds("\n".join(found.bad[:8]))

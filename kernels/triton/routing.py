@@ -63,10 +63,10 @@ def _route_block(x_ptr, stride_x, tok, row_ok, rows, end, s, cols, e_of, i_of, p
                  IN, H, eps, P: tl.constexpr, EMAX: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_LAMBDA: tl.constexpr,
                  STORE_SCALAR: tl.constexpr):
-    offset = tl.load(set_info_ptr + 4 * s)
-    E = tl.load(set_info_ptr + 4 * s + 1)
-    kind = tl.load(set_info_ptr + 4 * s + 2)  # numbered as RouterKind (router_kinds.py)
-    top_k = tl.load(set_info_ptr + 4 * s + 3)
+    offset = tl.load(set_info_ptr + 5 * s)  # set_info rows: expert offset, E, router kind, top-k, rank
+    E = tl.load(set_info_ptr + 5 * s + 1)
+    kind = tl.load(set_info_ptr + 5 * s + 2)  # numbered as RouterKind (router_kinds.py)
+    top_k = tl.load(set_info_ptr + 5 * s + 3)
     col_ok = e_of < E
     load_t = ps < P
 

@@ -33,27 +33,29 @@ def _shrink_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, scalin
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
-        in_set = rows < tl.where(e < tl.load(set_info_ptr + 4 * s + 1), end, 0)  # expert e exists in the set
+        in_set = rows < tl.where(e < tl.load(set_info_ptr + 5 * s + 1), end, 0)  # expert e exists in the set
         w = tl.load(p_ptr + tok * (P * EMAX) + i * EMAX + e, mask=in_set, other=0.0)
         if tl.max(w, axis=0) > 0.0:
-            g = tl.load(set_info_ptr + 4 * s) + e
-            rs = tl.arange(0, BLOCK_R)
-            r_ok = rs < R
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, IN, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < IN
-                xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                a = tl.load(a_ptr + ((g * P + i) * R + rs[:, None]) * IN + ks[None, :],
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc += tl.dot(xk.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(xk, tl.trans(a))
-            h = acc * (w * tl.load(scaling_ptr + s))[:, None]
-            tl.store(h_ptr + ((tok[:, None] * P + i) * EMAX + e) * R + rs[None, :], h,
-                     mask=row_ok[:, None] & r_ok[None, :])
+            g = tl.load(set_info_ptr + 5 * s) + e
+            rank = tl.load(set_info_ptr + 5 * s + 4)  # the set's own rank: the bank's wider rows are padding
+            scale = w * tl.load(scaling_ptr + s)
+            for r0 in range(0, rank, BLOCK_R):
+                rs = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rs < rank
+                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, IN, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < IN
+                    xk = tl.load(x_ptr + tok[:, None] * stride_x + ks[None, :],
+                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    a = tl.load(a_ptr + ((g * P + i) * R + rs[:, None]) * IN + ks[None, :],
+                                mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                    if UPCAST:
+                        acc += tl.dot(xk.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
+                    else:
+                        acc += tl.dot(xk, tl.trans(a))
+                tl.store(h_ptr + ((tok[:, None] * P + i) * EMAX + e) * R + rs[None, :], acc * scale[:, None],
+                         mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -79,32 +81,37 @@ def _expand_kernel(y_ptr, stride_y, tokens_ptr, blocks_ptr, set_info_ptr, p_ptr,
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
-        offset = tl.load(set_info_ptr + 4 * s)
-        E = tl.load(set_info_ptr + 4 * s + 1)
-        rs = tl.arange(0, BLOCK_R)
-        r_ok = rs < R
+        offset = tl.load(set_info_ptr + 5 * s)
+        E = tl.load(set_info_ptr + 5 * s + 1)
+        rank = tl.load(set_info_ptr + 5 * s + 4)  # the set's own rank: the bank's wider rows are padding
         ns = n0 + tl.arange(0, BLOCK_N)
         n_ok = ns < width
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for e in range(0, E):
             w = tl.load(p_ptr + tok * (P * EMAX) + i * EMAX + e, mask=row_ok, other=0.0)
             if tl.max(w, axis=0) > 0.0:
-                h = tl.load(h_ptr + ((tok[:, None] * P + i) * EMAX + e) * R + rs[None, :],
-                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-                bm = tl.load(b_ptr + ((offset + e) * R + rs[:, None]) * width + ns[None, :],
-                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc += tl.dot(h, bm.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(h.to(bm.dtype), bm)
+                for r0 in range(0, rank, BLOCK_R):
+                    rs = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = rs < rank
+                    h = tl.load(h_ptr + ((tok[:, None] * P + i) * EMAX + e) * R + rs[None, :],
+                                mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                    bm = tl.load(b_ptr + ((offset + e) * R + rs[:, None]) * width + ns[None, :],
+                                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                    if UPCAST:
+                        acc += tl.dot(h, bm.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(h.to(bm.dtype), bm)
         out = y_ptr + tok[:, None] * stride_y + col0 + ns[None, :]
         ok = row_ok[:, None] & n_ok[None, :]
         y = tl.load(out, mask=ok, other=0.0)
         tl.store(out, (y.to(tl.float32) + acc).to(y.dtype), mask=ok)
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
+# rank rows per dot: each set runs ceil(rank / 16) of them, so a rank-8 set in a bank that also holds
+# a rank-64 set does the work it would do alone (tl.dot's smallest tile is 16)
+RANK_CHUNK = 16
+
+
 
 
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_tokens: torch.Tensor,
@@ -123,13 +130,13 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_toke
     h = h.view(N, P, EMAX, R)
     grid = (blocks.shape[0], P * EMAX)
     _shrink_kernel[grid](x, x.stride(0), sorted_tokens, blocks, set_info, scaling, p, A, h, IN, R,
-                         P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_K=32, UPCAST=upcast)
+                         P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_K=32, UPCAST=upcast)
     widths = [b.shape[2] for b in Bs] + [0] * (3 - P)
     ptrs = list(Bs) + [Bs[0]] * (3 - P)
     tiles = sum(triton.cdiv(w, block_n) for w in widths)
     _expand_kernel[(blocks.shape[0], tiles)](
         y, y.stride(0), sorted_tokens, blocks, set_info, p, h, *ptrs, R, *widths,
-        widths[0], widths[0] + widths[1], P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=_pow2(R), BLOCK_N=block_n,
+        widths[0], widths[0] + widths[1], P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_N=block_n,
         UPCAST=upcast)
 
 

@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class KernelTables:
-    set_info: torch.Tensor  # [S, 4] int32: expert offset, E, router kind, top-k (0 when unused)
+    set_info: torch.Tensor  # [S, 5] int32: expert offset, E, router kind, top-k (0 when unused), rank
     scaling: torch.Tensor  # [S] fp32: alpha / r
     threshold_cap: torch.Tensor  # [S] fp32: AdaMoLE's τmax (0 for other routers)
     max_experts: int  # widest set's E: the p buffers' last axis
@@ -29,7 +29,7 @@ class KernelTables:
 def build_tables(bank) -> KernelTables:
     slots, device = bank.slots, bank.device
     S = len(slots)
-    info = [(s.offset, s.num_experts, int(s.kernel_kind), s.router_options.get("k", 0))
+    info = [(s.offset, s.num_experts, int(s.kernel_kind), s.router_options.get("k", 0), s.rank)
             for s in slots]
     masks = {}
     for group, gb in ((g, gb) for (layer, g), gb in bank.groups.items() if layer == 0):
@@ -49,7 +49,7 @@ def build_tables(bank) -> KernelTables:
                 h = net[0].shape[0]
                 w1[j, :h], b1[j, :h], w2[j, :h], b2[j] = net[0], net[1], net[2].reshape(-1), net[3].reshape(())
         lambdas[w] = tuple(t.to(device) for t in (w1, b1, w2, b2))
-    return KernelTables(torch.tensor(info, dtype=torch.int32).reshape(S, 4).to(device),
+    return KernelTables(torch.tensor(info, dtype=torch.int32).reshape(S, 5).to(device),
                         torch.tensor([s.scaling for s in slots], dtype=torch.float32).to(device),
                         torch.tensor([s.threshold_cap for s in slots], dtype=torch.float32).to(device),
                         max((s.num_experts for s in slots), default=1), masks, lambdas, H)

@@ -101,3 +101,40 @@ def test_the_checker_catches_a_read_past_a_buffer():
         copy[(1,)](src, dst, 7, BLOCK=8)  # reads 8 of 8: in bounds
     with pytest.raises(OutOfBounds, match="load of 1 element"), bounds_checked():
         copy[(1,)](src[:7], dst, 7, BLOCK=8)  # reads the 8th element of a 7-element view
+
+
+def _expert_work(bank, group, x, set_ids):
+    """(A and B elements loaded, dot multiply-adds) of the shrink and expand kernels for one group."""
+    from ldmole_kernels.triton.shrink_expand import shrink_expand
+    from ldmole_runtime.lora.adapter_batch import TOKEN_BLOCK
+
+    gb, t = bank.group(1, group), bank.kernel_tables()
+    batch = AdapterBatch.build(set_ids, len(bank.slots))
+    P = len(gb.projections)
+    p = torch.zeros(x.shape[0], P, t.max_experts)
+    p[:, :, :2] = 0.5  # both experts of every set active
+    y = torch.zeros(x.shape[0], sum(gb.fan_outs))
+    watch = {"A": gb.A} | {f"B{i}": b for i, b in enumerate(gb.B)}
+    with bounds_checked(watch) as seen:
+        shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, t.set_info, t.scaling, gb.A, gb.B, TOKEN_BLOCK)
+    return sum(seen.loaded.values()), seen.multiply_adds, y
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_a_set_works_at_its_own_rank_whatever_else_the_bank_holds(cfg, group):
+    """A rank-8 set in a bank that also holds a rank-64 set loads the same A/B elements and does the
+    same dot work as in a bank of rank-8 sets alone (the bank pads every set to its widest rank)."""
+    r8 = dict(num_experts=2, rank=8, lambda_hidden=8, b_std=0.1)
+    alone, mixed = AdapterBank(cfg), AdapterBank(cfg)
+    alone.add("r8", new_adapter_set(cfg, seed=1, **r8))
+    mixed.add("r8", new_adapter_set(cfg, seed=1, **r8))
+    mixed.add("r64", new_adapter_set(cfg, num_experts=2, rank=64, lambda_hidden=8, seed=2, b_std=0.1))
+    assert mixed.group(1, group).A.shape[2] == 64 and alone.group(1, group).A.shape[2] == 8
+    x = torch.randn(20, alone.group(1, group).fan_in, generator=torch.Generator().manual_seed(3))
+    set_ids = torch.zeros(20, dtype=torch.long)  # every token on the rank-8 set
+    loaded_alone, work_alone, y_alone = _expert_work(alone, group, x, set_ids)
+    loaded_mixed, work_mixed, y_mixed = _expert_work(mixed, group, x, set_ids)
+    assert loaded_mixed == loaded_alone > 0
+    assert work_mixed == work_alone > 0
+    assert (y_mixed - y_alone).abs().max() <= 1e-5
+

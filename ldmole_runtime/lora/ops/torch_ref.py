@@ -103,7 +103,7 @@ def route_blocks_reference(x, sorted_tokens, blocks, set_info, masks, router, la
     for s, start, end in blocks.tolist():
         if s < 0 or not masks[s].any():  # bare-base tokens, or a set adapting none of the group
             continue
-        offset, E, kind, top_k = set_info[s].tolist()
+        offset, E, kind, top_k, _rank = set_info[s].tolist()
         rows = sorted_tokens[start:end]
         xs = x[rows].float()
         name = RouterKind(kind).name.lower()
