@@ -88,9 +88,14 @@ class Compiled:
     sources: list
 
 
-def _jit_function(module: str, name: str):
+def _jit_function(module: str, name: str, binding_only: bool = False):
     fn = getattr(importlib.import_module(module), name)
+    if not hasattr(fn, "fn"):  # not Triton's: a test's wrapper around the kernel
+        fn = fn.kernel
     if not hasattr(fn, "params"):  # an InterpretedFunction: TRITON_INTERPRET=1 was set when it was defined
+        if binding_only:  # the binder needs only the signature: a JITFunction of the same Python function
+            from triton.runtime.jit import JITFunction
+            return JITFunction(fn.fn)
         raise RuntimeError("compile-kernels needs real Triton JIT functions: run it without TRITON_INTERPRET=1")
     return fn
 
@@ -101,7 +106,7 @@ def specialise(launch: Launch, source) -> Variant:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    fn = _jit_function(launch.module, launch.name)
+    fn = _jit_function(launch.module, launch.name, binding_only=True)
     backend = make_backend(GPUTarget("cuda", 90, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)

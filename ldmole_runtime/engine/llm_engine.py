@@ -216,6 +216,7 @@ class LLMEngine:
 
     def load_adapter(self, name: str, source) -> None:
         self.runtime.load_adapter(name, source)
+        self.runner.warm_up()
 
     def unload_adapter(self, name: str) -> list[str]:
         """Abort the set's requests (they finish with reason "abort"), then drop its weights."""
@@ -224,6 +225,7 @@ class LLMEngine:
         for rid in aborted:
             self.abort(rid)
         self.runtime.unload_adapter(name)
+        self.runner.warm_up()
         return aborted
 
     def classify(self, token_ids: list[int], adapter: str | SetSlot | None = None) -> torch.Tensor:

@@ -57,6 +57,17 @@ class ModelRunner:
         self.adapter_buffers = AdapterBatchBuffers(max(config.max_num_batched_tokens, BATCH_BUCKETS[-1]),
                                                    runtime.device)
         self.graphs = self._decode_graphs(config.decode_graphs)
+        self._warm_bank_version = None
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Compile the LoRA backend's kernels for the bank as it now is: at start-up, and after a load or
+        unload (the engine calls this between steps; a step also checks, in case the bank was changed
+        behind the engine's back)."""
+        bank = self.runtime.bank
+        if bank is not None and bank.version != self._warm_bank_version:
+            self.lora_backend.warm_up(bank)
+            self._warm_bank_version = bank.version
 
     def _decode_graphs(self, setting: str) -> DecodeGraphs | None:
         """CUDA graphs need a backend that keeps its metadata on the device (triton), and a GPU."""
@@ -80,6 +91,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], count_experts: bool = False) -> StepLogits:
+        self.warm_up()  # a no-op unless the bank changed since the last warm-up
         if self.graphs is not None and not count_experts and all(
                 n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.next_prompt_logprob is None
                 for seq, n in batch):

@@ -40,6 +40,10 @@ class LoraBackend(Protocol):
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture: RoutingSink | None = None, dropout: float = 0.0) -> None: ...
 
+    def warm_up(self, bank: AdapterBank) -> None:
+        """Compile now whatever the bank's steps will launch (called at start-up and after every load
+        or unload, between steps), so that no step waits on a compiler."""
+
 
 LORA_BACKENDS = ("sparse", "dense", "torch", "cpu", "triton")
 

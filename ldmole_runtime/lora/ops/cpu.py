@@ -24,6 +24,9 @@ from ldmole_runtime.paths import default_cache_dir
 class CpuBackend:
     name = "cpu"
 
+    def warm_up(self, bank: AdapterBank) -> None:
+        _library()  # builds (once per machine) and loads the C kernel
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
         for seg in batch.segments:

@@ -82,6 +82,9 @@ class TorchRefBackend:
     """Per set present: route, then the rank-stacked experts. Differentiable (training runs it)."""
     name = "torch"
 
+    def warm_up(self, bank: AdapterBank) -> None:
+        pass  # nothing is compiled
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
         """Add the adapters' delta of one group to the fused base output y [N, Σ out] in place.

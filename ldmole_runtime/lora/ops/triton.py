@@ -23,6 +23,27 @@ _REFERENCE = torch_ref.TorchRefBackend()
 class TritonBackend:
     name = "triton"
 
+    @torch.inference_mode()
+    def warm_up(self, bank: AdapterBank) -> None:
+        """Launch every kernel variant the bank's steps can need, once: a step of one token of each set
+        (and a bare-base token) through each group shape, with and without a routing sink. Triton
+        specialises on dtypes, constexprs (P, the bank's widest E, the λ-network's presence) and
+        alignment, all of which this step shares with every real one."""
+        from ldmole_runtime.lora.capture import RoutingCapture
+
+        if not bank.slots:
+            return
+        n = len(bank.slots) + 1
+        batch = AdapterBatch.build(torch.arange(-1, n - 1), len(bank.slots))
+        shapes = {}
+        for (_, group), gb in bank.groups.items():
+            shapes.setdefault((group, gb.fan_in, gb.fan_outs), gb)
+        for gb in shapes.values():
+            x = torch.zeros(n, gb.fan_in, dtype=bank.dtype, device=bank.device)
+            for sink in (None, RoutingCapture(n, bank.kernel_tables().max_experts)):
+                y = torch.zeros(n, sum(gb.fan_outs), dtype=bank.dtype, device=bank.device)
+                self.apply(y, x, bank, gb, batch, sink)
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
         if dropout > 0.0 or torch.is_grad_enabled():  # training: the differentiable reference
