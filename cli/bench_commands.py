@@ -28,7 +28,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise LDMoleError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
     elif args.device.startswith("cuda"):
         settings.batch_sizes = (1, 8, 32, 128)
-    result = run(settings)
+    if args.estimate:
+        from ldmole_cli.cost_model import estimate
+
+        if args.base or args.adapter:
+            raise LDMoleError("--estimate models random-weight shapes (--shape); it takes no --base or --adapter")
+        result = {"shape": args.shape, "dtype": args.dtype, **estimate(
+            args.shape, args.dtype, args.estimate, settings.batch_sizes, settings.experts, settings.rank,
+            settings.lambda_hidden, args.target_experts or settings.experts / 2)}
+    else:
+        result = run(settings)
     if args.json:
         print(json.dumps(result))
     else:
@@ -77,6 +86,9 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--decode-graphs", default="auto", choices=["auto", "off", "eager"],
                    help="decode steps replayed from CUDA graphs: auto (on a GPU with the triton backend), off, or "
                    "eager (the static-buffer step without capture)")
+    b.add_argument("--estimate", choices=["h100", "a100"], help="do not measure: a roofline ESTIMATE of the decode "
+                   "step on that GPU from the launches the backend issues (cli/cost_model.py); runs without a GPU. "
+                   "--target-experts sets the active experts per token (default E/2)")
     b.set_defaults(func=cmd_bench)
 
     bt = sub.add_parser("bench-train", help="training tokens/s (CPU): LD-MoLE against plain LoRA of rank E·r, "

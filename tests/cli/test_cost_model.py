@@ -1,0 +1,37 @@
+"""`ldmole bench --estimate`: the roofline estimate of a GPU decode step works on a machine without a
+GPU, says it is an estimate, carries the measured run's ratio keys, and counts the work from the
+launches the backend really issues (so it moves when that work moves)."""
+
+import json
+
+from ldmole_cli.cost_model import GPUS, estimate, record_decode_step
+from ldmole_cli.main import main
+
+
+def test_the_documented_command_runs_without_a_gpu(capsys):
+    assert main(["bench", "--json", "--device", "cuda", "--estimate", "h100", "--shape", "qwen3-1.7b",
+                 "--dtype", "bfloat16", "--target-experts", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "estimate" in out["estimate"] and "not measured" in out["estimate"]
+    for b in (1, 8, 32, 128):
+        ratio = out["ratios"][f"decode_b{b}"]["sparse_over_base"]
+        assert 0 < ratio < 1.5
+        step = out["decode_step_ms"][f"b{b}"]
+        assert step["ldmole_sparse"] > step["base"] > 0
+    # the bare base at batch 1 cannot beat reading its weights once
+    assert out["decode_step_ms"]["b1"]["base"] >= out["base_b1_hbm_bound_ms"] > 0
+
+
+def test_the_estimate_follows_the_recorded_launches():
+    """One decode step records the backend's 3 launches per group per layer, and the routing cost
+    grows with the λ-network the routing kernel's loops run over."""
+    kernels, cfg = record_decode_step("smollm2-135m", "bfloat16", 1, True, 8, 8, 256, 2.0)
+    names = [k.name for k in kernels]
+    for kernel in ("triton.route", "triton.shrink", "triton.expand"):
+        assert names.count(kernel) == 4  # qkv, o, gate_up, down (each counted num_layers times)
+    assert all(k.count == cfg.num_layers for k in kernels if k.name.startswith("triton."))
+    small = estimate("smollm2-135m", "bfloat16", "h100", (1,), 8, 8, 64, 2.0)
+    large = estimate("smollm2-135m", "bfloat16", "h100", (1,), 8, 8, 512, 2.0)
+    assert large["decode_step_ms"]["b1"]["ldmole_sparse"] > small["decode_step_ms"]["b1"]["ldmole_sparse"]
+    assert large["decode_step_ms"]["b1"]["base"] == small["decode_step_ms"]["b1"]["base"]
+    assert set(GPUS) == {"h100", "a100"}
