@@ -123,30 +123,38 @@ def _triton_kernel(launch, active: float, experts: int) -> Kernel:
     a, kw = launch.args, launch.kwargs
     blocks, set_info = a[3], a[4]
     live = [(int(s), int(e) - int(st)) for s, st, e in blocks.tolist() if s >= 0]
-    if launch.name == "_route_kernel":  # a set that adapts none of the group's projections exits at once
-        live = [(s, n) for s, n in live if bool(a[5][s].any())]
+    if launch.name in ("_route_gemm_kernel", "_route_epilogue_kernel"):  # a set adapting none of the group exits
+        live = [(s, n) for s, n in live if bool(a[5 if launch.name == "_route_gemm_kernel" else 3][s].any())]
     rank = max((int(set_info[s, 4]) for s, _ in live), default=0)  # the sets' own ranks bound the loops
     m = max((n for _, n in live), default=0)
     block_m = kw["BLOCK_M"]
     q = 1 - (1 - active / experts) ** max(m, 1)  # an expert is active in a block
-    if launch.name == "_route_kernel":
-        x, IN, H, P, EP = a[0], a[16], a[17], kw["P"], kw["EP"]
+    if launch.name == "_route_gemm_kernel":
+        # one program per (block, chunk of 16 outputs): λ hidden units (sparsegen), router logits, thresholds
+        x, IN, NH, EP = a[0], a[12], kw["NH"], kw["EP"]
         elt = x.element_size()
-        has_lambda = kw["HAS_LAMBDA"]
-        fma = block_m * IN * (EP + (H if has_lambda else 0) + 16) + kw["EMAX"] * P * block_m * EP * 6
-        per_bytes = block_m * IN * elt + EP * IN * elt + (H * IN * 4 if has_lambda else 0)
-        return Kernel("triton.route", len(live) * per_bytes, fma=len(live) * fma, programs=blocks.shape[0],
-                      per_program=(per_bytes, 0.0, fma))
+        chunks = 0
+        for s, _ in live:
+            kind = int(set_info[s, 2])
+            chunks += (NH if kind == 0 else 0) + (EP // 16 if kind != 2 else 0) + (1 if kind == 4 else 0)
+        fma = block_m * 16 * IN  # fp32 dots on CUDA cores
+        per_bytes = 16 * IN * 4 + block_m * IN * elt
+        return Kernel("triton.route", chunks * per_bytes, fma=chunks * fma,
+                      programs=blocks.shape[0] * (NH + EP // 16 + 1), per_program=(per_bytes, 0.0, fma))
+    if launch.name == "_route_epilogue_kernel":  # tests and tools only: the backend runs it inside shrink
+        return Kernel("triton.route_epilogue", 0.0)
     if launch.name == "_shrink_kernel":
-        x, IN, P, EMAX = a[0], a[9], kw["P"], kw["EMAX"]
+        x, IN, P, EMAX = a[0], a[16], kw["P"], kw["EMAX"]
         rank_rows = 16 * math.ceil(rank / 16)
         elt = x.element_size()
         per_bytes = rank_rows * IN * elt + block_m * IN * elt
         mma = block_m * rank_rows * IN
+        # every program of an expert the set has runs the routing epilogue first (EMAX·P passes over the tile)
+        epilogue = EMAX * P * block_m * kw["EP"] * 6 if kw["ROUTE"] else 0
         programs = blocks.shape[0] * P * EMAX
         busy = len(live) * P * experts * q
-        return Kernel("triton.shrink", busy * per_bytes, mma=busy * mma, programs=programs,
-                      per_program=(per_bytes, mma, 0.0))
+        return Kernel("triton.shrink", busy * per_bytes, mma=busy * mma, fma=len(live) * P * experts * epilogue,
+                      programs=programs, per_program=(per_bytes, mma, epilogue))
     # expand: one program per (block, column tile); loops over the set's experts, active ones only
     y, widths = a[0], a[11:14]
     block_n = kw["BLOCK_N"]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-KERNELS = (("ldmole_kernels.triton.routing", "_route_kernel"),
+KERNELS = (("ldmole_kernels.triton.routing", "_route_gemm_kernel"),
+           ("ldmole_kernels.triton.routing", "_route_epilogue_kernel"),
            ("ldmole_kernels.triton.shrink_expand", "_shrink_kernel"),
            ("ldmole_kernels.triton.shrink_expand", "_expand_kernel"))
 

@@ -79,7 +79,8 @@ def count_triton_launches(monkeypatch, counter_ref: list):
                     counter.paused = False
             return run
 
-    for module, name in ((routing, "_route_kernel"), (shrink_expand, "_shrink_kernel"),
+    for module, name in ((routing, "_route_gemm_kernel"), (routing, "_route_epilogue_kernel"),
+                         (shrink_expand, "_shrink_kernel"),
                          (shrink_expand, "_expand_kernel")):
         monkeypatch.setattr(module, name, Counted(getattr(module, name)))
     yield

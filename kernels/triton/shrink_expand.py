@@ -17,12 +17,15 @@ import torch
 
 import triton
 import triton.language as tl
+from ldmole_kernels.triton.routing import CHUNK, RoutingPlan, route_projection, scalar_rows
 
 
 @triton.jit
 def _shrink_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, scaling_ptr, p_ptr, a_ptr, h_ptr,
+                   work_ptr, mask_ptr, b2_ptr, thr_b_ptr, cap_ptr, scalar_ptr, eps,
                    IN, R, P: tl.constexpr, EMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, ROUTE: tl.constexpr, EP: tl.constexpr,
+                   NH: tl.constexpr, WORK: tl.constexpr, HAS_LAMBDA: tl.constexpr, STORE_SCALAR: tl.constexpr):
     b = tl.program_id(0)
     i = tl.program_id(1) // EMAX
     e = tl.program_id(1) % EMAX
@@ -34,7 +37,20 @@ def _shrink_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, scalin
         row_ok = rows < end
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
         in_set = rows < tl.where(e < tl.load(set_info_ptr + 5 * s + 1), end, 0)  # expert e exists in the set
-        w = tl.load(p_ptr + tok * (P * EMAX) + i * EMAX + e, mask=in_set, other=0.0)
+        if ROUTE:  # the router of projection i, from the routing GEMMs' work rows; this program keeps expert e
+            if e < tl.load(set_info_ptr + 5 * s + 1):
+                p_i, scalar = route_projection(work_ptr, tok, row_ok, s, i, set_info_ptr, mask_ptr, b2_ptr,
+                                               thr_b_ptr, cap_ptr, eps, P, EP, NH, WORK, BLOCK_M, HAS_LAMBDA)
+                w = tl.sum(tl.where(tl.arange(0, CHUNK)[None, :] == e, p_i, 0.0), axis=1)
+                tl.store(p_ptr + tok * (P * EMAX) + i * EMAX + e, w, mask=in_set)  # for expand and captures
+                if STORE_SCALAR:
+                    if e == 0:
+                        tl.store(scalar_ptr + tok * P + i, scalar,
+                                 mask=scalar_rows(rows, end, s, set_info_ptr, mask_ptr, P))
+            else:
+                w = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        else:
+            w = tl.load(p_ptr + tok * (P * EMAX) + i * EMAX + e, mask=in_set, other=0.0)
         if tl.max(w, axis=0) > 0.0:
             g = tl.load(set_info_ptr + 5 * s) + e
             rank = tl.load(set_info_ptr + 5 * s + 4)  # the set's own rank: the bank's wider rows are padding
@@ -117,8 +133,12 @@ RANK_CHUNK = 16
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_tokens: torch.Tensor,
                   blocks: torch.Tensor, set_info: torch.Tensor, scaling: torch.Tensor, A: torch.Tensor,
                   Bs: list[torch.Tensor], block_m: int, block_n: int = 64,
-                  h_out: torch.Tensor | None = None) -> None:
-    """y [N, Σ out] += the experts' delta, for the tokens in `blocks`. A [G, P, r, in], Bs[i] [G, r, out_i]."""
+                  h_out: torch.Tensor | None = None, routing: tuple | None = None) -> None:
+    """y [N, Σ out] += the experts' delta, for the tokens in `blocks`. A [G, P, r, in], Bs[i] [G, r, out_i].
+
+    `routing` (work rows from routing.route_logits, masks, b2, threshold biases, τmax, eps, the
+    RoutingPlan, scalar_out or None): the shrink kernel first runs the routing epilogue and writes
+    p (which must then be an uninitialised [N, P, E_max] buffer); without it, p is given."""
     N, IN = x.shape
     _, P, R, _ = A.shape
     EMAX = p.shape[-1]
@@ -129,8 +149,18 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_toke
     h = torch.empty(numel, device=x.device, dtype=torch.float32) if h_out is None else h_out[:numel]
     h = h.view(N, P, EMAX, R)
     grid = (blocks.shape[0], P * EMAX)
-    _shrink_kernel[grid](x, x.stride(0), sorted_tokens, blocks, set_info, scaling, p, A, h, IN, R,
-                         P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_K=32, UPCAST=upcast)
+    if routing is None:  # p is given: the routing arguments are never read
+        work = masks = b2 = thr_b = cap = scalars = p
+        eps, plan, store_scalar = 0.0, RoutingPlan(P, EMAX, None), False
+    else:
+        work, masks, b2, thr_b, cap, eps, plan, scalar_out = routing
+        store_scalar = scalar_out is not None
+        scalars = scalar_out if store_scalar else p
+    _shrink_kernel[grid](x, x.stride(0), sorted_tokens, blocks, set_info, scaling, p, A, h,
+                         work, masks, b2, thr_b, cap, scalars, eps, IN, R,
+                         P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_K=32, UPCAST=upcast,
+                         ROUTE=routing is not None, EP=plan.EP, NH=plan.NH, WORK=plan.WORK,
+                         HAS_LAMBDA=plan.has_lambda, STORE_SCALAR=store_scalar)
     widths = [b.shape[2] for b in Bs] + [0] * (3 - P)
     ptrs = list(Bs) + [Bs[0]] * (3 - P)
     tiles = sum(triton.cdiv(w, block_n) for w in widths)

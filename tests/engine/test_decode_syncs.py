@@ -15,9 +15,9 @@ from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.sampling_params import SamplingParams
 
 # Ops per decoder layer that the adapters may add to a decode step (two sets present), per backend.
-# triton: 4 groups × (3 launches + 4 views of the step's two work buffers, p and h), whatever the number of
-# sets, plus the two buffers once per step; the others route one set at a time.
-OPS_PER_LAYER_BUDGET = {"triton": 29, "cpu": 48, "torch": 320}
+# triton: 4 groups × (3 launches + views of the step's three work buffers: routing rows, p, h), whatever the
+# number of sets, plus the three buffers once per step; the others route one set at a time.
+OPS_PER_LAYER_BUDGET = {"triton": 40, "cpu": 48, "torch": 320}
 GROUPS_PER_LAYER = 4  # qkv, o, gate_up, down
 
 
@@ -87,5 +87,5 @@ def test_triton_decode_launches_at_most_three_kernels_per_group(runtime, monkeyp
     for step, base in zip(decode, bare_decode, strict=True):
         per_group = (step.launches - base.launches) / (runtime.cfg.num_layers * GROUPS_PER_LAYER)
         assert per_group == 3, f"{per_group} launches per adapted group"
-        assert step.allocations - base.allocations == 2  # p and h, once for the whole step
+        assert step.allocations - base.allocations == 3  # routing work rows, p and h: once for the whole step
 

@@ -29,14 +29,17 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
     results = report["results"]
     # every kernel, on both targets, in every dtype
     seen = {(r["kernel"], r["target"], dtype) for r in results for dtype in r["signature_dtypes"].split(",")}
-    for kernel in ("_route_kernel", "_shrink_kernel", "_expand_kernel"):
+    for kernel in ("_route_gemm_kernel", "_shrink_kernel", "_expand_kernel"):
         for target in ("sm_80", "sm_90"):
             for dtype in ("*fp32", "*bf16", "*fp16"):
                 assert (kernel, target, dtype) in seen, (kernel, target, dtype)
     # both routing variants (with and without a λ-network of the group's fan-in), capture on and off
-    route = [r["constexprs"] for r in results if r["kernel"] == "_route_kernel"]
-    for flag in ("HAS_LAMBDA=True", "HAS_LAMBDA=False", "STORE_SCALAR=True", "STORE_SCALAR=False"):
+    route = [r["constexprs"] for r in results if r["kernel"] == "_route_gemm_kernel"]
+    shrink = [r["constexprs"] for r in results if r["kernel"] == "_shrink_kernel"]
+    for flag in ("HAS_LAMBDA=True", "HAS_LAMBDA=False"):
         assert any(flag in c for c in route), flag
+    for flag in ("STORE_SCALAR=True", "STORE_SCALAR=False", "ROUTE=True"):
+        assert any(flag in c for c in shrink), flag
     assert report["variants"] >= 60 and report["compiled"] >= 2 * report["variants"]
     assert report["max_spill_bytes"] == 0
     assert report["worst_shared_bytes"]["value"] <= 99 * 1024

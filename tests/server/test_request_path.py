@@ -36,7 +36,7 @@ MAX_PATH_FILES = 12
 MAX_FILES_TOUCHED = 20
 # the backend function that does the expert math, per backend
 EXPERT_MATH = {"cpu": ("ldmole_runtime/lora/ops/cpu.py", "fused_segment"),
-               "triton": ("kernels/triton/routing.py", "route_blocks"),  # Triton's interpreter on CPU
+               "triton": ("kernels/triton/routing.py", "route_logits"),  # Triton's interpreter on CPU
                "torch": ("ldmole_runtime/lora/ops/torch_ref.py", "apply_segment")}
 
 

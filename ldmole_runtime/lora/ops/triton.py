@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ldmole_kernels.triton.routing import route_blocks
+from ldmole_kernels.triton.routing import RoutingPlan, route_logits
 from ldmole_kernels.triton.shrink_expand import shrink_expand
 from ldmole_runtime.lora.adapter_batch import TOKEN_BLOCK, AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank, GroupBank
@@ -55,14 +55,19 @@ class TritonBackend:
         # what the router's scalar was per token and projection: λ (the same for every projection) or AdaMoLE's t
         scalars = torch.full((x.shape[0], P), float("nan"), device=x.device) if capture is not None else None
         # work buffers sized for the widest group (3 projections) and the bank's rank: one each per step
-        N, R = x.shape[0], gb.A.shape[2]
-        p_buf = batch.scratch_buffer("p", N * 3 * tables.max_experts, x.device)
-        h_buf = batch.scratch_buffer("h", N * 3 * tables.max_experts * R, x.device)
-        p = route_blocks(x, batch.sorted_tokens, batch.blocks, tables.set_info, tables.masks[gb.group], gb.router,
-                         tables.lambdas.get(gb.fan_in), (gb.threshold, gb.threshold_bias, tables.threshold_cap),
-                         tables.max_experts, SPARSEGEN_EPS, TOKEN_BLOCK, scalars, out=p_buf)
+        N, R, EMAX = x.shape[0], gb.A.shape[2], tables.max_experts
+        lambdas, masks = tables.lambdas.get(gb.fan_in), tables.masks[gb.group]
+        plan = RoutingPlan(P, EMAX, lambdas)
+        widest = RoutingPlan(3, EMAX, None, hidden=tables.lambda_hidden)  # the step's buffer fits every group
+        # launch 1: the routing GEMMs; 2: the routing epilogue, then shrink; 3: expand
+        work = route_logits(x, batch.sorted_tokens, batch.blocks, tables.set_info, masks, gb.router, lambdas,
+                            gb.threshold, plan, TOKEN_BLOCK, batch.scratch_buffer("route", N * widest.WORK, x.device))
+        p = batch.scratch_buffer("p", N * 3 * EMAX, x.device)[:N * P * EMAX].view(N, P, EMAX)
+        b2 = lambdas[3] if lambdas is not None else p
         shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, tables.set_info, tables.scaling, gb.A, gb.B,
-                      TOKEN_BLOCK, h_out=h_buf)
+                      TOKEN_BLOCK, h_out=batch.scratch_buffer("h", N * 3 * EMAX * R, x.device),
+                      routing=(work, masks, b2, gb.threshold_bias, tables.threshold_cap, SPARSEGEN_EPS, plan,
+                               scalars))
         if capture is not None:
             for seg in batch.segments:
                 slot = bank.slots[seg.set_index]
