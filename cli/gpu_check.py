@@ -80,14 +80,17 @@ def graphs(device: str) -> dict:
 
     mode = "auto" if device == "cuda" else "eager"
     rt = LDMoleRuntime(random_model("tiny", torch.float32, device, 0))
-    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=8, rank=8, lambda_hidden=32, seed=1, b_std=0.05))
-    rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=4, rank=4, router="softmax", seed=2, b_std=0.05))
+    gpu = device == "cuda"  # a dry run keeps the interpreter's work small: fewer experts, prompts and tokens
+    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=8 if gpu else 3, rank=8, lambda_hidden=32, seed=1,
+                                         b_std=0.05))
+    rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=4 if gpu else 2, rank=4, router="softmax", seed=2,
+                                         b_std=0.05))
     replayed = LLM(rt, lora_backend="triton", decode_graphs=mode, enable_prefix_caching=False)
     eager = LLM(rt, lora_backend="triton", decode_graphs="off", enable_prefix_caching=False)
-    prompts = [[5, 9, 11, 3, 7], [4, 4, 8, 1], [10, 3, 3, 9, 12, 6], [7, 7, 2]]
-    # the interpreter is slow: a dry run decodes 3 tokens, a GPU 12
-    params = SamplingParams(max_tokens=12 if device == "cuda" else 3, temperature=0, ignore_eos=True)
+    prompts = [[5, 9, 11, 3, 7], [4, 4, 8, 1], [10, 3, 3, 9, 12, 6], [7, 7, 2]][:4 if gpu else 2]
+    params = SamplingParams(max_tokens=12 if gpu else 2, temperature=0, ignore_eos=True)
     sets = {"first": ["a", "b", None, "a"], "after_load": ["c", "a", "b", "c"], "after_unload": ["b", None, "a", "a"]}
+    sets = {k: v[:len(prompts)] for k, v in sets.items()}
     out = {"mode": mode}
 
     def compare(stage, adapters):
@@ -96,7 +99,7 @@ def graphs(device: str) -> dict:
         out[stage] = {"equal": a == b, "tokens": sum(map(len, a))}
 
     compare("first", sets["first"])
-    new = new_adapter_set(rt.cfg, num_experts=12, rank=16, lambda_hidden=32, seed=3, b_std=0.05)
+    new = new_adapter_set(rt.cfg, num_experts=12 if gpu else 4, rank=16, lambda_hidden=32, seed=3, b_std=0.05)
     replayed.engine.load_adapter("c", new)
     compare("after_load", sets["after_load"])
     replayed.engine.unload_adapter("c")
