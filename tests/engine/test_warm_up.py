@@ -59,9 +59,10 @@ class FirstSeen:
 
 def test_no_kernel_variant_is_first_launched_inside_a_step(runtime, monkeypatch):
     seen = FirstSeen(monkeypatch)
+    # every other step samples routing (a capture: the STORE_SCALAR variants) and 3 tokens decode twice
     llm = LLM(runtime, lora_backend="triton", expert_sample_every=2, max_num_batched_tokens=64, block_size=4)
     prompts = [[5, 9, 11, 3, 7, 2], [4, 4, 8, 1, 6, 6, 2], [10, 3, 3, 9, 12]]
-    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 
     seen.phase = "serving"
     llm.generate(prompts, params, adapter=["a", "b", None])
