@@ -58,6 +58,9 @@ class FirstSeen:
 
 
 def test_no_kernel_variant_is_first_launched_inside_a_step(runtime, monkeypatch):
+    from ldmole_runtime.lora.ops import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "WARM_UP_INTERPRETED", True)  # what a GPU would compile, launched
     seen = FirstSeen(monkeypatch)
     # every other step samples routing (a capture: the STORE_SCALAR variants) and 3 tokens decode twice
     llm = LLM(runtime, lora_backend="triton", expert_sample_every=2, max_num_batched_tokens=64, block_size=4)
