@@ -10,8 +10,8 @@ is what the backend really issues:
   num_layers times; the LM head (vocab x hidden) and the KV cache reads at the given context
   length are added from the config, since the recorded step uses a small vocabulary and context.
 * the Triton kernels: their recorded grids, and per program the work of their loops: routing
-  (router logits, AdaMoLE thresholds and the λ-network as fp32 dots on CUDA cores, then the router
-  epilogue), shrink and expand (tensor-core dots in 16-row rank chunks, only for experts a block
+  (router logits, AdaMoLE thresholds and the λ-network as fp32 dots in the kernel's precision: tf32x3,
+  three tf32 MMAs per product on tensor cores, or "ieee", FMAs on CUDA cores; then the router epilogue), shrink and expand (tensor-core dots in 16-row rank chunks, only for experts a block
   activates). A kernel whose grid is smaller than the chip runs at the rate of the SMs it fills:
   its time is  launch + max(its bytes / min(HBM, SMs used x per-SM bandwidth), its slowest SM's
   work / per-SM rate).
@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# NVIDIA datasheets: H100 SXM5 80 GB (3.35 TB/s HBM3, 132 SMs, 67 TFLOPS FP32, 989 TFLOPS dense BF16);
-# A100 SXM4 80 GB (2.039 TB/s HBM2e, 108 SMs, 19.5 TFLOPS FP32, 312 TFLOPS dense BF16).
+# NVIDIA datasheets: H100 SXM5 80 GB (3.35 TB/s HBM3, 132 SMs, 67 TFLOPS FP32, 494.7 TFLOPS dense TF32,
+# 989 TFLOPS dense BF16); A100 SXM4 80 GB (2.039 TB/s HBM2e, 108 SMs, 19.5 TFLOPS FP32, 156 TFLOPS dense
+# TF32, 312 TFLOPS dense BF16); L2: 50 MB (H100), 40 MB (A100).
 # Assumptions: decode steps replay a CUDA graph (the engine does, with the triton backend), where a kernel
 # costs ~1 µs to start; one SM draws at most 4x its even share of HBM bandwidth.
 GPUS = {
-    "h100": dict(hbm_bytes_s=3.35e12, sms=132, fp32_flops=67e12, tc_flops=989e12, launch_s=1.0e-6),
-    "a100": dict(hbm_bytes_s=2.039e12, sms=108, fp32_flops=19.5e12, tc_flops=312e12, launch_s=1.0e-6),
+    "h100": dict(hbm_bytes_s=3.35e12, sms=132, fp32_flops=67e12, tf32_flops=494.7e12, tc_flops=989e12,
+                 l2_bytes=50e6, launch_s=1.0e-6),
+    "a100": dict(hbm_bytes_s=2.039e12, sms=108, fp32_flops=19.5e12, tf32_flops=156e12, tc_flops=312e12,
+                 l2_bytes=40e6, launch_s=1.0e-6),
 }
 SM_BANDWIDTH_SHARE = 4.0
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "linear"}
@@ -52,19 +55,25 @@ class Kernel:
     programs: int = 0  # 0: a library kernel over the whole chip
     per_program: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (bytes, mma, fma) of the busiest program
     count: int = 1  # how many times per step (layers)
+    mma_rate: str = "tc_flops"  # the tensor cores' rate for its operands: bf16/fp16, or tf32
+    # the bytes a Triton launch touches once: its programs re-read a weight tile (each block of a set
+    # reads the set's tiles), and while the launch's working set fits in L2 those re-reads hit L2
+    unique_bytes: float | None = None
+
 
     def seconds(self, gpu: dict) -> float:
         sms = gpu["sms"]
+        hbm = self.bytes if self.unique_bytes is None or self.unique_bytes > gpu["l2_bytes"] else self.unique_bytes
         if self.programs == 0:
-            body = max(self.bytes / gpu["hbm_bytes_s"], 2 * self.mma / gpu["tc_flops"],
+            body = max(hbm / gpu["hbm_bytes_s"], 2 * self.mma / gpu[self.mma_rate],
                        2 * self.fma / gpu["fp32_flops"])
         else:
             used = min(self.programs, sms)
             waves = math.ceil(self.programs / sms)
             bandwidth = min(gpu["hbm_bytes_s"], used * SM_BANDWIDTH_SHARE * gpu["hbm_bytes_s"] / sms)
             _, mma, fma = self.per_program
-            compute = waves * max(2 * mma / (gpu["tc_flops"] / sms), 2 * fma / (gpu["fp32_flops"] / sms))
-            body = max(self.bytes / bandwidth, compute)
+            compute = waves * max(2 * mma / (gpu[self.mma_rate] / sms), 2 * fma / (gpu["fp32_flops"] / sms))
+            body = max(hbm / bandwidth, compute)
         return self.count * (gpu["launch_s"] + body)
 
 
@@ -129,23 +138,37 @@ def _triton_kernel(launch, active: float, experts: int) -> Kernel:
     m = max((n for _, n in live), default=0)
     block_m = kw["BLOCK_M"]
     q = 1 - (1 - active / experts) ** max(m, 1)  # an expert is active in a block
+    tokens: dict[int, int] = {}
+    for s, n in live:
+        tokens[s] = tokens.get(s, 0) + n
+    # an expert is active for some token of the set: its weights are read from HBM at least once
+    q_set = {s: 1 - (1 - active / experts) ** max(n, 1) for s, n in tokens.items()}
+    rows = sum(n for _, n in live)
     if launch.name == "_route_gemm_kernel":
         # one program per (block, chunk of 16 outputs): λ hidden units (sparsegen), router logits, thresholds
         x, IN, NH, EP = a[0], a[12], kw["NH"], kw["EP"]
         elt = x.element_size()
-        chunks = 0
-        for s, _ in live:
+
+        def chunks_of(s):
             kind = int(set_info[s, 2])
-            chunks += (NH if kind == 0 else 0) + (EP // 16 if kind != 2 else 0) + (1 if kind == 4 else 0)
-        fma = block_m * 16 * IN  # fp32 dots on CUDA cores
+            return (NH if kind == 0 else 0) + (EP // 16 if kind != 2 else 0) + (1 if kind == 4 else 0)
+
+        chunks = sum(chunks_of(s) for s, _ in live)
+        products = block_m * 16 * IN  # a dot's M is the whole block, padding rows included
         per_bytes = 16 * IN * 4 + block_m * IN * elt
-        return Kernel("triton.route", chunks * per_bytes, fma=chunks * fma,
-                      programs=blocks.shape[0] * (NH + EP // 16 + 1), per_program=(per_bytes, 0.0, fma))
+        unique = sum(chunks_of(s) for s in tokens) * 16 * IN * 4 + rows * IN * elt
+        programs = blocks.shape[0] * (NH + EP // 16 + 1)
+        if kw["PRECISION"] == "ieee":  # fp32 dots on CUDA cores
+            return Kernel("triton.route", chunks * per_bytes, fma=chunks * products, programs=programs,
+                          per_program=(per_bytes, 0.0, products), unique_bytes=unique)
+        passes = {"tf32": 1, "tf32x3": 3}[kw["PRECISION"]]  # tf32 MMAs per product on tensor cores
+        return Kernel("triton.route", chunks * per_bytes, mma=chunks * passes * products, programs=programs,
+                      per_program=(per_bytes, passes * products, 0.0), mma_rate="tf32_flops", unique_bytes=unique)
     if launch.name == "_route_epilogue_kernel":  # tests and tools only: the backend runs it inside shrink
         return Kernel("triton.route_epilogue", 0.0)
+    rank_rows = 16 * math.ceil(rank / 16)
     if launch.name == "_shrink_kernel":
         x, IN, P, EMAX = a[0], a[16], kw["P"], kw["EMAX"]
-        rank_rows = 16 * math.ceil(rank / 16)
         elt = x.element_size()
         per_bytes = rank_rows * IN * elt + block_m * IN * elt
         mma = block_m * rank_rows * IN
@@ -153,19 +176,20 @@ def _triton_kernel(launch, active: float, experts: int) -> Kernel:
         epilogue = EMAX * P * block_m * kw["EP"] * 6 if kw["ROUTE"] else 0
         programs = blocks.shape[0] * P * EMAX
         busy = len(live) * P * experts * q
+        unique = sum(P * experts * q_set[s] for s in tokens) * rank_rows * IN * elt + rows * IN * elt
         return Kernel("triton.shrink", busy * per_bytes, mma=busy * mma, fma=len(live) * P * experts * epilogue,
-                      programs=programs, per_program=(per_bytes, mma, epilogue))
+                      programs=programs, per_program=(per_bytes, mma, epilogue), unique_bytes=unique)
     # expand: one program per (block, column tile); loops over the set's experts, active ones only
     y, widths = a[0], a[11:14]
     block_n = kw["BLOCK_N"]
     tiles = sum(math.ceil(w / block_n) for w in widths)
     elt = y.element_size()
-    rank_rows = 16 * math.ceil(rank / 16)
     per_expert_bytes = rank_rows * block_n * elt
     per_bytes = experts * q * per_expert_bytes + 2 * block_m * block_n * elt
     mma = experts * q * block_m * rank_rows * block_n
+    unique = sum(tiles * experts * q_set[s] for s in tokens) * per_expert_bytes + 2 * rows * sum(widths) * elt
     return Kernel("triton.expand", len(live) * tiles * per_bytes, mma=len(live) * tiles * mma,
-                  programs=blocks.shape[0] * tiles, per_program=(per_bytes, mma, 0.0))
+                  programs=blocks.shape[0] * tiles, per_program=(per_bytes, mma, 0.0), unique_bytes=unique)
 
 
 def record_decode_step(shape: str, dtype: str, batch: int, adapters: bool, experts: int, rank: int,

@@ -35,13 +35,18 @@ import triton.language as tl
 CHUNK_COLUMNS = 16  # output columns per routing program (tl.dot's smallest tile)
 CHUNK = tl.constexpr(CHUNK_COLUMNS)  # the same, as kernels read it
 ROUTE_WARPS = 4
+# fp32 inputs on tensor cores, as three tf32 MMAs (big·big + big·small + small·big): ~fp32 accuracy at
+# ~2.5x the H100's FP32 CUDA-core rate. With "ieee" the GEMMs run as CUDA-core FMAs and bound the
+# decode step (cli/cost_model.py). tests/kernels/test_route_precision.py holds the fixtures to it.
+ROUTE_PRECISION = "tf32x3"
 
 
 @triton.jit
 def _route_gemm_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, mask_ptr, router_ptr,
                        w1_ptr, b1_ptr, w2_ptr, thr_w_ptr, work_ptr, IN, H,
                        P: tl.constexpr, EP: tl.constexpr, NH: tl.constexpr, WORK: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LAMBDA: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_LAMBDA: tl.constexpr,
+                       PRECISION: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1)  # chunks: NH of λ hidden units, EP / 16 of router logits, 1 of thresholds
     s = tl.load(blocks_ptr + 3 * b)
@@ -72,7 +77,7 @@ def _route_gemm_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, ma
                                  mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
                     w1 = tl.load(w1_ptr + s * H * IN + hs[:, None] * IN + ks[None, :],
                                  mask=h_ok[:, None] & k_ok[None, :], other=0.0)
-                    acc += tl.dot(xk, tl.trans(w1), input_precision="ieee")
+                    acc += tl.dot(xk, tl.trans(w1), input_precision=PRECISION)
                 b1 = tl.load(b1_ptr + s * H + hs, mask=h_ok, other=0.0)
                 w2 = tl.load(w2_ptr + s * H + hs, mask=h_ok, other=0.0)
                 z = tl.sum(tl.maximum(acc + b1[None, :], 0.0) * w2[None, :], axis=1)
@@ -87,7 +92,7 @@ def _route_gemm_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, ma
                              other=0.0).to(tl.float32)
                 r = tl.load(router_ptr + (offset * P + cols)[:, None] * IN + ks[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(xk, tl.trans(r), input_precision="ieee")
+                acc += tl.dot(xk, tl.trans(r), input_precision=PRECISION)
             tl.store(work_ptr + tok[:, None] * WORK + NH + cols[None, :], acc, mask=row_ok[:, None])
         else:  # AdaMoLE's threshold layers: P ≤ 3 rows, padded to a dot-sized tile
             for k0 in range(0, IN, BLOCK_K):
@@ -97,7 +102,7 @@ def _route_gemm_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, ma
                              other=0.0).to(tl.float32)
                 tw = tl.load(thr_w_ptr + (s * P + ps[:, None]) * IN + ks[None, :],
                              mask=(ps < P)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-                acc += tl.dot(xk, tl.trans(tw), input_precision="ieee")
+                acc += tl.dot(xk, tl.trans(tw), input_precision=PRECISION)
             tl.store(work_ptr + tok[:, None] * WORK + NH + EP + ps[None, :], acc, mask=row_ok[:, None])
 
 
@@ -229,7 +234,7 @@ def route_logits(x: torch.Tensor, sorted_tokens: torch.Tensor, blocks: torch.Ten
     w1, b1, w2 = lambdas[:3] if lambdas is not None else (work, work, work)  # HAS_LAMBDA=False: never read
     _route_gemm_kernel[(blocks.shape[0], plan.chunks)](
         x, x.stride(0), sorted_tokens, blocks, set_info, masks, router, w1, b1, w2, thr_w, work, IN, plan.H,
-        BLOCK_M=block_m, BLOCK_K=32, **plan.constexprs(), num_warps=ROUTE_WARPS)
+        BLOCK_M=block_m, BLOCK_K=32, PRECISION=ROUTE_PRECISION, **plan.constexprs(), num_warps=ROUTE_WARPS)
     return work.view(N, plan.WORK)
 
 
