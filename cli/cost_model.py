@@ -11,10 +11,12 @@ is what the backend really issues:
   length are added from the config, since the recorded step uses a small vocabulary and context.
 * the Triton kernels: their recorded grids, and per program the work of their loops: routing
   (router logits, AdaMoLE thresholds and the λ-network as fp32 dots in the kernel's precision: tf32x3,
-  three tf32 MMAs per product on tensor cores, or "ieee", FMAs on CUDA cores; then the router epilogue), shrink and expand (tensor-core dots in 16-row rank chunks, only for experts a block
+  three tf32 MMAs per product on tensor cores, or "ieee", FMAs on CUDA cores; then the router
+  epilogue), shrink and expand (tensor-core dots in 16-row rank chunks, only for experts a block
   activates). A kernel whose grid is smaller than the chip runs at the rate of the SMs it fills:
   its time is  launch + max(its bytes / min(HBM, SMs used x per-SM bandwidth), its slowest SM's
-  work / per-SM rate).
+  work / per-SM rate). A weight tile that several programs of one launch read (each block of a set
+  reads the set's tiles) comes from HBM once while the launch's bytes fit in L2 (`unique_bytes`).
 * sparsity: each token activates `active` of E experts per projection at random, so a block of m
   tokens activates an expert with probability 1 - (1 - active/E)^m.
 
