@@ -84,7 +84,7 @@ def test_bench_runs_the_gpu_configuration_on_cpu():
     from ldmole_cli.bench import BenchSettings, run
 
     s = BenchSettings(shape="tiny", batch_sizes=(1, 3), prompt_len=8, decode_steps=2, prefill_prompts=1,
-                      prefill_len=24, lambda_hidden=16, lora_backend="triton", decode_graphs="eager")
+                      prefill_len=24, experts=4, lambda_hidden=16, lora_backend="triton", decode_graphs="eager")
     result = run(s)
     assert result["lora_backend"] == "triton" and result["decode_graphs"] == "eager"
     for name in ("base", "ldmole_sparse", "ldmole_dense"):

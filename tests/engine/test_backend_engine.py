@@ -15,7 +15,7 @@ def runtime(tmp_path_factory):
     path = write_tiny_model(tmp_path_factory.mktemp("base") / "qwen3", tiny_config("qwen3", kv_heads=2))
     rt = LDMoleRuntime.from_pretrained(path)
     cfg = rt.cfg
-    rt.load_adapter("wide", new_adapter_set(cfg, num_experts=8, rank=4, lambda_hidden=16, seed=1, b_std=0.1))
+    rt.load_adapter("wide", new_adapter_set(cfg, num_experts=5, rank=4, lambda_hidden=16, seed=1, b_std=0.1))
     rt.load_adapter("narrow", new_adapter_set(cfg, num_experts=3, rank=6, lambda_hidden=8, seed=2, b_std=0.1,
                                               target_modules=["q_proj", "v_proj", "down_proj"]))
     rt.load_adapter("lora", new_adapter_set(cfg, num_experts=1, rank=2, seed=3, b_std=0.1))

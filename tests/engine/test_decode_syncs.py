@@ -25,7 +25,7 @@ GROUPS_PER_LAYER = 4  # qkv, o, gate_up, down
 def runtime(tmp_path_factory):
     path = write_tiny_model(tmp_path_factory.mktemp("base") / "llama", tiny_config("llama", kv_heads=2))
     rt = LDMoleRuntime.from_pretrained(path)
-    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=8, rank=4, lambda_hidden=16, seed=1, b_std=0.05))
+    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=1, b_std=0.05))
     rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=3, rank=2, router="softmax", seed=2, b_std=0.05,
                                          target_modules=["q_proj", "v_proj", "down_proj"]))
     return rt
