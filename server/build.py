@@ -40,7 +40,8 @@ def build_state(args, executor=None) -> ServerState:
     tokenizer = load_tokenizer(base)
     config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                          lora_backend=args.lora_backend, decode_graphs=args.decode_graphs)
+                          lora_backend=args.lora_backend, decode_graphs=args.decode_graphs,
+                          check_blocks=args.debug_check_blocks)
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
     api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
     settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)

@@ -139,5 +139,9 @@ def add_serve_flags(s) -> None:
     s.add_argument("--decode-graphs", default=d.decode_graphs, choices=["auto", "off"],
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")
+    s.add_argument("--debug-check-blocks", action="store_true",
+                   help="after every engine step, check that each KV-cache block in use belongs to a running, "
+                        "waiting or held sequence; a broken check fails the requests in flight (debugging; "
+                        "costs a pass over the block table per step)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info)")

@@ -147,6 +147,20 @@ class BlockManager:
         seq.num_computed_tokens = 0
         self.hashes.pop(seq.seq_id, None)
 
+    def ownership_errors(self, owners) -> list[str]:
+        """What breaks the invariant "a block is in use exactly as often as live sequences' block
+        tables name it, and free exactly when none does", for `owners` (every running, waiting and
+        held sequence). Empty when it holds."""
+        uses = [0] * self.num_blocks
+        for seq in owners:
+            for block_id in seq.block_table:
+                uses[block_id] += 1
+        errors = [f"block {b.block_id}: ref_count {b.ref_count}, named by {uses[b.block_id]} live sequence(s)"
+                  for b in self.blocks if b.ref_count != uses[b.block_id]]
+        errors += [f"block {b.block_id}: ref_count {b.ref_count} but on the free list"
+                   for b in self.blocks if (b.ref_count == 0) != (b.block_id in self.free)]
+        return errors
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:

@@ -32,6 +32,7 @@ class EngineConfig:
     # "off" never; "eager" runs the static-buffer step without capture (tests prove it on CPU)
     decode_graphs: str = "auto"
     expert_sample_every: int = 16  # count active experts per token on every N-th step (0: never), for metrics
+    check_blocks: bool = False  # after every step, check that each used KV block belongs to a live sequence (debug)
     # worked out by `resolve` from the model (and the tokenizer):
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     vocab_size: int | None = None

@@ -160,6 +160,9 @@ class LLMEngine:
         return list(prompt)
 
     def abort(self, request_id: str) -> None:
+        # a context held for forks whose caller left (it may have finished in the step that was
+        # running when the caller went): nothing else would ever free its blocks
+        self.release_context(request_id)
         request = self.requests.get(request_id)
         if request is None:
             return
@@ -248,7 +251,17 @@ class LLMEngine:
                 self._run_batch(batch, touched)
             except Exception as exc:  # one failed step fails its own requests, never the engine
                 self._fail(batch, exc)
-        return self._report(touched)
+        outputs = self._report(touched)
+        if self.config.check_blocks:
+            self.check_blocks()
+        return outputs
+
+    def check_blocks(self) -> None:
+        """Raise if a KV block is used by no live sequence (a leak) or freed while one still names it."""
+        owners = [*self.scheduler.running, *self.scheduler.waiting, *self.held.values()]
+        errors = self.block_manager.ownership_errors(owners)
+        if errors:
+            raise RuntimeError(f"KV block ownership broken ({len(errors)} block(s)): " + "; ".join(errors[:5]))
 
     def _report(self, touched: dict) -> list[RequestOutput]:
         # aborted / finished requests are reported once, even when nothing ran for them

@@ -3,7 +3,8 @@
 Every step has a token budget. Running sequences come first (a decode costs one token, an
 unfinished prompt continues in chunks), then waiting ones are admitted in arrival order. When the
 KV cache runs out, the newest running sequence is preempted: its blocks are freed and it goes back
-to the front of the queue, to be recomputed from its tokens later. Nothing is ever dropped.
+to the front of the queue, to be recomputed from its tokens later. Nothing is ever dropped. A
+waiting sequence holds blocks only until the head of the queue needs them.
 """
 
 from __future__ import annotations
@@ -55,11 +56,8 @@ class Scheduler:
         # admitting new work right after a preemption would only thrash the cache
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.bm.match_prefix(seq)
-            n = min(seq.remaining_prefill, budget)
-            if not self.bm.allocate(seq, seq.num_computed_tokens + n):
-                self.bm.release(seq)  # do not hold cache blocks while waiting
+            n = self._blocks_for(seq, budget)
+            if n is None:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -68,6 +66,30 @@ class Scheduler:
             budget -= n
         self.stats.steps += 1
         return batch
+
+    def _blocks_for(self, seq: Sequence, budget: int) -> int | None:
+        """The tokens the head of the queue computes this step, its blocks allocated; None if the
+        cache cannot hold them even after every waiting sequence has let go of its blocks."""
+        for unpinned in (False, True):
+            if not seq.block_table:
+                self.bm.match_prefix(seq)
+            n = min(seq.remaining_prefill, budget)
+            if self.bm.allocate(seq, seq.num_computed_tokens + n):
+                return n
+            self.bm.release(seq)  # do not hold cache blocks while waiting
+            if unpinned or not self._unpin_waiting():
+                return None
+        return None
+
+    def _unpin_waiting(self) -> bool:
+        """Free the blocks of waiting sequences (a fork of a held context takes a copied block when it
+        is queued). Only running sequences can be preempted, so forks queued behind a head that cannot
+        allocate would otherwise pin the cache for good. They recompute what they lose; the prefix
+        cache finds the shared part again."""
+        pinned = [s for s in self.waiting if s.block_table]
+        for s in pinned:
+            self.bm.release(s)
+        return bool(pinned)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.release(seq)

@@ -165,7 +165,7 @@ def test_prefix_cache_hits_only_under_the_same_adapter_set(runtime):
 
 def test_no_leaks_under_random_load_with_aborts_and_preemptions(runtime):
     engine = LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=24, max_num_seqs=12,
-                                                    max_num_batched_tokens=48, max_model_len=64))
+                                                    max_num_batched_tokens=48, max_model_len=64, check_blocks=True))
     g = random.Random(4)
     total_blocks = engine.block_manager.num_blocks
     cache_ptr = engine.runner.kv_cache.data_ptr()

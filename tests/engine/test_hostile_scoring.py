@@ -1,0 +1,119 @@
+"""Scoring that a careless or hostile client cannot turn against the KV cache: more choices than the
+cache holds still finish while others are served, a client that leaves while its context is being
+prefilled leaves no block behind, and every step keeps each used block owned by a live sequence."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+from tiny_models import tiny_config, write_tiny_model
+
+from ldmole_runtime import LDMoleRuntime, new_adapter_set
+from ldmole_runtime.engine.async_engine import AsyncLLMEngine
+from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.engine.sampling_params import SamplingParams
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("base") / "qwen3", tiny_config("qwen3", kv_heads=2))
+    rt = LDMoleRuntime.from_pretrained(path)
+    rt.load_adapter("math", new_adapter_set(rt.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=1, b_std=0.08))
+    return rt
+
+
+def small_engine(runtime, num_blocks=32):
+    return LLMEngine(runtime, config=EngineConfig(block_size=4, num_blocks=num_blocks, max_num_seqs=8,
+                                                  max_num_batched_tokens=32, max_model_len=64, check_blocks=True))
+
+
+def brute_force(rt, context, choice, adapter):
+    lp = torch.log_softmax(rt.forward(torch.tensor([context + choice]), adapter).logits[0], -1)
+    return sum(lp[len(context) - 1 + t, tok].item() for t, tok in enumerate(choice))
+
+
+def test_more_forks_than_the_cache_holds_finish_while_others_are_served(runtime):
+    """100 choices of 10 tokens after a 21-token context, with 32 blocks of 4: the forks queued at once
+    took every free block for their copies, the head could not allocate, nothing ran (issue 22)."""
+    engine = small_engine(runtime)
+    aengine = AsyncLLMEngine(engine)
+    g = random.Random(0)
+    context = [g.randrange(3, VOCAB) for _ in range(21)]
+    choices = [[g.randrange(3, VOCAB) for _ in range(10)] for _ in range(100)]
+    other = [g.randrange(3, VOCAB) for _ in range(5)]
+
+    async def generate():  # another client, arriving once the forks are queued
+        while len(engine.scheduler.waiting) < 50:
+            await asyncio.sleep(0.001)
+        async for out in aengine.generate("other", other, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)):
+            pass
+        return out
+
+    async def main():
+        scored, served = await asyncio.wait_for(
+            asyncio.gather(aengine.score("big", context, choices, "math"), generate()), timeout=120)
+        await aengine.shutdown()
+        return scored, served
+
+    scored, served = asyncio.run(main())
+    assert served.finished and len(served.outputs[0].token_ids) == 4
+    for i in (0, 37, 99):
+        assert abs(scored.choices[i].sum_logprob - brute_force(runtime, context, choices[i], "math")) <= 1e-4
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.held
+    assert engine.block_manager.ownership_errors([]) == []
+
+
+def test_a_client_leaving_while_its_context_prefills_leaves_no_blocks(runtime):
+    """The client goes away during the step that finishes its context: the abort used to find no
+    request (the context had moved to the held ones), its blocks never came back, and unloading its
+    adapter set waited for ever."""
+    engine = small_engine(runtime)
+    aengine = AsyncLLMEngine(engine)
+    context = list(range(3, 3 + 45))  # two prefill chunks of at most 32 tokens
+    inner_step = engine.step
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(aengine.score("leaver", context, [[5, 6], [7, 8, 9]], "math"))
+
+        def step():
+            outputs = inner_step()
+            if "leaver-context" in engine.held and not task.done():
+                loop.call_soon_threadsafe(task.cancel)  # before the loop sees this step's outputs
+            return outputs
+
+        engine.step = step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(aengine.unload_adapter("math"), timeout=30)
+        await aengine.shutdown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if "math" not in runtime.bank.names:
+            runtime.load_adapter("math", new_adapter_set(runtime.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=1,
+                                                         b_std=0.08))
+    assert not engine.held and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.block_manager.ownership_errors([]) == []
+
+
+def test_the_block_check_finds_a_leaked_and_a_double_freed_block(runtime):
+    engine = small_engine(runtime, num_blocks=16)
+    engine.add_request("a", [5, 6, 7, 8, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.check_blocks()  # a running sequence owns its blocks
+    bm = engine.block_manager
+    seq = engine.scheduler.running[0]
+    bm._take(next(iter(bm.free)))  # a block nobody owns
+    with pytest.raises(RuntimeError, match="ref_count 1, named by 0"):
+        engine.check_blocks()
+    leaked = next(b.block_id for b in bm.blocks if b.ref_count == 1 and b.block_id not in seq.block_table)
+    bm.blocks[leaked].ref_count = 0
+    bm.free[leaked] = None
+    bm.free[seq.block_table[0]] = None  # freed while the sequence still names it
+    with pytest.raises(RuntimeError, match="on the free list"):
+        engine.step()
