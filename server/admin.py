@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -27,9 +28,11 @@ async def list_models(raw: Request):
         "owned_by": "ldmole",
         "max_model_len": state.engine.max_model_len,
     }
-    data = [card | {"id": state.base_name, "root": state.base_path, "parent": None}]
+    admin = state.settings.is_admin(raw.headers.get("authorization"))  # paths on the server: for its admin only
+    data = [card | {"id": state.base_name, "root": state.base_path if admin else None, "parent": None}]
     for name in state.model_names()[1:]:
-        data.append(card | {"id": name, "root": state.adapter_paths.get(name), "parent": state.base_name})
+        data.append(card | {"id": name, "root": state.adapter_paths.get(name) if admin else None,
+                            "parent": state.base_name})
     return {"object": "list", "data": data}
 
 
@@ -40,10 +43,11 @@ async def load_lora_adapter(body: LoadAdapterRequest, raw: Request):
     name = body.lora_name
     if name == state.base_name or name in state.engine.adapter_names(include_unloading=True):
         raise APIError(400, f"the name {name!r} is already in use; unload it first", "lora_name")
-    if not Path(body.lora_path).is_dir():
-        raise APIError(400, f"lora_path {body.lora_path!r} is not a folder on the server", "lora_path")
-    await state.engine.load_adapter(name, body.lora_path)
-    state.adapter_paths[name] = body.lora_path
+    path = allowed_adapter_path(state.settings.adapter_roots, body.lora_path)
+    if not path.is_dir():
+        raise APIError(400, "lora_path is not a folder", "lora_path")
+    await state.engine.load_adapter(name, str(path))
+    state.adapter_paths[name] = str(path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -51,9 +55,23 @@ async def load_lora_adapter(body: LoadAdapterRequest, raw: Request):
 async def unload_lora_adapter(body: UnloadAdapterRequest, raw: Request):
     """Unload a set. New requests for it are refused at once; requests already accepted finish first."""
     state = state_of(raw)
+    if body.lora_name in state.pinned and not body.force:
+        raise APIError(400, f"adapter set {body.lora_name!r} was given at start-up; unloading it needs "
+                            '"force": true', "force")
     await state.engine.unload_adapter(body.lora_name)
     state.adapter_paths.pop(body.lora_name, None)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def allowed_adapter_path(roots, lora_path: str) -> Path:
+    """lora_path resolved (symbolic links and `..` followed), if it lies under one of the roots; the
+    answer is the same whether or not a path outside them exists."""
+    path = Path(os.path.realpath(lora_path))
+    for root in roots:
+        if path.is_relative_to(os.path.realpath(root)):
+            return path
+    raise APIError(403, "lora_path is outside the adapter roots this server loads from (--adapter-root)",
+                   "lora_path")
 
 
 @router.post("/tokenize")
@@ -64,9 +82,11 @@ async def tokenize(body: TokenizeRequest, raw: Request):
     if state.engine.tokenizer is None:
         raise APIError(400, "this model has no tokenizer")
     if body.messages is not None:
-        tokens = chat_prompt(state, body.messages, body.add_generation_prompt).token_ids
+        tokens = (await chat_prompt(state, body.messages, body.add_generation_prompt)).token_ids
     else:
-        tokens = state.engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        state.settings.limits.check_text(body.prompt, param="prompt")
+        tokens = await asyncio.to_thread(state.engine.tokenizer.encode, body.prompt,
+                                         add_special_tokens=body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
 
 

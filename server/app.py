@@ -38,5 +38,5 @@ def build_app(state: ServerState, on_ready=None) -> FastAPI:
     for module in (completions, chat, scoring, admin):
         app.include_router(module.router)
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=state.settings.api_key, max_body_bytes=state.settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, settings=state.settings)
     return app

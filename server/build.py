@@ -4,6 +4,7 @@ selector (for one process, and for every replica of a cluster)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
@@ -13,6 +14,8 @@ from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
 from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.adapter_selector import AdapterSelector
+from ldmole_server.limits import limits_from_args
+from ldmole_server.protocol import check_adapter_name
 from ldmole_server.state import ServerSettings, ServerState
 
 
@@ -26,8 +29,28 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
             raise LDMoleError(f"--adapter takes NAME=PATH, got {spec!r}")
         if name in adapters:
             raise LDMoleError(f"--adapter: the name {name!r} is given twice")
+        try:
+            check_adapter_name(name)
+        except ValueError as exc:
+            raise LDMoleError(f"--adapter: {exc}") from None
         adapters[name] = str(resolve_adapter(path))
     return adapters
+
+
+def read_key(flag: str | None, path: str | None, env: str) -> str | None:
+    """A key from its flag, its file (the first line) or its environment variable, in that order."""
+    if flag:
+        return flag
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise LDMoleError(f"cannot read the key file {path}: {exc.strerror}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise LDMoleError(f"the key file {path} is empty")
+        return key
+    return os.environ.get(env) or None
 
 
 def build_state(args, executor=None) -> ServerState:
@@ -43,8 +66,12 @@ def build_state(args, executor=None) -> ServerState:
                           lora_backend=args.lora_backend, decode_graphs=args.decode_graphs,
                           check_blocks=args.debug_check_blocks)
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
-    api_key = args.api_key or os.environ.get("LDMOLE_API_KEY") or None
-    settings = ServerSettings(api_key=api_key, max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(api_key=read_key(args.api_key, args.api_key_file, "LDMOLE_API_KEY"),
+                              max_body_bytes=args.max_body_bytes, limits=limits_from_args(args),
+                              enable_adapter_loading=args.enable_adapter_loading,
+                              adapter_roots=tuple(args.adapter_root),
+                              admin_key=read_key(args.admin_key, args.admin_key_file, "LDMOLE_ADMIN_KEY"))
+    settings.check_admin_setup()
     selector = None
     if args.adapter_selector:
         selector = AdapterSelector(args.adapter_selector, args.adapter_selector_labels, runtime, tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -16,7 +17,13 @@ from ldmole_server.streaming import SSE_DONE, deltas, sse
 router = APIRouter()
 
 
-def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
+async def chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
+    """The conversation through the chat template and the tokenizer, on a worker thread."""
+    state.settings.limits.check_text(messages, param="messages")
+    return await asyncio.to_thread(_chat_prompt, state, messages, add_generation_prompt)
+
+
+def _chat_prompt(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
     tok = state.engine.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
@@ -41,7 +48,8 @@ def chat_logprobs(state: ServerState, entries) -> dict:
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     state = state_of(raw)
-    prompt = chat_prompt(state, body.messages, body.add_generation_prompt)
+    state.settings.limits.check_sampling(body)
+    prompt = await chat_prompt(state, body.messages, body.add_generation_prompt)
     adapter = await state.pick_model(body.model, lambda: next(
         (m.text() for m in reversed(body.messages) if m.role == "user"), ""))
     if body.top_logprobs is not None and not body.logprobs:

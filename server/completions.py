@@ -48,7 +48,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         min_tokens=body.min_tokens, logit_bias=body.logit_bias or {})
 
 
-def completion_prompts(state: ServerState, prompt) -> list[Prompt]:
+async def completion_prompts(state: ServerState, prompt) -> list[Prompt]:
     if isinstance(prompt, str):
         items = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -59,7 +59,7 @@ def completion_prompts(state: ServerState, prompt) -> list[Prompt]:
         raise APIError(400, "prompt must not be empty", "prompt")
     prompts = []
     for item in items:
-        ids = state.engine.encode(item)
+        ids = await state.engine.encode_async(item)
         if not ids:
             raise APIError(400, "prompt must not be empty", "prompt")
         prompts.append(Prompt(ids, item if isinstance(item, str) else None))
@@ -116,7 +116,9 @@ async def collect(raw: Request, streams, tracker) -> list | None:
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, raw: Request):
     state = state_of(raw)
-    prompts = completion_prompts(state, body.prompt)
+    state.settings.limits.check_sampling(body)
+    state.settings.limits.check_text(body.prompt, param="prompt")
+    prompts = await completion_prompts(state, body.prompt)
     adapter = await state.pick_model(body.model, lambda: _prompt_text(state, prompts[0]))  # "auto": the first prompt
     if isinstance(body.n, int) and len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences: at most {MAX_SEQUENCES_PER_REQUEST} "

@@ -28,8 +28,9 @@ STATUS = (
     (LDMoleError, 400, "BadRequestError"),
     (StepFailedError, 500, "InternalServerError"),
 )
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-          413: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          405: "MethodNotAllowed", 413: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError",
+          503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):

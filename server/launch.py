@@ -17,7 +17,8 @@ from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import LORA_BACKENDS
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_server.app import build_app
-from ldmole_server.build import build_state, parse_adapters
+from ldmole_server.build import build_state, parse_adapters, read_key
+from ldmole_server.limits import add_limit_flags
 from ldmole_server.state import ServerState
 
 
@@ -42,8 +43,23 @@ def curl_examples(state: ServerState, url: str) -> list[str]:
     return lines
 
 
+def check_exposure(args) -> None:
+    """An address beyond this machine needs an API key, unless the flag says otherwise."""
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    if not loopback and not read_key(args.api_key, args.api_key_file, "LDMOLE_API_KEY") and \
+            not args.allow_unauthenticated:
+        raise LDMoleError(f"--host {args.host} serves beyond this machine without an API key: give "
+                          "--api-key-file (or $LDMOLE_API_KEY), or pass --allow-unauthenticated")
+    for flag in ("api_key", "admin_key"):
+        if getattr(args, flag):
+            logging.getLogger("ldmole.server").warning(
+                "--%s is visible to every user of this machine (ps); prefer --%s-file or $LDMOLE_%s",
+                flag.replace("_", "-"), flag.replace("_", "-"), flag.upper())
+
+
 def serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_exposure(args)
     if args.replicas < 1:
         raise LDMoleError(f"--replicas must be >= 1, got {args.replicas}")
     if args.replicas > 1 or args.address:
@@ -91,7 +107,19 @@ def add_serve_flags(s) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (default: $LDMOLE_API_KEY, "
-                                     "else no key)")
+                                     "else no key); visible to other users in `ps`: prefer --api-key-file")
+    s.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (its first line)")
+    s.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen on an address other than localhost without an API key (refused otherwise)")
+    s.add_argument("--enable-adapter-loading", action="store_true",
+                   help="turn on /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default: 404); needs "
+                        "--adapter-root and a key (the admin key, else the API key)")
+    s.add_argument("--adapter-root", action="append", metavar="DIR", default=[],
+                   help="with --enable-adapter-loading: a folder whose subfolders may be loaded (repeatable; "
+                        "lora_path is resolved with realpath and must lie under one)")
+    s.add_argument("--admin-key", help="the key adapter loading and unloading need, instead of the API key "
+                                       "(default: $LDMOLE_ADMIN_KEY); visible in `ps`: prefer --admin-key-file")
+    s.add_argument("--admin-key-file", metavar="FILE", help="read the admin key from FILE (its first line)")
     d = EngineConfig()  # the engine's defaults, shared with LLM and lm_eval --model ldmole
     s.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
                    help=f"memory for the paged KV cache, in GiB (default {d.kv_cache_gib:g})")
@@ -139,6 +167,7 @@ def add_serve_flags(s) -> None:
     s.add_argument("--decode-graphs", default=d.decode_graphs, choices=["auto", "off"],
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")
+    add_limit_flags(s)
     s.add_argument("--debug-check-blocks", action="store_true",
                    help="after every engine step, check that each KV-cache block in use belongs to a running, "
                         "waiting or held sequence; a broken check fails the requests in flight (debugging; "

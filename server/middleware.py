@@ -1,4 +1,4 @@
-"""ASGI guards in front of every route: the API key and the request-body size limit."""
+"""ASGI guards in front of every route: the API key, the admin surface and the request-body size limit."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from ldmole_server.errors import error_body
 
 # Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
 OPEN_PATHS = ("/health", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
+# Runtime adapter management: absent unless enabled, then only with the admin key (vLLM hides these
+# routes unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set; TGI has none).
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 async def _send_error(send, status: int, message: str, type_: str, extra_headers=()) -> None:
@@ -29,20 +32,28 @@ class BodyTooLarge(HTTPException):
 
 
 class GuardMiddleware:
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, settings):
+        self.app, self.settings = app, settings  # a ServerSettings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and not scope["path"].startswith(OPEN_PATHS):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+        given = headers.get(b"authorization", b"")
+        settings = self.settings
+        if scope["path"].rstrip("/") in ADMIN_PATHS:
+            if not settings.enable_adapter_loading:
+                return await _send_error(send, 404, "runtime adapter loading is off; start the server with "
+                                                    "--enable-adapter-loading", "NotFoundError")
+            if not settings.is_admin(given):
+                return await _send_error(send, 401, "adapter loading needs the admin key: Authorization: Bearer "
+                                                    "<key>", "AuthenticationError", [(b"www-authenticate", b"Bearer")])
+        elif settings.api_key and not scope["path"].startswith(OPEN_PATHS):
+            if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
                 return await _send_error(send, 401, "a valid API key is required: Authorization: Bearer <key>",
                                          "AuthenticationError", [(b"www-authenticate", b"Bearer")])
         length = headers.get(b"content-length")
-        limit = self.max_body_bytes
+        limit = settings.max_body_bytes
         too_large = f"the request body is over the limit of {limit} bytes"
         if length is not None and length.isdigit() and int(length) > limit:
             return await _send_error(send, 413, too_large, "BadRequestError")

@@ -9,9 +9,10 @@ error shape. Value ranges are checked once, by SamplingParams.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 logger = logging.getLogger("ldmole.server")
 
@@ -98,13 +99,29 @@ class ClassifyRequest(OpenAIModel):
     input: str | list[str] | TokenIds | list[TokenIds]
 
 
+# An adapter set's name: it becomes a `model` value, a metrics label and a log field, so it keeps to
+# a plain character set (no controls, spaces or direction marks); "auto" asks the adapter selector.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+RESERVED_NAMES = frozenset({"auto"})
+
+
+def check_adapter_name(name: str) -> str:
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"an adapter name is 1-128 characters of A-Z a-z 0-9 . _ : / -, starting with a letter "
+                         f"or digit; got {name[:140]!r}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"the adapter name {name!r} is reserved")
+    return name
+
+
 class LoadAdapterRequest(OpenAIModel):
-    lora_name: str = Field(min_length=1, max_length=200)
-    lora_path: str = Field(min_length=1)
+    lora_name: Annotated[str, AfterValidator(check_adapter_name)]
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
 class UnloadAdapterRequest(OpenAIModel):
     lora_name: str = Field(min_length=1)
+    force: bool = False  # also a set given at start-up
 
 
 class TokenizeRequest(OpenAIModel):

@@ -41,12 +41,20 @@ async def score(body: ScoreItem | list[ScoreItem], raw: Request):
     items = body if isinstance(body, list) else [body]
     if not items:
         raise APIError(400, "the list of score items is empty")
-    for item in items:  # unknown models fail the whole request before any work starts
+    limits = state.settings.limits
+    limits.check("max_score_items", len(items), "the list of score items")
+    limits.check_text([[item.context, item.choices] for item in items], param="context")
+    for item in items:  # a limit or an unknown model fails the whole request before any work starts
+        limits.check("max_score_choices", len(item.choices), "choices")
         state.resolve_model(item.model)
+    # every choice runs as a sequence of its own (and each context as one more): all count against the queue
+    state.engine.check_accepting(new=sum(len(item.choices) + 1 for item in items))
     rid = request_id("score")
 
-    async def work():
-        return await asyncio.gather(*(score_item(state, item, f"{rid}-{i}") for i, item in enumerate(items)))
+    async def work():  # one item failing (say, the queue filled meanwhile) cancels the others' work
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(score_item(state, item, f"{rid}-{i}")) for i, item in enumerate(items)]
+        return [t.result() for t in tasks]
 
     results = await until_disconnected(raw, work)
     if results is None:
@@ -66,8 +74,12 @@ async def classify(body: ClassifyRequest, raw: Request):
         inputs = [inputs]
     if not inputs:
         raise APIError(400, "input must not be empty", "input")
-    ids = [state.engine.encode(x) for x in inputs]
-    probs = await state.engine.classify(ids, adapter)
+    state.settings.limits.check("max_classify_inputs", len(inputs), "input")
+    state.settings.limits.check_text(inputs, param="input")
+    ids = [await state.engine.encode_async(x) for x in inputs]
+    probs = await until_disconnected(raw, lambda: state.engine.classify(ids, adapter))
+    if probs is None:
+        return None  # the client is gone: the inputs after the one running were never computed
     data = [{"index": i, "label": int(p.argmax()), "probs": p.tolist(), "num_classes": p.numel()}
             for i, p in enumerate(probs)]
     tokens = sum(len(x) for x in ids)

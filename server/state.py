@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
 from ldmole_runtime.lora.bank import SetSlot
+from ldmole_server.limits import RequestLimits
 from ldmole_server.metrics import ServerMetrics
 
 AUTO = "auto"  # the `model` that asks the adapter selector to pick the adapter set
@@ -19,6 +21,31 @@ AUTO = "auto"  # the `model` that asks the adapter selector to pick the adapter 
 class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # runtime adapter management (load/unload), an admin surface: off unless enabled, loads only from
+    # folders under adapter_roots, and guarded by admin_key (else the API key)
+    enable_adapter_loading: bool = False
+    adapter_roots: tuple[str, ...] = ()
+    admin_key: str | None = None
+
+    @property
+    def admin_credential(self) -> str | None:
+        return self.admin_key or self.api_key
+
+    def is_admin(self, authorization: str | bytes | None) -> bool:
+        """The request carries the admin's key (nobody is an admin on a server without keys)."""
+        key = self.admin_credential
+        if not key or authorization is None:
+            return False
+        given = authorization.encode() if isinstance(authorization, str) else authorization
+        return hmac.compare_digest(given, f"Bearer {key}".encode())
+
+    def check_admin_setup(self) -> None:
+        if self.enable_adapter_loading and not self.adapter_roots:
+            raise LDMoleError("--enable-adapter-loading needs at least one --adapter-root DIR to load from")
+        if self.enable_adapter_loading and not self.admin_credential:
+            raise LDMoleError("--enable-adapter-loading needs a key: --admin-key-file, $LDMOLE_ADMIN_KEY or "
+                              "--admin-key (or an API key)")
 
 
 @dataclass
@@ -30,9 +57,12 @@ class ServerState:
     settings: ServerSettings = field(default_factory=ServerSettings)
     metrics: ServerMetrics | None = None
     adapter_selector: object | None = None  # a adapter_selector.AdapterSelector: serves `model: "auto"`
+    pinned: frozenset[str] | None = None  # sets unloaded only when a request insists (default: those at start-up)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self):
+        if self.pinned is None:
+            self.pinned = frozenset(self.adapter_paths)
         # a cache per instance (a cached method would key on, and keep alive, every ServerState)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
         if self.metrics is None:

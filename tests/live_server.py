@@ -19,6 +19,7 @@ from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.adapter_selector import AdapterSelector
 from ldmole_server.app import build_app
+from ldmole_server.limits import RequestLimits
 from ldmole_server.state import ServerSettings, ServerState
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -57,18 +58,21 @@ def free_port() -> int:
 class LiveServer:
     def __init__(self, base: Path, adapters: dict[str, Path], *, api_key: str | None = None,
                  max_queue: int | None = 256,
-                 num_blocks: int = 256, max_body_bytes: int = 1 << 20, adapter_selector: Path | None = None):
+                 num_blocks: int = 256, max_body_bytes: int = 1 << 20, adapter_selector: Path | None = None,
+                 limits: RequestLimits | None = None):
         runtime = LDMoleRuntime.from_pretrained(base, adapters={k: str(v) for k, v in adapters.items()})
         tokenizer = load_tokenizer(base)
         engine = LLMEngine(runtime, tokenizer, EngineConfig(block_size=4, num_blocks=num_blocks, max_num_seqs=32,
-                                                            max_num_batched_tokens=256, expert_sample_every=1))
+                                                            max_num_batched_tokens=256, expert_sample_every=1,
+                                                            check_blocks=True))
         selector = None
         if adapter_selector is not None:
             selector = AdapterSelector(adapter_selector, None, runtime, tokenizer)
             selector.check_targets([BASE_NAME] + list(adapters))
         self.state = ServerState(AsyncLLMEngine(engine, max_queue), BASE_NAME, str(base),
                                  {k: str(v) for k, v in adapters.items()},
-                                 ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes),
+                                 ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes,
+                                                limits=limits or RequestLimits()),
                                  adapter_selector=selector)
         self.app = build_app(self.state)
         self.port = free_port()

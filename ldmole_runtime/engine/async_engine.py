@@ -79,6 +79,13 @@ class AsyncLLMEngine:
         """A prompt's token ids: text through the tokenizer (the one place), or ids checked as given."""
         return self.engine.encode(prompt)
 
+    async def encode_async(self, prompt: str | list[int]) -> list[int]:
+        """`encode`, with text tokenised on a worker thread (the tokenizer lets go of the GIL), so a long
+        prompt never stalls the event loop."""
+        if isinstance(prompt, str):
+            return await asyncio.to_thread(self.engine.encode, prompt)
+        return self.engine.encode(prompt)
+
     def stats(self) -> dict:
         """The engine's counters, with requests not yet admitted to the engine counted as waiting."""
         return self.engine.stats() | {"waiting": self.num_waiting}
@@ -92,7 +99,9 @@ class AsyncLLMEngine:
     def num_waiting(self) -> int:
         return len(self._to_admit) + len(self.engine.scheduler.waiting)
 
-    def check_accepting(self, adapter: str | SetSlot | None = None) -> None:
+    def check_accepting(self, adapter: str | SetSlot | None = None, new: int = 1) -> None:
+        """Refuse work the engine cannot take now: `new` sequences (a request's prompts x n, or a score's
+        context and choices), counted against max_queue when they are created."""
         name = adapter.name if isinstance(adapter, SetSlot) else adapter
         if name is not None and name in self.unloading:
             raise UnknownAdapterError(f"adapter set {name!r} is being unloaded")
@@ -100,8 +109,12 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine loop has stopped") from self.errored
         if self.draining:
             raise EngineOverloadedError("the server is shutting down and accepts no new requests")
-        if self.max_queue is not None and self.num_waiting >= self.max_queue:
-            raise EngineOverloadedError(f"the queue is full ({self.num_waiting} requests waiting); retry later")
+        if self.max_queue is not None and new > self.max_queue:
+            raise LDMoleError(f"the request makes {new} sequences; the queue holds at most {self.max_queue} "
+                              "(`ldmole serve --max-queue`): split it")
+        if self.max_queue is not None and self.num_waiting + new > self.max_queue:
+            raise EngineOverloadedError(f"the queue is full ({self.num_waiting} sequences waiting, this request "
+                                        f"adds {new}); retry later")
 
     def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                  adapter: str | None = None, prompt_logprobs_from: int | None = None) -> AsyncIterator[RequestOutput]:
@@ -120,7 +133,7 @@ class AsyncLLMEngine:
                       adapter: SetSlot | None) -> list[AsyncIterator[RequestOutput]]:
         """One HTTP request's prompts (`{request_id}-{i}`), under the API's limits: admission is checked
         once and every prompt is validated before any is queued, so a request is refused whole."""
-        self.check_accepting(adapter)
+        self.check_accepting(adapter, new=sum(p.n for p in params))
         requests = [self.engine.prepare_request(f"{request_id}-{i}", ids, p, adapter, serving_limits=True)
                     for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
         return [self._stream(r) for r in requests]
@@ -156,10 +169,10 @@ class AsyncLLMEngine:
     async def score(self, request_id: str, context: str | list[int], choices: list[str | list[int]],
                     adapter: str | SetSlot | None = None) -> ScoreResult:
         """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it."""
-        self.check_accepting(adapter)
+        self.check_accepting(adapter, new=len(choices) + 1)
         engine = self.engine
-        ctx_ids = engine.encode(context)
-        choice_ids = [engine.encode(c) for c in choices]
+        ctx_ids = await self.encode_async(context)
+        choice_ids = [await self.encode_async(c) for c in choices]
         if not ctx_ids or not choice_ids or any(not c for c in choice_ids):
             raise LDMoleError("score needs a non-empty context and at least one non-empty choice")
         for c in choice_ids:  # the forks are validated now, not inside the loop
@@ -226,16 +239,13 @@ class AsyncLLMEngine:
 
     async def classify(self, inputs: list[str | list[int]], adapter: str | SetSlot | None) -> list[torch.Tensor]:
         """Class probabilities [num_labels] per input (text or token ids), from the adapter set's (or
-        the base's) score head."""
-        self.check_accepting(adapter)
-        ids = [self.engine.encode(x) for x in inputs]
+        the base's) score head. One forward per input, each between two engine steps: generation goes
+        on meanwhile, and a caller that leaves (is cancelled) stops the rest."""
+        self.check_accepting(adapter, new=len(inputs))
+        ids = [await self.encode_async(x) for x in inputs]
         if any(not x for x in ids):
             raise LDMoleError("inputs to classify must not be empty")
-
-        def run(engine: LLMEngine):
-            return [engine.classify(x, adapter) for x in ids]
-
-        return await self.call_between_steps(run)
+        return [await self.call_between_steps(lambda engine, x=x: engine.classify(x, adapter)) for x in ids]
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _kick(self) -> None:

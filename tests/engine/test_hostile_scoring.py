@@ -48,9 +48,9 @@ def test_more_forks_than_the_cache_holds_finish_while_others_are_served(runtime)
     async def generate():  # another client, arriving once the forks are queued
         while len(engine.scheduler.waiting) < 50:
             await asyncio.sleep(0.001)
-        async for out in aengine.generate("other", other, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)):
-            pass
-        return out
+        outputs = [out async for out in aengine.generate(
+            "other", other, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))]
+        return outputs[-1]
 
     async def main():
         scored, served = await asyncio.wait_for(
