@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. http://127.0.0.1:8000) through its load endpoint; checked before training starts")
     t.add_argument("--load-as", metavar="NAME", help="model name for --load-into and the printed serve command "
                    "(default: the --out folder's name)")
-    t.add_argument("--api-key", help="the server's API key for --load-into (default: $LDMOLE_API_KEY)")
+    t.add_argument("--api-key", help="for --load-into: the key the server's adapter loading takes, its admin key "
+                                     "(else its API key); default: $LDMOLE_ADMIN_KEY, then $LDMOLE_API_KEY")
     t.set_defaults(func=cmd_train)
 
     tr = sub.add_parser("train-selector", aliases=["train-router"],

@@ -53,6 +53,16 @@ def read_key(flag: str | None, path: str | None, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
+def settings_from_args(args) -> ServerSettings:
+    settings = ServerSettings(api_key=read_key(args.api_key, args.api_key_file, "LDMOLE_API_KEY"),
+                              max_body_bytes=args.max_body_bytes, limits=limits_from_args(args),
+                              enable_adapter_loading=args.enable_adapter_loading,
+                              adapter_roots=tuple(args.adapter_root),
+                              admin_key=read_key(args.admin_key, args.admin_key_file, "LDMOLE_ADMIN_KEY"))
+    settings.check_admin_setup()
+    return settings
+
+
 def build_state(args, executor=None) -> ServerState:
     base = resolve_base(args.base)
     adapters = parse_adapters(args.adapter or [])
@@ -66,12 +76,7 @@ def build_state(args, executor=None) -> ServerState:
                           lora_backend=args.lora_backend, decode_graphs=args.decode_graphs,
                           check_blocks=args.debug_check_blocks)
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
-    settings = ServerSettings(api_key=read_key(args.api_key, args.api_key_file, "LDMOLE_API_KEY"),
-                              max_body_bytes=args.max_body_bytes, limits=limits_from_args(args),
-                              enable_adapter_loading=args.enable_adapter_loading,
-                              adapter_roots=tuple(args.adapter_root),
-                              admin_key=read_key(args.admin_key, args.admin_key_file, "LDMOLE_ADMIN_KEY"))
-    settings.check_admin_setup()
+    settings = settings_from_args(args)
     selector = None
     if args.adapter_selector:
         selector = AdapterSelector(args.adapter_selector, args.adapter_selector_labels, runtime, tokenizer)

@@ -22,6 +22,7 @@
 import argparse
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -124,7 +125,11 @@ class EngineReplica:
             await engine.unload_adapter(name)
             self.state.adapter_paths.pop(name, None)
         for name in sorted(set(adapters) - loaded):
-            await engine.load_adapter(name, adapters[name])
+            try:
+                await engine.load_adapter(name, adapters[name])
+            except Exception as exc:  # noqa: BLE001 - e.g. its folder went away: not retried until the registry changes
+                logger.warning("adapter set %r from the registry did not load on this replica: %s", name, exc)
+                continue
             self.state.adapter_paths[name] = adapters[name]
 
 
@@ -226,20 +231,29 @@ def _routing_key(body: bytes) -> str | None:
 
 
 class Ingress:
-    def __init__(self, engine, base_name: str):
+    """Serve's one entry: the same guards as the single-process server (server/middleware.py) before
+    anything reaches a replica, then the request to the replica that serves its adapter set."""
+
+    def __init__(self, engine, base_name: str, settings, pinned: frozenset[str]):
         import ray
 
-        self.engine, self.base_name = engine, base_name
+        self.engine, self.base_name, self.settings, self.pinned = engine, base_name, settings, pinned
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+        self.known: set[str] = set()  # the registry's names, as last read: the only multiplexed model ids
+        self.known_at = 0.0
 
     async def forward(self, request: Request, path: str):
-        body = await request.body()
+        refused = self._guard(request, "/" + path)
+        if refused is not None:
+            return refused
+        body = await self._body(request)
+        if body is None:
+            return _error(413, f"the request body is over the limit of {self.settings.max_body_bytes} bytes")
         if path in ("v1/load_lora_adapter", "v1/unload_lora_adapter") and request.method == "POST":
-            return await self._adapter_change(path, body)
-        key = _routing_key(body) or self.base_name
+            return await self._adapter_change(path, body, request.headers.raw)
         options = {"stream": True}
         if request.headers.get(AFFINITY_HEADER) != "off":
-            options["multiplexed_model_id"] = key
+            options["multiplexed_model_id"] = await self._affinity_key(body)
         args = (request.method, "/" + path, request.url.query.encode(), list(request.headers.raw), body)
         for attempt in range(2):
             stream = self.engine.options(**options).handle.remote(*args)
@@ -253,28 +267,73 @@ class Ingress:
                 return JSONResponse(_unavailable(str(exc)), status_code=503)
             return _streamed(status, headers, stream)
 
-    async def _adapter_change(self, path: str, body: bytes):
-        """A load is tried on one replica (it validates the folder against the base), then put in the
-        registry that every replica follows; an unload leaves the registry at once, and each replica
-        drops the set once its running requests for it have finished (within a second)."""
+    def _guard(self, request: Request, path: str):
+        from ldmole_server.middleware import ADMIN_PATHS, OPEN_PATHS
+
+        settings, given = self.settings, request.headers.get("authorization", "")
+        if path.rstrip("/") in ADMIN_PATHS:
+            if not settings.enable_adapter_loading:
+                return _error(404, "runtime adapter loading is off; start the server with --enable-adapter-loading")
+            if not settings.is_admin(given):
+                return _error(401, "adapter loading needs the admin key: Authorization: Bearer <key>")
+        elif settings.api_key and not path.startswith(OPEN_PATHS):
+            if not (hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode())
+                    or settings.is_admin(given)):
+                return _error(401, "a valid API key is required: Authorization: Bearer <key>")
+        return None
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, read up to the limit (None past it)."""
+        limit, chunks, size = self.settings.max_body_bytes, [], 0
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return None
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _affinity_key(self, body: bytes) -> str:
+        """The request's adapter set if it is one the registry holds (a made-up name must not become a
+        multiplexed model id: Serve keeps a metric series per id), else the base's name."""
+        key = _routing_key(body) or self.base_name
+        loop = asyncio.get_running_loop()
+        if key not in self.known and loop.time() - self.known_at > 0.5:
+            self.known_at = loop.time()
+            self.known = set((await self.registry.snapshot.remote())[1])
+        return key if key in self.known else self.base_name
+
+    async def _adapter_change(self, path: str, body: bytes, headers: list):
+        """A load is tried on one replica (it validates the folder against the base and the adapter
+        roots), then put in the registry that every replica follows; an unload leaves the registry at
+        once, and each replica drops the set once its running requests for it have finished (within a
+        second)."""
         try:
             data = json.loads(body)
             name = data["lora_name"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            return JSONResponse(error_body(400, 'expected {"lora_name": ...}'), status_code=400)
+            return _error(400, 'expected {"lora_name": ...}')
         if path.endswith("unload_lora_adapter"):
             version, adapters = await self.registry.snapshot.remote()
             if name not in adapters:
-                return JSONResponse(error_body(404, f"adapter set {name!r} is not loaded"), status_code=404)
+                return _error(404, "that adapter set is not loaded")
+            if name in self.pinned and data.get("force") is not True:
+                return _error(400, "that adapter set was given at start-up; unloading it needs \"force\": true")
             await self.registry.set.remote(name, None)
             return JSONResponse({"status": "ok", "unloaded": name})
-        stream = self.engine.options(stream=True).handle.remote(
-            "POST", "/" + path, b"", [(b"content-type", b"application/json")], body)
-        status, headers = await stream.__anext__()
+        kept = [(k, v) for k, v in headers if k.lower() in (b"authorization", b"content-type")]
+        stream = self.engine.options(stream=True).handle.remote("POST", "/" + path, b"", kept, body)
+        status, _ = await stream.__anext__()
         chunks = [c async for c in stream]
         if status == 200:
             await self.registry.set.remote(name, data.get("lora_path"))
         return Response(b"".join(chunks), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status)
 
 
 def _unavailable(reason: str) -> dict:
@@ -309,6 +368,8 @@ def deploy(args, adapters: dict, base_name: str):
     engine replicas and the ingress, behind Serve's proxy at args.host:args.port."""
     import ray
 
+    from ldmole_server.build import settings_from_args
+
     registry = ray.remote(AdapterRegistry).options(name=REGISTRY, namespace=NAMESPACE, get_if_exists=True,
                                                    num_cpus=0).remote(adapters)
     ray.get(registry.snapshot.remote())
@@ -325,7 +386,8 @@ def deploy(args, adapters: dict, base_name: str):
                               ray_actor_options={"num_cpus": args.cpus_per_replica,
                                                  "num_gpus": args.gpus_per_replica}).bind(serve_args, threads)
     ingress = serve.deployment(IngressDeployment, name="Ingress", max_ongoing_requests=4096,
-                               ray_actor_options={"num_cpus": 0}).bind(engine, base_name)
+                               ray_actor_options={"num_cpus": 0}).bind(engine, base_name, settings_from_args(args),
+                                                                       frozenset(adapters))
     serve.run(ingress, name="ldmole", route_prefix="/")
     return registry
 

@@ -52,8 +52,11 @@ async def score(body: ScoreItem | list[ScoreItem], raw: Request):
     rid = request_id("score")
 
     async def work():  # one item failing (say, the queue filled meanwhile) cancels the others' work
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(score_item(state, item, f"{rid}-{i}")) for i, item in enumerate(items)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(score_item(state, item, f"{rid}-{i}")) for i, item in enumerate(items)]
+        except ExceptionGroup as failed:  # the first failure is the answer
+            raise failed.exceptions[0] from None
         return [t.result() for t in tasks]
 
     results = await until_disconnected(raw, work)

@@ -59,7 +59,8 @@ class LiveServer:
     def __init__(self, base: Path, adapters: dict[str, Path], *, api_key: str | None = None,
                  max_queue: int | None = 256,
                  num_blocks: int = 256, max_body_bytes: int = 1 << 20, adapter_selector: Path | None = None,
-                 limits: RequestLimits | None = None):
+                 limits: RequestLimits | None = None, admin_key: str | None = None):
+        """admin_key: turn on adapter loading under that key, from the folder that holds the model."""
         runtime = LDMoleRuntime.from_pretrained(base, adapters={k: str(v) for k, v in adapters.items()})
         tokenizer = load_tokenizer(base)
         engine = LLMEngine(runtime, tokenizer, EngineConfig(block_size=4, num_blocks=num_blocks, max_num_seqs=32,
@@ -72,8 +73,11 @@ class LiveServer:
         self.state = ServerState(AsyncLLMEngine(engine, max_queue), BASE_NAME, str(base),
                                  {k: str(v) for k, v in adapters.items()},
                                  ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes,
-                                                limits=limits or RequestLimits()),
+                                                limits=limits or RequestLimits(),
+                                                enable_adapter_loading=admin_key is not None, admin_key=admin_key,
+                                                adapter_roots=(str(Path(base).parent),) if admin_key else ()),
                                  adapter_selector=selector)
+        self.admin_headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self.app = build_app(self.state)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

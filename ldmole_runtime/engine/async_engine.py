@@ -109,7 +109,7 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine loop has stopped") from self.errored
         if self.draining:
             raise EngineOverloadedError("the server is shutting down and accepts no new requests")
-        if self.max_queue is not None and new > self.max_queue:
+        if self.max_queue is not None and 0 < self.max_queue < new:
             raise LDMoleError(f"the request makes {new} sequences; the queue holds at most {self.max_queue} "
                               "(`ldmole serve --max-queue`): split it")
         if self.max_queue is not None and self.num_waiting + new > self.max_queue:

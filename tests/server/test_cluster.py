@@ -29,6 +29,7 @@ from ldmole_server.cluster import AFFINITY_HEADER, REPLICA_HEADER, deploy
 from ldmole_server.launch import add_serve_flags
 
 MODELS = [BASE_NAME, "math", "code", "cls"]
+ADMIN = "cluster-admin"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def cluster(model):
     add_serve_flags(parser)
     port = free_port()
     args = parser.parse_args(["--base", str(base), "--served-model-name", BASE_NAME, "--port", str(port),
-                              "--replicas", "2", "--max-num-seqs", "16", "--kv-cache-gib", "0.05"]
+                              "--replicas", "2", "--max-num-seqs", "16", "--kv-cache-gib", "0.05",
+                              "--enable-adapter-loading", "--adapter-root", str(base.parent), "--admin-key", ADMIN]
                              + sum((["--adapter", f"{n}={p}"] for n, p in adapters.items()), []))
     metrics_port = free_port()
     # Ray puts the driver's working directory on every worker's sys.path: started in the repository
@@ -209,7 +211,15 @@ def test_runtime_load_and_unload_reach_every_replica(cluster, model):
     url, _ = cluster
     base, adapters = model
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "math2", "lora_path": str(adapters["math"])})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    load = {"lora_name": "math2", "lora_path": str(adapters["math"])}
+    # without the admin key the ingress refuses the change (it used to pass an unload with no key, and to
+    # drop the key of a load on its way to the replica)
+    assert httpx.post(url + "/v1/load_lora_adapter", json=load).status_code == 401
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "math"}).status_code == 401
+    unpinned = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "math"}, headers=admin)
+    assert unpinned.status_code == 400 and "force" in unpinned.text  # a start-up set stays
+    r = httpx.post(url + "/v1/load_lora_adapter", json=load, headers=admin)
     assert r.status_code == 200, r.text
     time.sleep(1.5)  # replicas follow the registry every 0.5 s
     replicas = collections.Counter()
@@ -219,14 +229,15 @@ def test_runtime_load_and_unload_reach_every_replica(cluster, model):
         assert res.choices[0].text == direct.choices[0].text
         replicas[replica] += 1
     assert "math2" in [m.id for m in client.models.list().data]
-    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "math2"}).status_code == 200
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "math2"}, headers=admin).status_code == 200
     time.sleep(1.5)
     for _ in range(6):
         r = httpx.post(url + "/v1/completions", json={"model": "math2", "prompt": "x", "max_tokens": 1},
                        headers={AFFINITY_HEADER: "off"})
         assert r.status_code == 404
-    assert httpx.post(url + "/v1/load_lora_adapter",
-                      json={"lora_name": "bad", "lora_path": "/nonexistent"}).status_code == 400
+    assert httpx.post(url + "/v1/load_lora_adapter", headers=admin,
+                      json={"lora_name": "bad", "lora_path": "/nonexistent"}).status_code == 403
+    assert "math" in [m.id for m in client.models.list().data]
 
 
 def replica_pids():
@@ -280,3 +291,24 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_fail(cluster):
         _, replica = complete(client, BASE_NAME, "again", extra_headers={AFFINITY_HEADER: "off"})
         served[replica] += 1
     assert len(served) == 2  # both replicas serve again
+
+
+def test_made_up_model_names_leave_no_metric_series(cluster):
+    """Only adapter sets the registry holds become Serve's multiplexed model ids (Serve keeps a metric
+    series per id): a request for a made-up name gets its 404 and leaves nothing behind."""
+    url, metrics_port = cluster
+    made_up = [f"made-up-{i}" for i in range(5)]
+    for name in made_up:
+        r = httpx.post(url + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 404
+    known = httpx.post(url + "/v1/completions", json={"model": "math", "prompt": "x", "max_tokens": 1})
+    assert known.status_code == 200
+    deadline, lines = time.time() + 120, []
+    while time.time() < deadline:  # Ray exports metrics every few seconds
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        lines = [line for line in text.splitlines() if "multiplexed_model_id" in line and not line.startswith("#")]
+        if any('"math"' in line for line in lines):
+            break
+        time.sleep(2)
+    assert any('"math"' in line for line in lines)
+    assert not any(name in line for line in lines for name in made_up)

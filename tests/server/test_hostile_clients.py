@@ -21,7 +21,7 @@ def model_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_files):
-    with LiveServer(*model_files, max_queue=40) as srv:
+    with LiveServer(*model_files, max_queue=40, limits=LIMITS) as srv:
         yield srv
 
 
@@ -53,7 +53,7 @@ def assert_refused(r, status: int, *words: str) -> None:
     assert all(w in message for w in words), message
 
 
-LIMITS = RequestLimits()
+LIMITS = RequestLimits(max_text_chars=50_000)  # the defaults, but text under the test server's 1 MiB body limit
 OVER = [  # (path, body, the limit it breaks)
     ("/v1/completions", {"prompt": "hi", "stop": ["x"] * (LIMITS.max_stop + 1)}, "max_stop"),
     ("/v1/completions", {"prompt": "hi", "stop": "y" * (LIMITS.max_stop_chars + 1)}, "max_stop_chars"),

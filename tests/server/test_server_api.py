@@ -18,7 +18,7 @@ def model_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_files):
-    with LiveServer(*model_files) as srv:
+    with LiveServer(*model_files, admin_key="admin") as srv:
         yield srv
 
 
@@ -33,8 +33,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+def http(server):  # as the server's admin: adapter loading, paths in /v1/models
+    with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers) as c:
         yield c
 
 
@@ -223,7 +223,7 @@ def test_load_unload_under_concurrent_traffic(http, server, model_files, llm):
 
     async def churn() -> list:
         statuses = []
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, headers=server.admin_headers) as c:
             for i in range(4):
                 statuses.append((await c.post("/v1/load_lora_adapter",
                                               json={"lora_name": f"extra{i}", "lora_path": path})).status_code)

@@ -70,8 +70,8 @@ async def client(url: str, seed: int, deadline: float, stats: dict) -> None:
                 stats["errors"].append(f"{kind} {model}: not completed")
 
 
-async def churn(url: str, path: str, deadline: float, stats: dict) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+async def churn(url: str, path: str, deadline: float, stats: dict, headers: dict) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as c:
         while time.monotonic() < deadline:
             load = await c.post("/v1/load_lora_adapter", json={"lora_name": "churn", "lora_path": path})
             used = await c.post("/v1/completions", json={"model": "churn", "prompt": "churn", "max_tokens": 8})
@@ -84,12 +84,12 @@ async def churn(url: str, path: str, deadline: float, stats: dict) -> None:
 
 
 def test_32_clients_with_disconnects_and_adapter_churn(model_files):
-    with LiveServer(*model_files, num_blocks=512) as srv:
+    with LiveServer(*model_files, num_blocks=512, admin_key="admin") as srv:
         stats = {"latency": [], "errors": [], "left": 0, "churns": 0}
 
         async def run():
             deadline = time.monotonic() + DURATION_S
-            await asyncio.gather(churn(srv.url, str(model_files[1]["math"]), deadline, stats),
+            await asyncio.gather(churn(srv.url, str(model_files[1]["math"]), deadline, stats, srv.admin_headers),
                                  *(client(srv.url, i, deadline, stats) for i in range(CLIENTS)))
 
         started = time.monotonic()

@@ -21,13 +21,13 @@ def model_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_files):
-    with LiveServer(*model_files, max_body_bytes=64 * 1024) as srv:
+    with LiveServer(*model_files, max_body_bytes=64 * 1024, admin_key="admin") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+    with httpx.Client(base_url=server.url, timeout=120, headers=server.admin_headers) as c:
         yield c
 
 
@@ -95,7 +95,7 @@ BAD = [
     ("/v1/classify", {"model": "cls", "input": []}, 400),
     ("/v1/classify", {"model": "cls", "input": [""]}, 400),
     ("/v1/classify", {"model": "cls", "input": [[5, 10**6]]}, 400),
-    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/does/not/exist"}, 400),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/does/not/exist"}, 403),  # outside --adapter-root
     ("/v1/load_lora_adapter", {"lora_name": "x"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "math", "lora_path": "/tmp"}, 400),
     ("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, 404),
@@ -113,7 +113,7 @@ def test_malformed_requests_get_openai_errors(http, path, body, status):
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
 
 
-def test_invalid_json_oversized_body_and_non_adapter_folders(http, tmp_path):
+def test_invalid_json_oversized_body_and_non_adapter_folders(http, server):
     r = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     big = {"model": "math", "prompt": "x" * (100 * 1024)}
@@ -128,9 +128,11 @@ def test_invalid_json_oversized_body_and_non_adapter_folders(http, tmp_path):
 
     r = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413, r.text
-    (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "ldmole_adapter.json").write_text("{broken")
-    for folder in (tmp_path, tmp_path / "junk"):
+    root = Path(server.state.settings.adapter_roots[0])  # folders the server may load from
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "junk").mkdir(exist_ok=True)
+    (root / "junk" / "ldmole_adapter.json").write_text("{broken")
+    for folder in (root / "empty", root / "junk"):
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(folder)})
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
     assert_serving(http)
