@@ -37,4 +37,5 @@ RUN useradd --create-home ldmole && chown -R ldmole /opt/ldmole-cache
 USER ldmole
 EXPOSE 8000
 # Inside a container the server must listen on all interfaces for -p to reach it; set LDMOLE_API_KEY to require a key.
+# Beyond localhost the server needs a key: docker run -e LDMOLE_API_KEY=... (or pass --allow-unauthenticated)
 CMD ["ldmole", "serve", "--adapter", "default", "--host", "0.0.0.0", "--port", "8000"]
