@@ -59,6 +59,7 @@ async def unload_lora_adapter(body: UnloadAdapterRequest, raw: Request):
         raise APIError(400, f"adapter set {body.lora_name!r} was given at start-up; unloading it needs "
                             '"force": true', "force")
     await state.engine.unload_adapter(body.lora_name)
+    state.metrics.forget(body.lora_name)
     state.adapter_paths.pop(body.lora_name, None)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -115,8 +116,23 @@ async def tokenizer_info(raw: Request):
 
 @router.get("/health")
 async def health(raw: Request):
+    """Liveness: 503 once the engine loop has died, or has had work and finished no step for
+    --stall-timeout seconds (a restart is what helps)."""
     state = state_of(raw)
-    if state.engine.errored is not None:
+    engine = state.engine
+    if engine.errored is not None or engine.stalled_for() > state.settings.stall_timeout_s:
+        return Response(status_code=503)
+    return Response(status_code=200)
+
+
+@router.get("/ready")
+async def ready(raw: Request):
+    """Readiness: 503 while the server would turn a new request away (draining, a full queue) or is
+    not live, so a load balancer sends it elsewhere for now."""
+    state = state_of(raw)
+    engine = state.engine
+    full = engine.max_queue is not None and engine.num_waiting >= engine.max_queue
+    if engine.draining or full or (await health(raw)).status_code != 200:
         return Response(status_code=503)
     return Response(status_code=200)
 

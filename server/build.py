@@ -58,7 +58,8 @@ def settings_from_args(args) -> ServerSettings:
                               max_body_bytes=args.max_body_bytes, limits=limits_from_args(args),
                               enable_adapter_loading=args.enable_adapter_loading,
                               adapter_roots=tuple(args.adapter_root),
-                              admin_key=read_key(args.admin_key, args.admin_key_file, "LDMOLE_ADMIN_KEY"))
+                              admin_key=read_key(args.admin_key, args.admin_key_file, "LDMOLE_ADMIN_KEY"),
+                              stall_timeout_s=args.stall_timeout)
     settings.check_admin_setup()
     return settings
 

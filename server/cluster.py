@@ -124,6 +124,7 @@ class EngineReplica:
         for name in sorted(loaded - set(adapters)):
             await engine.unload_adapter(name)
             self.state.adapter_paths.pop(name, None)
+            self.state.metrics.forget(name)
         for name in sorted(set(adapters) - loaded):
             try:
                 await engine.load_adapter(name, adapters[name])

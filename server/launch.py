@@ -168,6 +168,9 @@ def add_serve_flags(s) -> None:
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")
     add_limit_flags(s)
+    s.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="seconds work may wait with no engine step finishing before /health answers 503 (a "
+                        "stuck engine; default 60)")
     s.add_argument("--debug-check-blocks", action="store_true",
                    help="after every engine step, check that each KV-cache block in use belongs to a running, "
                         "waiting or held sequence; a broken check fails the requests in flight (debugging; "

@@ -40,6 +40,9 @@ class EngineCollector:
         yield CounterMetricFamily("ldmole:num_preemptions", "Sequences preempted (KV cache full).", s["preemptions"])
         yield CounterMetricFamily("ldmole:engine_failed_steps", "Engine steps that raised (their requests failed).",
                                   s["failed_steps"])
+        yield GaugeMetricFamily("ldmole:engine_stalled_seconds",
+                                "Seconds that work has waited with no engine step finishing (0: idle or moving; "
+                                "over --stall-timeout, /health answers 503).", self.engine.stalled_for())
         hist = self.engine.expert_histogram
         family = HistogramMetricFamily(
             "ldmole:active_experts_per_token",
@@ -69,8 +72,18 @@ class SelectorCollector:
         yield family
 
 
+OTHER = "other"  # the label of sets past the cap
+
+
 class ServerMetrics:
-    def __init__(self, engine, adapter_selector=None):
+    """The server's metrics. Series are labelled by adapter set: at most max_labelled_sets names get
+    their own (the rest share "other"), and a set's series go when it is unloaded (`forget`), so
+    loading and unloading many sets does not grow a scrape without bound."""
+
+    def __init__(self, engine, adapter_selector=None, max_labelled_sets: int = 64):
+        self.max_labelled_sets = max_labelled_sets
+        self.labelled: set[str] = set()
+        self.series: dict[str, set[tuple]] = {}  # label -> {(metric, label values)} created under it
         self.registry = registry = CollectorRegistry()
         self.success = Counter("ldmole:request_success", "Finished requests, by adapter and finish reason.",
                                ["adapter", "finished_reason"], registry=registry)
@@ -91,7 +104,21 @@ class ServerMetrics:
             registry.register(SelectorCollector(adapter_selector))
 
     def tracker(self, adapter: str) -> RequestTracker:
-        return RequestTracker(self, adapter)
+        """The accounting of one request of an adapter set the server has resolved (never of a name
+        it rejected)."""
+        if adapter not in self.labelled and len(self.labelled) < self.max_labelled_sets:
+            self.labelled.add(adapter)
+        return RequestTracker(self, adapter if adapter in self.labelled else OTHER)
+
+    def child(self, metric, *labels):
+        self.series.setdefault(labels[0], set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    def forget(self, adapter: str) -> None:
+        """Drop an unloaded set's series (and free its place under the cap)."""
+        for metric, labels in self.series.pop(adapter, ()):
+            metric.remove(*labels)
+        self.labelled.discard(adapter)
 
 
 class RequestTracker:
@@ -113,20 +140,20 @@ class RequestTracker:
         if new > 0:
             if not self.first_seen:
                 self.first_seen = True
-                self.m.ttft.labels(self.adapter).observe(now - self.start)
+                self.m.child(self.m.ttft, self.adapter).observe(now - self.start)
             else:
                 gap = (now - self.last) / new
                 for _ in range(min(new, 64)):
-                    self.m.itl.labels(self.adapter).observe(gap)
+                    self.m.child(self.m.itl, self.adapter).observe(gap)
             self.last = now
         if out.finished:
-            self.m.prompt_tokens.labels(self.adapter).inc(len(out.prompt_token_ids))
-            self.m.generation_tokens.labels(self.adapter).inc(sum(len(c.token_ids) for c in out.outputs))
+            self.m.child(self.m.prompt_tokens, self.adapter).inc(len(out.prompt_token_ids))
+            self.m.child(self.m.generation_tokens, self.adapter).inc(sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
-                self.m.success.labels(self.adapter, c.finish_reason or "unknown").inc()
+                self.m.child(self.m.success, self.adapter, c.finish_reason or "unknown").inc()
 
     def finish(self) -> None:
-        self.m.e2e.labels(self.adapter).observe(time.perf_counter() - self.start)
+        self.m.child(self.m.e2e, self.adapter).observe(time.perf_counter() - self.start)
 
     def fail(self, status: int) -> None:
-        self.m.failure.labels(self.adapter, str(status)).inc()
+        self.m.child(self.m.failure, self.adapter, str(status)).inc()

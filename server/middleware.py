@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from ldmole_server.errors import error_body
 
 # Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
-OPEN_PATHS = ("/health", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
+OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
 # Runtime adapter management: absent unless enabled, then only with the admin key (vLLM hides these
 # routes unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set; TGI has none).
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")

@@ -27,6 +27,7 @@ class ServerSettings:
     enable_adapter_loading: bool = False
     adapter_roots: tuple[str, ...] = ()
     admin_key: str | None = None
+    stall_timeout_s: float = 60.0  # work waiting this long with no engine step finishing: /health says 503
 
     @property
     def admin_credential(self) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -51,6 +52,12 @@ class AsyncLLMEngine:
             max_workers=1, thread_name_prefix="ldmole-engine", initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),))
         self.errored: BaseException | None = None
+        self.last_progress = time.monotonic()  # when the loop last finished a step or a control
+
+    def stalled_for(self) -> float:
+        """Seconds that work has been waiting with no step or control finishing (0 when idle or moving)."""
+        busy = bool(self._to_admit or self._controls) or self.engine.has_unfinished_requests()
+        return max(0.0, time.monotonic() - self.last_progress) if busy else 0.0
 
     # ---- what a caller needs to know: sets, text, limits -------------------------------------------
     @property
@@ -263,6 +270,7 @@ class AsyncLLMEngine:
 
     async def _run(self) -> None:
         engine = self.engine
+        self.last_progress = time.monotonic()
         try:
             while True:
                 while self._controls:
@@ -274,6 +282,7 @@ class AsyncLLMEngine:
                     except Exception as exc:  # a bad request to change the engine fails alone
                         if not future.done():
                             future.set_exception(exc)
+                    self.last_progress = time.monotonic()
                 while self._to_admit:
                     request = self._to_admit.popleft()
                     try:
@@ -286,12 +295,14 @@ class AsyncLLMEngine:
                     self._wake.clear()
                     if not (self._controls or self._to_admit or self._to_abort):
                         await self._wake.wait()
+                        self.last_progress = time.monotonic()  # idle time is not a stall
                     continue
                 try:
                     outputs = await self._in_worker(engine.step)
                 except Exception as exc:  # outside any step's batch (an engine bug): fail what is in flight
                     logger.exception("the engine loop caught an error outside a step; failing the requests in flight")
                     outputs = engine.fail_all(exc)
+                self.last_progress = time.monotonic()
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # cancelled at shutdown (or worse): keep callers from hanging

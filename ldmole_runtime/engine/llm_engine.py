@@ -228,6 +228,7 @@ class LLMEngine:
         for rid in aborted:
             self.abort(rid)
         self.runtime.unload_adapter(name)
+        self.expert_histogram.by_adapter.pop(name, None)  # a set that is gone keeps no metric series
         self.runner.warm_up()
         return aborted
 

@@ -115,3 +115,37 @@ def test_start_up_refuses_unsafe_settings(model_files, tmp_path, monkeypatch):
     with pytest.raises(LDMoleError, match="empty"):
         read_key(None, str(tmp_path / "empty"), "LDMOLE_API_KEY")
     assert os.environ["LDMOLE_API_KEY"] == "from-the-environment"
+
+
+def series(url) -> set[str]:
+    return {line.split(" ")[0] for line in httpx.get(url + "/metrics").text.splitlines()
+            if line.startswith("ldmole:")}
+
+
+def test_an_unloaded_set_leaves_no_metric_series_and_labels_are_capped(model_files, admin_server):
+    """Every set used to leave its ~75 series behind when unloaded; now they go with it, and past a cap
+    sets share the label "other"."""
+    _, adapters = model_files
+    srv, admin = admin_server, admin_server.admin_headers
+    body = {"model": "math", "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 200
+    before = series(srv.url)
+    load = {"lora_name": "passing", "lora_path": str(adapters["math"])}
+    assert httpx.post(srv.url + "/v1/load_lora_adapter", json=load, headers=admin).status_code == 200
+    for _ in range(2):
+        r = httpx.post(srv.url + "/v1/completions", json=body | {"model": "passing", "stream": True})
+        assert r.status_code == 200
+    during = series(srv.url)
+    assert any('adapter="passing"' in s for s in during) and len(during) > len(before)
+    assert httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "passing"},
+                      headers=admin).status_code == 200
+    assert series(srv.url) == before
+    assert httpx.post(srv.url + "/v1/completions", json=body | {"model": "made-up"}).status_code == 404
+    assert not any("made-up" in s for s in series(srv.url))  # a rejected name makes no series
+
+    from ldmole_server.metrics import OTHER, ServerMetrics
+
+    metrics = ServerMetrics(srv.state.engine, max_labelled_sets=2)
+    assert [metrics.tracker(name).adapter for name in ("a", "b", "c", "a", "d")] == ["a", "b", OTHER, "a", OTHER]
+    metrics.forget("a")
+    assert metrics.tracker("e").adapter == "e"

@@ -137,3 +137,33 @@ def test_text_is_tokenised_off_the_event_loop(http, server):
         del tokenizer.encode
     server_loop_thread = server.thread.name
     assert len(threads) >= 8 and server_loop_thread not in threads, threads
+
+
+def test_health_fails_when_the_engine_stops_making_progress_and_ready_follows(model_files):
+    """A stuck engine (here: a step that never returns) used to leave /health at 200. Liveness now
+    fails once work has waited --stall-timeout seconds with no step finishing, and the metric shows
+    it; readiness also fails while the queue is full."""
+    with LiveServer(*model_files, max_queue=3) as srv:
+        srv.state.settings.stall_timeout_s = 0.5
+        assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/ready").status_code == 200
+        gate = threading.Event()
+        inner = srv.engine.step
+        srv.engine.step = lambda: gate.wait(60) and inner()  # the engine hangs in its next step
+        try:
+            stuck = pool.submit(httpx.post, f"{srv.url}/v1/completions", timeout=120,
+                                json={"model": "math", "prompt": "hi", "max_tokens": 2})
+            queued = [pool.submit(httpx.post, f"{srv.url}/v1/completions", timeout=120,
+                                  json={"model": "math", "prompt": f"q{i}", "max_tokens": 2}) for i in range(2)]
+            while srv.state.engine.num_waiting < 3:
+                time.sleep(0.01)
+            assert httpx.get(srv.url + "/ready").status_code == 503  # the queue is full
+            time.sleep(0.7)
+            assert httpx.get(srv.url + "/health").status_code == 503
+            stalled = [line for line in httpx.get(srv.url + "/metrics").text.splitlines()
+                       if line.startswith("ldmole:engine_stalled_seconds")]
+            assert float(stalled[0].split()[-1]) > 0.5
+        finally:
+            gate.set()
+        assert stuck.result().status_code == 200 and [f.result().status_code for f in queued] == [200, 200]
+        wait_idle(srv)
+        assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/ready").status_code == 200
