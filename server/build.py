@@ -76,7 +76,8 @@ def build_state(args, executor=None) -> ServerState:
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           lora_backend=args.lora_backend, decode_graphs=args.decode_graphs,
                           check_blocks=args.debug_check_blocks)
-    engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor)
+    engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor,
+                            max_unread_tokens=args.max_unread_tokens)
     settings = settings_from_args(args)
     selector = None
     if args.adapter_selector:

@@ -168,6 +168,9 @@ def add_serve_flags(s) -> None:
                    help="replay decode steps from CUDA graphs: auto (on a GPU with the triton backend) or off "
                         "(every step launched eagerly, as vLLM's --enforce-eager)")
     add_limit_flags(s)
+    s.add_argument("--max-unread-tokens", type=int, default=8192,
+                   help="a stream whose client has left this many generated tokens unread is cut off with an error "
+                        "and its request aborted (default 8192)")
     s.add_argument("--stall-timeout", type=float, default=60.0,
                    help="seconds work may wait with no engine step finishing before /health answers 503 (a "
                         "stuck engine; default 60)")

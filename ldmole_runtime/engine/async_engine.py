@@ -5,7 +5,7 @@ never reaches past it.
 The engine is not thread-safe, so only the loop touches it: callers' new requests and aborts are
 queued and applied between steps, and each step (and each control, such as loading an adapter set)
 runs in a worker thread so the event loop keeps serving. Each request streams its outputs through
-its own asyncio.Queue.
+its own OutputMailbox (the newest output waits there; a reader far behind is cut off).
 
 Nothing a request does can stop the loop: a request that fails admission (its adapter set was
 unloaded after it was validated) fails alone; a step that raises fails only the requests in it
@@ -25,6 +25,7 @@ import torch
 
 from ldmole_runtime.adapters.adapter_set import AdapterSet
 from ldmole_runtime.engine.llm_engine import LLMEngine, RequestOutput
+from ldmole_runtime.engine.output_mailbox import OutputMailbox
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scoring import ScoreResult, first_token_logprobs, score_choices
 from ldmole_runtime.errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
@@ -35,12 +36,13 @@ logger = logging.getLogger("ldmole.engine")
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None,
-                 executor: concurrent.futures.Executor | None = None):
+                 executor: concurrent.futures.Executor | None = None, max_unread_tokens: int | None = 8192):
         self.engine = engine
         self.max_queue = max_queue  # waiting requests beyond which new ones are refused (None: no limit)
         self.draining = False  # set at shutdown: new requests are refused, running ones finish
         self.unloading: set[str] = set()  # adapter sets waiting for their requests to finish before unloading
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, OutputMailbox] = {}
+        self.max_unread_tokens = max_unread_tokens  # a stream's reader this far behind is cut off
         self._to_admit: deque = deque()
         self._to_abort: deque[str] = deque()
         self._controls: deque = deque()  # (callable, future): engine changes that must happen between steps
@@ -161,10 +163,10 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(rid)
 
-    def _register(self, request_id: str) -> asyncio.Queue:
+    def _register(self, request_id: str) -> OutputMailbox:
         if request_id in self._queues or request_id in self.engine.requests:
             raise LDMoleError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = OutputMailbox(self.max_unread_tokens)
         self._queues[request_id] = queue
         return queue
 
@@ -265,8 +267,8 @@ class AsyncLLMEngine:
 
     def _deliver(self, request_id: str, item) -> None:
         queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+        if queue is not None and not queue.put(item):
+            self.abort(request_id)  # its reader fell too far behind
 
     async def _run(self) -> None:
         engine = self.engine
@@ -308,7 +310,7 @@ class AsyncLLMEngine:
         except BaseException as exc:  # cancelled at shutdown (or worse): keep callers from hanging
             self.errored = exc
             for queue in self._queues.values():
-                queue.put_nowait(RuntimeError("the engine loop has stopped"))
+                queue.put(RuntimeError("the engine loop has stopped"))
             raise
 
     async def drain(self, timeout: float) -> None:
@@ -332,7 +334,7 @@ class AsyncLLMEngine:
                 pass
 
 
-async def _final(queue: asyncio.Queue) -> RequestOutput:
+async def _final(queue: OutputMailbox) -> RequestOutput:
     """A request's finished output (failures raise), skipping the ones before it."""
     while True:
         item = await queue.get()

@@ -117,3 +117,35 @@ def test_the_block_check_finds_a_leaked_and_a_double_freed_block(runtime):
     bm.free[seq.block_table[0]] = None  # freed while the sequence still names it
     with pytest.raises(RuntimeError, match="on the free list"):
         engine.step()
+
+
+def test_a_reader_that_falls_behind_holds_one_output_and_is_cut_off_far_behind(runtime):
+    """Outputs are cumulative: an unread one is replaced by the next, so a client that does not read
+    holds one output, not a copy per step (which grew quadratically); far enough behind, the stream
+    ends with a clear error and the request is aborted."""
+    from ldmole_runtime.engine.output_mailbox import SlowReaderError
+
+    engine = small_engine(runtime, num_blocks=64)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def slow_reader(aengine, rid):
+        stream = aengine.generate(rid, [5, 6, 7], params)
+        first = await anext(stream)
+        while rid in engine.requests and not engine.requests[rid].finished_reported:
+            await asyncio.sleep(0.01)  # the request runs on; nobody reads
+        rest = [out async for out in stream]
+        return first, rest
+
+    async def main(max_unread):
+        aengine = AsyncLLMEngine(engine, max_unread_tokens=max_unread)
+        try:
+            return await asyncio.wait_for(slow_reader(aengine, f"slow-{max_unread}"), timeout=60)
+        finally:
+            await aengine.shutdown()
+
+    first, rest = asyncio.run(main(None))
+    assert len(first.outputs[0].token_ids) == 1 and len(rest) == 1  # the rest arrives as one, finished output
+    assert rest[0].finished and len(rest[0].outputs[0].token_ids) == 40
+    with pytest.raises(SlowReaderError, match="not read"):
+        asyncio.run(main(10))
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
