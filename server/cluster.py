@@ -338,7 +338,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def _unavailable(reason: str) -> dict:
-    return error_body(503, f"the replica serving this request failed; retry it ({reason})")
+    logger.warning("a replica failed: %s", reason)  # Ray's traceback stays in the log
+    return error_body(503, "the replica serving this request failed; retry it")
 
 
 def _streamed(status: int, headers: list, stream) -> Response:

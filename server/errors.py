@@ -3,6 +3,7 @@ with its status decided here, in one place: a client mistake is a 4xx, never a 5
 
 from __future__ import annotations
 
+import contextvars
 import logging
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,8 @@ from ldmole_runtime.errors import (
 )
 
 logger = logging.getLogger("ldmole.server")
+# the id of the HTTP request being served (set by server/middleware.py; also its x-request-id header)
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 # Most specific first: (exception class, HTTP status, OpenAI error type).
 STATUS = (
@@ -55,10 +58,12 @@ def classify_exception(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, APIError):
         return exc.status, _TYPES.get(exc.status, "BadRequestError"), exc.message
     for cls, status, type_ in STATUS:
-        if isinstance(exc, cls):
+        if isinstance(exc, cls) and status != 500:
             return status, type_, " ".join(str(exc).split())
-    logger.error("unexpected error in a request", exc_info=exc)
-    return 500, "InternalServerError", f"internal error: {type(exc).__name__}: {exc}"
+    # a server fault: its text (exception messages, paths, tracebacks) goes to the log, not to the client
+    rid = REQUEST_ID.get()
+    logger.error("request %s failed", rid, exc_info=exc)
+    return 500, "InternalServerError", f"internal error; the server log has the details under request id {rid}"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

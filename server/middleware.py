@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import uuid
 
 from starlette.exceptions import HTTPException
 
-from ldmole_server.errors import error_body
+from ldmole_server.errors import REQUEST_ID, error_body
 
 # Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
 OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
@@ -39,6 +40,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        rid = f"req-{uuid.uuid4().hex[:16]}"
         given = headers.get(b"authorization", b"")
         settings = self.settings
         if scope["path"].rstrip("/") in ADMIN_PATHS:
@@ -73,8 +75,10 @@ class GuardMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message = message | {"headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
+        REQUEST_ID.set(rid)
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge as exc:  # read outside FastAPI's handlers
