@@ -14,9 +14,8 @@ from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
 from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.adapter_selector import AdapterSelector
-from ldmole_server.limits import limits_from_args
 from ldmole_server.protocol import check_adapter_name
-from ldmole_server.state import ServerSettings, ServerState
+from ldmole_server.state import ServerSettings, ServerState, limits_from_args
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

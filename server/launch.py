@@ -18,8 +18,7 @@ from ldmole_runtime.lora.ops import LORA_BACKENDS
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_server.app import build_app
 from ldmole_server.build import build_state, parse_adapters, read_key
-from ldmole_server.limits import add_limit_flags
-from ldmole_server.state import ServerState
+from ldmole_server.state import ServerState, add_limit_flags
 
 
 def curl_examples(state: ServerState, url: str) -> list[str]:

@@ -19,8 +19,7 @@ from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.adapter_selector import AdapterSelector
 from ldmole_server.app import build_app
-from ldmole_server.limits import RequestLimits
-from ldmole_server.state import ServerSettings, ServerState
+from ldmole_server.state import RequestLimits, ServerSettings, ServerState
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -25,7 +25,7 @@ import torch
 
 from ldmole_runtime.adapters.adapter_set import AdapterSet
 from ldmole_runtime.engine.llm_engine import LLMEngine, RequestOutput
-from ldmole_runtime.engine.output_mailbox import OutputMailbox
+from ldmole_runtime.engine.output_processor import OutputMailbox
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scoring import ScoreResult, first_token_logprobs, score_choices
 from ldmole_runtime.errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError

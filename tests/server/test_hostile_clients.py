@@ -11,7 +11,7 @@ import httpx
 import pytest
 from live_server import BASE_NAME, LiveServer, write_model
 
-from ldmole_server.limits import RequestLimits
+from ldmole_server.state import RequestLimits
 
 
 @pytest.fixture(scope="module")
