@@ -1,5 +1,5 @@
 """After sampling: append each new token, turn it into text, decide whether the sequence stops, and
-build the request outputs that callers see, and hand them to their readers (OutputMailbox).
+build the request outputs that callers see.
 
 Text grows incrementally (see detokenizer.py), so a step costs O(new tokens) per sequence, and
 stop strings are searched only where the new text could complete one.
@@ -7,12 +7,10 @@ stop strings are searched only where the new text could complete one.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from ldmole_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
 from ldmole_runtime.engine.sequence import Sequence
-from ldmole_runtime.errors import LDMoleError
 
 
 @dataclass
@@ -88,50 +86,3 @@ class OutputProcessor:
             prompt_lp = [None] * first.prompt_logprobs_start + list(first.prompt_logprobs)
         return RequestOutput(request.request_id, first.prompt_ids, request.adapter, outs, prompt_lp,
                              all(s.is_finished for s in request.seqs), first.num_cached_tokens, request.error)
-
-# ---- delivery: a request's outputs on their way to its reader ------------------------------------------
-# The engine reports a request's cumulative output after every step that advanced it. A reader that
-# falls behind needs only the newest: an unread output is replaced by the next one, so a client that
-# does not read holds one output (what it has not read), never a copy per step (vLLM merges deltas
-# the same way). A failure or the finished output is never replaced. Past `max_unread_tokens` tokens
-# generated and not read, the reader is cut off with a clear error and the request is aborted.
-
-
-class SlowReaderError(LDMoleError):
-    """The client read its stream too slowly: its request was aborted."""
-
-
-def _tokens(item) -> int:
-    return sum(len(c.token_ids) for c in item.outputs)
-
-
-class OutputMailbox:
-    def __init__(self, max_unread_tokens: int | None = None):
-        self.max_unread_tokens = max_unread_tokens
-        self.item = None
-        self.taken_tokens = 0  # tokens in the last output the reader took
-        self.ready = asyncio.Event()
-
-    def put(self, item) -> bool:
-        """Leave `item` for the reader; False if the reader is now too far behind (it gets an error)."""
-        if self.item is not None and (isinstance(self.item, BaseException) or self.item.finished):
-            return True  # the last word is already there
-        if (self.max_unread_tokens is not None and not isinstance(item, BaseException)
-                and self.item is not None and _tokens(item) - self.taken_tokens > self.max_unread_tokens):
-            item = SlowReaderError(f"the stream was not read: over {self.max_unread_tokens} tokens waited "
-                                   "unread, so the request was aborted")
-            self.item = item
-            self.ready.set()
-            return False
-        self.item = item
-        self.ready.set()
-        return True
-
-    async def get(self):
-        while self.item is None:
-            self.ready.clear()
-            await self.ready.wait()
-        item, self.item = self.item, None
-        if not isinstance(item, BaseException):
-            self.taken_tokens = _tokens(item)
-        return item

@@ -123,7 +123,7 @@ def test_a_reader_that_falls_behind_holds_one_output_and_is_cut_off_far_behind(r
     """Outputs are cumulative: an unread one is replaced by the next, so a client that does not read
     holds one output, not a copy per step (which grew quadratically); far enough behind, the stream
     ends with a clear error and the request is aborted."""
-    from ldmole_runtime.engine.output_processor import SlowReaderError
+    from ldmole_runtime.engine.async_engine import SlowReaderError
 
     engine = small_engine(runtime, num_blocks=64)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
