@@ -10,6 +10,7 @@ tiny model with three adapter sets behind Ray Serve's proxy, driven with the rea
 """
 
 import argparse
+import asyncio
 import collections
 import concurrent.futures
 import os
@@ -24,6 +25,7 @@ from live_server import BASE_NAME, LiveServer, free_port, write_model
 from openai import OpenAI
 from path_probe import PROBE, REPO, assert_not_shadowed
 from ray import serve
+from soak_clients import HOSTILE, p99, soak
 
 from ldmole_server.cluster import AFFINITY_HEADER, REPLICA_HEADER, deploy
 from ldmole_server.launch import add_serve_flags
@@ -312,3 +314,24 @@ def test_made_up_model_names_leave_no_metric_series(cluster):
         time.sleep(2)
     assert any('"math"' in line for line in lines)
     assert not any(name in line for line in lines for name in made_up)
+
+
+def test_the_hostile_soak_under_ray(cluster, model):
+    """The hostile soak (tests/server/test_hostile_soak.py) for 30 s against the two replicas: no
+    adapter change without the key, no ordinary request failed, and both replicas serve afterwards."""
+    url, _ = cluster
+    _, adapters = model
+    before = sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"])
+    latencies, failures, seen = asyncio.run(soak(url, 30.0, HOSTILE, {n: str(p) for n, p in adapters.items()},
+                                                 ordinary_clients=8))
+    print(f"\nRay soak: {len(latencies)} ordinary requests (p99 {p99(latencies):.3f} s), {len(seen)} hostile")
+    assert failures == [] and latencies
+    assert {status for name, status in seen if name == "keyless_change"} == {(401, 401)}
+    assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == before
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    served = collections.Counter()
+    deadline = time.time() + 60
+    while time.time() < deadline and len(served) < 2:
+        _, replica = complete(client, BASE_NAME, "after the soak", extra_headers={AFFINITY_HEADER: "off"})
+        served[replica] += 1
+    assert len(served) == 2  # both replicas healthy
