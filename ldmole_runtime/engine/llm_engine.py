@@ -247,6 +247,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
+        for seq, exc in self.scheduler.faults:  # a sequence that could not be placed fails its request alone
+            logger.error("scheduling request %s failed", seq.request_id, exc_info=exc)
+            self._fail_requests([seq.request_id], exc)
         if batch:
             try:
                 self._run_batch(batch, touched)

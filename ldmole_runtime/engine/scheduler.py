@@ -30,6 +30,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
+        # sequences the last schedule() could not place because placing them raised (a fault, not a full
+        # cache): taken out, so that the fault fails their requests alone, not the whole batch
+        self.faults: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -38,25 +41,33 @@ class Scheduler:
         """The next step's batch: (sequence, tokens to compute) pairs."""
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
+        self.faults = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.remaining_prefill, budget)
-            while not self.bm.allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                batch.append((seq, n))
-                budget -= n
-                i += 1
+            try:
+                while not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                else:
+                    batch.append((seq, n))
+                    budget -= n
+                    i += 1
+            except Exception as exc:  # noqa: BLE001 - contained: this sequence fails, the step goes on
+                self._fault(seq, exc)
         # admitting new work right after a preemption would only thrash the cache
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = self._blocks_for(seq, budget)
+            try:
+                n = self._blocks_for(seq, budget)
+            except Exception as exc:  # noqa: BLE001 - contained: this sequence fails, the queue goes on
+                self._fault(seq, exc)
+                continue
             if n is None:
                 break
             self.waiting.popleft()
@@ -90,6 +101,19 @@ class Scheduler:
         for s in pinned:
             self.bm.release(s)
         return bool(pinned)
+
+    def _fault(self, seq: Sequence, exc: Exception) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        try:
+            self.bm.release(seq)
+        except Exception:  # noqa: BLE001 - its blocks may be what broke; the block check reports them
+            seq.block_table = []
+        seq.status = Status.FINISHED
+        seq.finish_reason = "error"
+        self.faults.append((seq, exc))
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.release(seq)

@@ -1,6 +1,7 @@
-"""Scoring that a careless or hostile client cannot turn against the KV cache: more choices than the
-cache holds still finish while others are served, a client that leaves while its context is being
-prefilled leaves no block behind, and every step keeps each used block owned by a live sequence."""
+"""The engine under careless or hostile use: more score choices than the KV cache holds still finish
+while others are served, a client that leaves while its context is being prefilled leaves no block
+behind, every step keeps each used block owned by a live sequence, a reader that falls behind holds
+one output, and a fault while placing one sequence fails its request alone."""
 
 import asyncio
 import random
@@ -149,3 +150,28 @@ def test_a_reader_that_falls_behind_holds_one_output_and_is_cut_off_far_behind(r
     with pytest.raises(SlowReaderError, match="not read"):
         asyncio.run(main(10))
     assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_fault_while_scheduling_one_request_fails_it_alone(runtime, monkeypatch):
+    """An exception while the scheduler placed one sequence used to escape the step and fail every
+    request in flight."""
+    engine = small_engine(runtime, num_blocks=64)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"ok{i}", [5 + i, 6, 7], params)
+    engine.add_request("poison", [9, 9, 9], params)
+    allocate = engine.block_manager.allocate
+
+    def faulty(seq, num_tokens):
+        if seq.request_id == "poison":
+            raise RuntimeError("injected fault placing a sequence")
+        return allocate(seq, num_tokens)
+
+    monkeypatch.setattr(engine.block_manager, "allocate", faulty)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished |= {out.request_id: out for out in engine.step() if out.finished}
+    assert "injected fault" in finished["poison"].error
+    assert [finished[f"ok{i}"].outputs[0].finish_reason for i in range(3)] == ["length"] * 3
+    assert all(finished[f"ok{i}"].error is None for i in range(3))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
