@@ -327,6 +327,8 @@ def test_the_hostile_soak_under_ray(cluster, model):
     print(f"\nRay soak: {len(latencies)} ordinary requests (p99 {p99(latencies):.3f} s), {len(seen)} hostile")
     assert failures == [] and latencies
     assert {status for name, status in seen if name == "keyless_change"} == {(401, 401)}
+    big = httpx.post(url + "/v1/completions", content=b"x" * (8 * 2**20 + 1))  # over --max-body-bytes
+    assert big.status_code == 413
     assert sorted(m["id"] for m in httpx.get(url + "/v1/models").json()["data"]) == before
     client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     served = collections.Counter()

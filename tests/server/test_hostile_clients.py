@@ -167,3 +167,28 @@ def test_health_fails_when_the_engine_stops_making_progress_and_ready_follows(mo
         assert stuck.result().status_code == 200 and [f.result().status_code for f in queued] == [200, 200]
         wait_idle(srv)
         assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/ready").status_code == 200
+
+
+def test_a_classify_request_stops_when_its_client_leaves(http, server):
+    """Classification ran all of a request's inputs as one blocking call that outlived its client; now
+    it runs one input per engine pause and stops at the next one after a disconnect."""
+    engine = server.engine
+    calls = []
+    inner = engine.classify
+
+    def slow(token_ids, adapter=None):
+        calls.append(1)
+        time.sleep(0.1)
+        return inner(token_ids, adapter)
+
+    engine.classify = slow
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v1/classify", json={"model": "cls", "input": ["ab"] * 40}, timeout=0.5)
+        time.sleep(1.0)
+        done = len(calls)
+        time.sleep(0.5)
+        assert len(calls) == done < 40  # it stopped, well before the 40th input
+    finally:
+        del engine.classify
+    assert http.post("/v1/classify", json={"model": "cls", "input": ["ab", "cd"]}).status_code == 200
