@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -337,3 +338,30 @@ def test_the_hostile_soak_under_ray(cluster, model):
         _, replica = complete(client, BASE_NAME, "after the soak", extra_headers={AFFINITY_HEADER: "off"})
         served[replica] += 1
     assert len(served) == 2  # both replicas healthy
+
+
+def test_a_bad_registry_entry_blocks_nothing_and_failures_tell_no_internals(cluster, model):
+    """A registry entry no replica can load (its folder is gone) used to make every replica's sync
+    fail, and retry, every 0.5 s for ever, so later changes never arrived; now it is logged once and
+    skipped. And a failed replica's Ray traceback stays in the log, out of the client's error."""
+    from ldmole_server.cluster import NAMESPACE, REGISTRY, _unavailable
+
+    url, _ = cluster
+    _, adapters = model
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+    ray.get(registry.set.remote("aaa-gone", "/folder/that/is/gone"))
+    time.sleep(1.5)
+    r = httpx.post(url + "/v1/load_lora_adapter", headers=admin,
+                   json={"lora_name": "zzz-later", "lora_path": str(adapters["code"])})
+    assert r.status_code == 200, r.text
+    time.sleep(1.5)  # both replicas follow the registry
+    for _ in range(6):  # affinity off: both replicas are asked
+        r = httpx.post(url + "/v1/completions", headers={AFFINITY_HEADER: "off"},
+                       json={"model": "zzz-later", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    ray.get(registry.set.remote("aaa-gone", None))
+    gone = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "zzz-later"}, headers=admin)
+    assert gone.status_code == 200
+    body = _unavailable("Traceback (most recent call last):\n  File \"/home/user/secret/path.py\" ...")
+    assert "Traceback" not in json.dumps(body) and "secret" not in json.dumps(body) and body["error"]["code"] == 503
