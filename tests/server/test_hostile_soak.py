@@ -19,7 +19,7 @@ import pytest
 from live_server import free_port, write_model
 from soak_clients import HOSTILE, p99, soak
 
-BASELINE_S, SOAK_S = 15.0, 60.0
+BASELINE_S, SOAK_S = 10.0, 60.0
 
 
 @pytest.fixture(scope="module")
