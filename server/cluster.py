@@ -240,8 +240,9 @@ class Ingress:
 
         self.engine, self.base_name, self.settings, self.pinned = engine, base_name, settings, pinned
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-        self.known: set[str] = set()  # the registry's names, as last read: the only multiplexed model ids
+        self.known: set[str] = set(pinned)  # the registry's names, as last read: the only multiplexed model ids
         self.known_at = 0.0
+        self.reading: asyncio.Future | None = None  # the registry read in flight, which concurrent requests share
 
     async def forward(self, request: Request, path: str):
         refused = self._guard(request, "/" + path)
@@ -300,11 +301,19 @@ class Ingress:
         """The request's adapter set if it is one the registry holds (a made-up name must not become a
         multiplexed model id: Serve keeps a metric series per id), else the base's name."""
         key = _routing_key(body) or self.base_name
-        loop = asyncio.get_running_loop()
-        if key not in self.known and loop.time() - self.known_at > 0.5:
-            self.known_at = loop.time()
-            self.known = set((await self.registry.snapshot.remote())[1])
+        if key not in self.known:
+            loop = asyncio.get_running_loop()
+            if self.reading is None or (self.reading.done() and loop.time() - self.known_at > 0.5):
+                self.known_at = loop.time()  # made-up names read the registry at most twice a second
+                self.reading = asyncio.ensure_future(self._read_registry())
+            await asyncio.shield(self.reading)
         return key if key in self.known else self.base_name
+
+    async def _read_registry(self) -> None:
+        try:
+            self.known = set((await self.registry.snapshot.remote())[1])
+        except Exception:  # noqa: BLE001 - the names as last read still route; the next miss reads again
+            logger.exception("reading the adapter registry failed")
 
     async def _adapter_change(self, path: str, body: bytes, headers: list):
         """A load is tried on one replica (it validates the folder against the base and the adapter
