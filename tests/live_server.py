@@ -99,3 +99,17 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def idle(server: LiveServer) -> bool:
+    """Nothing in flight or held, and every KV block free."""
+    e = server.engine
+    return (not e.requests and not e.held and not e.scheduler.running and not e.scheduler.waiting
+            and e.block_manager.num_free_blocks == e.block_manager.num_blocks)
+
+
+def wait_idle(server: LiveServer, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not idle(server):
+        assert time.time() < deadline, server.engine.stats()
+        time.sleep(0.05)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from live_server import BASE_NAME, LiveServer, write_model
+from live_server import BASE_NAME, LiveServer, idle, wait_idle, write_model
 
 from ldmole_server.state import RequestLimits
 
@@ -29,19 +29,6 @@ def server(model_files):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def idle(server) -> bool:
-    e = server.engine
-    return (not e.requests and not e.held and not e.scheduler.running and not e.scheduler.waiting
-            and e.block_manager.num_free_blocks == e.block_manager.num_blocks)
-
-
-def wait_idle(server, timeout=30.0) -> None:
-    deadline = time.time() + timeout
-    while not idle(server):
-        assert time.time() < deadline, server.engine.stats()
-        time.sleep(0.05)
 
 
 pool = ThreadPoolExecutor(16)

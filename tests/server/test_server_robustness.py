@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from live_server import BASE_NAME, LiveServer, write_model
+from live_server import BASE_NAME, LiveServer, wait_idle, write_model
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +34,6 @@ def assert_serving(http) -> None:
     r = http.post("/v1/completions", json={"model": "math", "prompt": "still here", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"][0]["text"]) > 0 or r.json()["choices"][0]["finish_reason"] == "stop"
-
-
-def idle(server) -> bool:
-    e = server.engine
-    return (not e.requests and not e.scheduler.running and not e.scheduler.waiting
-            and e.block_manager.num_free_blocks == e.block_manager.num_blocks)
-
-
-def wait_idle(server, timeout=30.0) -> None:
-    deadline = time.time() + timeout
-    while not idle(server):
-        assert time.time() < deadline, server.engine.stats()
-        time.sleep(0.05)
 
 
 def completion(**fields):
