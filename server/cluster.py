@@ -22,7 +22,6 @@
 import argparse
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -270,19 +269,8 @@ class Ingress:
             return _streamed(status, headers, stream)
 
     def _guard(self, request: Request, path: str):
-        from ldmole_server.middleware import ADMIN_PATHS, OPEN_PATHS
-
-        settings, given = self.settings, request.headers.get("authorization", "")
-        if path.rstrip("/") in ADMIN_PATHS:
-            if not settings.enable_adapter_loading:
-                return _error(404, "runtime adapter loading is off; start the server with --enable-adapter-loading")
-            if not settings.is_admin(given):
-                return _error(401, "adapter loading needs the admin key: Authorization: Bearer <key>")
-        elif settings.api_key and not path.startswith(OPEN_PATHS):
-            if not (hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode())
-                    or settings.is_admin(given)):
-                return _error(401, "a valid API key is required: Authorization: Bearer <key>")
-        return None
+        refused = self.settings.refusal(path, request.headers.get("authorization"))
+        return None if refused is None else _error(*refused)
 
     async def _body(self, request: Request) -> bytes | None:
         """The body, read up to the limit (None past it)."""

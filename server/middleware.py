@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import uuid
 
@@ -10,14 +9,8 @@ from starlette.exceptions import HTTPException
 
 from ldmole_server.errors import REQUEST_ID, error_body
 
-# Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
-OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
-# Runtime adapter management: absent unless enabled, then only with the admin key (vLLM hides these
-# routes unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set; TGI has none).
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
-
-async def _send_error(send, status: int, message: str, type_: str, extra_headers=()) -> None:
+async def _send_error(send, status: int, message: str, type_: str | None, extra_headers=()) -> None:
     body = json.dumps(error_body(status, message, type_)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -43,17 +36,11 @@ class GuardMiddleware:
         rid = f"req-{uuid.uuid4().hex[:16]}"
         given = headers.get(b"authorization", b"")
         settings = self.settings
-        if scope["path"].rstrip("/") in ADMIN_PATHS:
-            if not settings.enable_adapter_loading:
-                return await _send_error(send, 404, "runtime adapter loading is off; start the server with "
-                                                    "--enable-adapter-loading", "NotFoundError")
-            if not settings.is_admin(given):
-                return await _send_error(send, 401, "adapter loading needs the admin key: Authorization: Bearer "
-                                                    "<key>", "AuthenticationError", [(b"www-authenticate", b"Bearer")])
-        elif settings.api_key and not scope["path"].startswith(OPEN_PATHS):  # the admin key opens the API too
-            if not (hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()) or settings.is_admin(given)):
-                return await _send_error(send, 401, "a valid API key is required: Authorization: Bearer <key>",
-                                         "AuthenticationError", [(b"www-authenticate", b"Bearer")])
+        refused = settings.refusal(scope["path"], given)
+        if refused is not None:
+            status, message = refused
+            auth = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+            return await _send_error(send, status, message, None, auth)
         length = headers.get(b"content-length")
         limit = settings.max_body_bytes
         too_large = f"the request body is over the limit of {limit} bytes"

@@ -14,6 +14,11 @@ from ldmole_runtime.lora.bank import SetSlot
 from ldmole_server.errors import APIError
 from ldmole_server.metrics import ServerMetrics
 
+# Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
+OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
+# Runtime adapter management: absent unless enabled, then only with the admin key (vLLM hides these
+# routes unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set; TGI has none).
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 AUTO = "auto"  # the `model` that asks the adapter selector to pick the adapter set
 
 
@@ -106,6 +111,20 @@ class ServerSettings:
             return False
         given = authorization.encode() if isinstance(authorization, str) else authorization
         return hmac.compare_digest(given, f"Bearer {key}".encode())
+
+    def refusal(self, path: str, authorization: str | bytes | None) -> tuple[int, str] | None:
+        """(status, message) if the key guards turn this request away (server/middleware.py and the Ray
+        ingress both ask here), else None."""
+        if path.rstrip("/") in ADMIN_PATHS:
+            if not self.enable_adapter_loading:
+                return 404, "runtime adapter loading is off; start the server with --enable-adapter-loading"
+            if not self.is_admin(authorization):
+                return 401, "adapter loading needs the admin key: Authorization: Bearer <key>"
+        elif self.api_key and not path.startswith(OPEN_PATHS):  # the admin key opens the API too
+            given = authorization.encode() if isinstance(authorization, str) else authorization or b""
+            if not (hmac.compare_digest(given, f"Bearer {self.api_key}".encode()) or self.is_admin(authorization)):
+                return 401, "a valid API key is required: Authorization: Bearer <key>"
+        return None
 
     def check_admin_setup(self) -> None:
         if self.enable_adapter_loading and not self.adapter_roots:
