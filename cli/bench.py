@@ -214,7 +214,7 @@ def _setup(s: BenchSettings) -> tuple[LDMoleRuntime, str, str]:
 def run(s: BenchSettings) -> dict:
     torch.manual_seed(s.seed)
     rt, shape, adapter_source = _setup(s)
-    c = rt.bank.slots[rt.adapter_index("bench")].config
+    c = rt.bank.slot("bench").config
     variants = {"base": (None, s.lora_backend), "ldmole_sparse": ("bench", s.lora_backend),
                 "ldmole_dense": ("bench", "dense")}
     warm = BenchSettings(**{**s.__dict__, "decode_steps": 2, "prefill_prompts": 1, "prefill_len": 32})

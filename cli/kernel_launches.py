@@ -98,7 +98,7 @@ def step_launches(bank, set_ids: torch.Tensor, capture: bool, groups=GROUPS) -> 
     from ldmole_runtime.lora.capture import RoutingCapture
     from ldmole_runtime.lora.ops.triton import TritonBackend
 
-    batch = AdapterBatch.build(set_ids, len(bank.slots))
+    batch = AdapterBatch.build(set_ids, bank.capacity)
     n = set_ids.shape[0]
     with recording() as launches, torch.no_grad():
         for group in groups:

@@ -21,7 +21,7 @@ from ldmole_runtime.errors import LDMoleError
 
 def _adapted_projections(runtime, set_index: int) -> list[str]:
     """The projections this adapter set adapts, in decoder-layer order."""
-    slot = runtime.bank.slots[set_index]
+    slot = runtime.bank.at(set_index)
     projs = []
     for group, members in PROJECTION_GROUPS.items():
         if group not in slot.group_masks:
@@ -78,7 +78,7 @@ def routing_statistics(runtime, adapter: str, batches: Iterable[tuple[torch.Tens
     if not isinstance(adapter, str):
         raise LDMoleError(f"adapter must be the name of a loaded adapter set, got {adapter!r}")
     set_index = runtime.adapter_index(adapter)  # raises LDMoleError for unknown names
-    slot = runtime.bank.slots[set_index]
+    slot = runtime.bank.at(set_index)
     E, L = slot.num_experts, runtime.cfg.num_layers
     projs = _adapted_projections(runtime, set_index)
     P = len(projs)

@@ -76,7 +76,7 @@ def _shrink_kernel(x_ptr, stride_x, tokens_ptr, blocks_ptr, set_info_ptr, scalin
 
 @triton.jit
 def _expand_kernel(y_ptr, stride_y, tokens_ptr, blocks_ptr, set_info_ptr, p_ptr, h_ptr, b0_ptr, b1_ptr, b2_ptr,
-                   R, W0, W1, W2, C1, C2, P: tl.constexpr, EMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                   R, W0, W1, W2, C0, C1, C2, P: tl.constexpr, EMAX: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     tile = tl.program_id(1)
@@ -90,7 +90,7 @@ def _expand_kernel(y_ptr, stride_y, tokens_ptr, blocks_ptr, set_info_ptr, p_ptr,
         i = in1.to(tl.int32) + in2.to(tl.int32)
         n0 = (tile - tl.where(in2, T0 + T1, tl.where(in1, T0, 0))) * BLOCK_N
         width = tl.where(in2, W2, tl.where(in1, W1, W0))
-        col0 = tl.where(in2, C2, tl.where(in1, C1, 0))
+        col0 = tl.where(in2, C2, tl.where(in1, C1, C0))
         b_ptr = tl.where(in2, b2_ptr, tl.where(in1, b1_ptr, b0_ptr))
         start = tl.load(blocks_ptr + 3 * b + 1)
         end = tl.load(blocks_ptr + 3 * b + 2)
@@ -132,9 +132,10 @@ RANK_CHUNK = 16
 
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_tokens: torch.Tensor,
                   blocks: torch.Tensor, set_info: torch.Tensor, scaling: torch.Tensor, A: torch.Tensor,
-                  Bs: list[torch.Tensor], block_m: int, block_n: int = 64,
+                  Bs: list[torch.Tensor], block_m: int, block_n: int = 64, cols: tuple[int, ...] | None = None,
                   h_out: torch.Tensor | None = None, routing: tuple | None = None) -> None:
-    """y [N, Σ out] += the experts' delta, for the tokens in `blocks`. A [G, P, r, in], Bs[i] [G, r, out_i].
+    """y [N, Σ out] += the experts' delta, for the tokens in `blocks`. A [G, P, r, in], Bs[i] [G, r, out_i];
+    projection i's columns of y start at cols[i] (default: side by side from column 0).
 
     `routing` (work rows from routing.route_logits, masks, b2, threshold biases, τmax, eps, the
     RoutingPlan, scalar_out or None): the shrink kernel first runs the routing epilogue and writes
@@ -162,18 +163,21 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_toke
                          ROUTE=routing is not None, EP=plan.EP, NH=plan.NH, WORK=plan.WORK,
                          HAS_LAMBDA=plan.has_lambda, STORE_SCALAR=store_scalar)
     widths = [b.shape[2] for b in Bs] + [0] * (3 - P)
+    starts = list(cols) if cols is not None else [sum(widths[:i]) for i in range(P)]
+    starts += [0] * (3 - P)
     ptrs = list(Bs) + [Bs[0]] * (3 - P)
     tiles = sum(triton.cdiv(w, block_n) for w in widths)
     _expand_kernel[(blocks.shape[0], tiles)](
-        y, y.stride(0), sorted_tokens, blocks, set_info, p, h, *ptrs, R, *widths,
-        widths[0], widths[0] + widths[1], P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_N=block_n,
+        y, y.stride(0), sorted_tokens, blocks, set_info, p, h, *ptrs, R, *widths, *starts, P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_N=block_n,
         UPCAST=upcast)
 
 
-def shrink_expand_reference(y, x, p, sorted_tokens, blocks, set_info, scaling, A, Bs, block_m=None, block_n=None):
+def shrink_expand_reference(y, x, p, sorted_tokens, blocks, set_info, scaling, A, Bs, block_m=None, block_n=None,
+                            cols=None):
     """The same contract in torch: every expert of each block's set, weighted by p (zeros add zeros)."""
     P = A.shape[1]
-    bounds = torch.tensor([0] + [b.shape[2] for b in Bs]).cumsum(0).tolist()
+    starts = list(cols) if cols is not None else torch.tensor([0] + [b.shape[2] for b in Bs]).cumsum(0).tolist()
+    bounds = [(starts[i], starts[i] + Bs[i].shape[2]) for i in range(P)]
     for s, start, end in blocks.tolist():
         if s < 0:
             continue
@@ -184,7 +188,7 @@ def shrink_expand_reference(y, x, p, sorted_tokens, blocks, set_info, scaling, A
             h = torch.einsum("nk,erk->ner", xs, A[offset:offset + E, i].float())
             h = h * (p[rows, i, :E] * scaling[s])[..., None]
             delta = torch.einsum("ner,ero->no", h, Bs[i][offset:offset + E].float())
-            y[rows, bounds[i]:bounds[i + 1]] += delta.to(y.dtype)
+            y[rows, bounds[i][0]:bounds[i][1]] += delta.to(y.dtype)
 
 
 def _interpreted() -> bool:

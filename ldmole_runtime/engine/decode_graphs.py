@@ -66,7 +66,7 @@ class DecodeGraphs:
         if key is None:
             return None
         bank, adapter_buffers = self.runner.runtime.bank, self.runner.adapter_buffers
-        adapter_buffers.reserve(BATCH_BUCKETS[-1], len(bank.slots))
+        adapter_buffers.reserve(BATCH_BUCKETS[-1], bank.capacity)
         if (bank.version, adapter_buffers.version) != self.versions:  # new tensors: every captured pointer is stale
             self.buffers.clear()
             self.versions = (bank.version, adapter_buffers.version)
@@ -100,7 +100,7 @@ class DecodeGraphs:
             dst.copy_(src, non_blocking=True)
         bufs.tables.copy_(torch.tensor(rows), non_blocking=True)
         bufs.adapters = self.runner.adapter_buffers.fill([(s, 1) for s in set_ids] + [(BASE, pad)],
-                                                         len(self.runner.runtime.bank.slots), static=True)
+                                                         self.runner.runtime.bank.capacity, static=True)
 
     # ---- the step ---------------------------------------------------------------------------------
     def _forward(self, bufs: _Buffers) -> torch.Tensor:

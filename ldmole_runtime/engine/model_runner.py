@@ -156,7 +156,7 @@ class ModelRunner:
         slots = table_t[owner, positions // bs] * bs + positions % bs
 
         attention = PagedAttention.build(self.kv_cache, q_lens, ctx_lens, tables, slots)
-        adapters = self.adapter_buffers.fill(list(zip(set_ids, q_lens, strict=True)), len(self.runtime.bank.slots))
+        adapters = self.adapter_buffers.fill(list(zip(set_ids, q_lens, strict=True)), self.runtime.bank.capacity)
         counter = ActiveExpertCount(len(input_ids), device) if count_experts and not adapters.is_bare else None
         hidden = self.forward(torch.tensor(input_ids, device=device), positions, attention, adapters, counter)
 

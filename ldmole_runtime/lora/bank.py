@@ -1,35 +1,39 @@
-"""All loaded adapter sets of one base model, stacked once for compute.
+"""The adapter sets on the compute device: a slot bank, allocated once, one slot per set.
 
-For every decoder layer and projection group (q/k/v, o, gate/up, down) the experts of all sets are
-concatenated along one "global expert" axis G, so that set s owns experts [offset_s, offset_s + E_s):
+For every decoder layer and projection group (q/k/v, o, gate/up, down) that some slot adapts, the
+experts of all slots lie along one "global expert" axis G = slots x experts per slot, so that the
+set in slot s owns experts [offset_s, offset_s + E_s) with offset_s = s x experts per slot:
 
-    A       [G, P, r_max, in]    P = projections in the group; smaller ranks are zero-padded
+    A       [G, P, r, in]    P = the group's projections that slots adapt (bank_layout.py);
+                             a set of smaller rank leaves rows zero
     router  [G, P, in]
-    B[i]    [G, r_max, out_i]    one per projection (their widths differ under GQA); stored
-                                 transposed, so a set's slice is one [E * r, out] matmul operand
-                                 and a kernel's expand step is a contiguous axpy per rank
-    threshold        [S, P, in], threshold_bias [S, P]: per set (not per expert), AdaMoLE's
-                                 threshold layers; zeros for sets of other router kinds
+    B[i]    [G, r, out_i]    one per projection (their widths differ under GQA); stored
+                             transposed, so a set's slice is one [E * r, out] matmul operand
+                             and a kernel's expand step is a contiguous axpy per rank
+    threshold        [S, P, in], threshold_bias [S, P]: per slot, AdaMoLE's threshold layers
+                             (allocated only once an AdaMoLE set is loaded)
+    λ-networks       per input width: [S, H, in], [S, H], [S, H], [S] (fp32), shared with the kernels
 
-Zero padding contributes exact zeros, so a set's slice computes the same numbers as its own
-tensors. Stacking happens when a set is added or removed, never per forward, and a set's slice
-`[offset:offset + E]` is a view that reshapes to one matmul operand without a copy.
+Loading a set writes its own slot and table rows; unloading frees them. Neither touches another
+set, so a load costs what the set weighs, however many sets the bank holds, and CUDA graphs keep
+their pointers. Zero padding contributes exact zeros, so a set's slice computes the same numbers
+as its own tensors, and `[offset:offset + E]` reshapes to one matmul operand without a copy.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 
 from ldmole_kernels.router_kinds import RouterKind
 from ldmole_runtime.adapters.adapter_set import AdapterSet
 from ldmole_runtime.adapters.spec import PROJECTION_GROUPS, AdapterConfig, lambda_key, projection_shapes, tensor_key
 from ldmole_runtime.errors import LDMoleError
-from ldmole_runtime.lora.kernel_tables import KernelTables, build_tables
+from ldmole_runtime.lora.bank_layout import BankGeometry
+from ldmole_runtime.lora.kernel_tables import KernelTables
 from ldmole_runtime.lora.routing import ROUTERS, Router
 from ldmole_runtime.model.config import ModelConfig
 
@@ -45,7 +49,8 @@ class SetSlot:
     scaling: float  # alpha / r
     router_kind: str
     offset: int = 0
-    lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # in-width -> (w1, b1, w2, b2), fp32
+    # in-width -> (w1 [h, in], b1 [h], w2 [1, h], b2 [1]) fp32: views of the bank's λ rows (training swaps in parameters)
+    lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     lambda_out_bias: dict[int, float] = field(default_factory=dict)  # in-width -> b2 as a Python float (for kernels)
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
     # groups it adapts nothing in are absent, and skipped
@@ -59,8 +64,7 @@ class SetSlot:
     router_options: dict = field(default_factory=dict)
     threshold_cap: float = 0.0  # router "threshold": AdaMoLE's τmax
     uid: int = field(default_factory=lambda: next(_slot_uids))  # unique per load, unlike the name or index
-    # the set's place in the bank (the kernels' set index) while it is loaded; None once unloaded.
-    # Requests hold their slot, so this is how they find their set after others are unloaded.
+    # the set's slot in the bank (the kernels' set index) while it is loaded; None once unloaded
     index: int | None = None
 
     @property
@@ -73,79 +77,99 @@ class SetSlot:
         return RouterKind.of(self.router_kind)
 
 
+class NoFreeSlotError(LDMoleError):
+    """Every slot of a bank of fixed size holds a set: one must be unloaded (evicted) first."""
+
+
 @dataclass
 class GroupBank:
     layer: int
     group: str
-    projections: tuple[str, ...]
+    projections: tuple[str, ...]  # the group's projections that slots adapt
     fan_in: int
     fan_outs: tuple[int, ...]
+    columns: tuple[int, ...]  # where each projection's output starts in the group's fused base output
     A: torch.Tensor
     router: torch.Tensor
     B: list[torch.Tensor]
     threshold: torch.Tensor  # [S, P, in]
     threshold_bias: torch.Tensor  # [S, P]
-    kernel_cache: tuple | None = field(default=None, repr=False)  # C-side view of B, see mixture._kernel_layout
+    kernel_cache: tuple | None = field(default=None, repr=False)  # C-side view of B, see ops/cpu._kernel_layout
 
     @property
     def column_slices(self) -> list[slice]:
         """Where each projection's output sits in the fused base output."""
-        bounds, start = [], 0
-        for width in self.fan_outs:
-            bounds.append(slice(start, start + width))
-            start += width
-        return bounds
+        return [slice(c, c + w) for c, w in zip(self.columns, self.fan_outs, strict=True)]
 
 
 class AdapterBank:
-    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
-        self.slots: list[SetSlot] = []
-        self.rank_max = 0
-        self._tables: KernelTables | None = None
-        self.version = 0  # bumped whenever sets are added or removed: the stacked tensors are new
-        shapes = projection_shapes(cfg)
-        self.groups: dict[tuple[int, str], GroupBank] = {}
-        for layer in range(cfg.num_layers):
-            for group, projs in PROJECTION_GROUPS.items():
-                fan_in = shapes[projs[0]][0]
-                fan_outs = tuple(shapes[p][1] for p in projs)
-                P = len(projs)
-                self.groups[(layer, group)] = GroupBank(
-                    layer, group, projs, fan_in, fan_outs,
-                    A=self._empty(0, P, 0, fan_in), router=self._empty(0, P, fan_in),
-                    B=[self._empty(0, 0, o) for o in fan_outs], threshold=self._empty(0, P, fan_in),
-                    threshold_bias=self._empty(0, P))
+    """`max_sets`: a fixed number of slots (the server's `--max-loras`); None grows the bank as sets
+    arrive (doubling, so a library user loading n sets lays it out O(log n) times)."""
 
-    def _empty(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sets: int | None = None):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        if max_sets is not None and max_sets < 1:
+            raise LDMoleError(f"an adapter bank needs at least one slot, got max_sets={max_sets}")
+        self.max_sets = max_sets
+        self.geometry = BankGeometry(capacity=max_sets or 0)
+        self._by_index: list[SetSlot | None] = []
+        self._by_name: dict[str, SetSlot] = {}
+        self.groups: dict[tuple[int, str], GroupBank] = {}
+        self.lambdas: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._tables = KernelTables.allocate(0, 0, {}, {}, 0, self.device)
+        self.layouts = 0  # times the stored sets were copied into new storage (a geometry change)
+        self.version = 0  # bumped with every new storage: captured graphs then hold stale pointers
 
     # ---- lookup -------------------------------------------------------------------------------
     @property
+    def slots(self) -> list[SetSlot]:
+        """The loaded sets, by slot index."""
+        return [s for s in self._by_index if s is not None]
+
+    @property
     def names(self) -> list[str]:
         return [s.name for s in self.slots]
+
+    @property
+    def capacity(self) -> int:
+        """Slots: the kernels' set indices lie in [0, capacity)."""
+        return len(self._by_index)
+
+    @property
+    def full(self) -> bool:
+        """Every slot of a bank of fixed size holds a set (a growable bank is never full)."""
+        return self.max_sets is not None and all(s is not None for s in self._by_index) \
+            and self.capacity >= self.max_sets
+
+    def at(self, index: int) -> SetSlot:
+        """The set in slot `index` (a kernel set index of a step)."""
+        return self._by_index[index]
 
     def index_of(self, name: str) -> int:
         return self.slot(name).index
 
     def slot(self, name: str) -> SetSlot:
-        for slot in self.slots:
-            if slot.name == name:
-                return slot
-        raise KeyError(name)
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
 
     def group(self, layer: int, group: str) -> GroupBank:
         return self.groups[(layer, group)]
 
     def kernel_tables(self) -> KernelTables:
-        """Per-set device tables for the one-launch kernels; rebuilt after the sets change."""
-        if self._tables is None:
-            self._tables = build_tables(self)
+        """Per-slot device tables for the one-launch kernels (kept up to date by every load and unload)."""
         return self._tables
 
     def invalidate_kernel_tables(self) -> None:
-        """The sets' tensors changed (training): tables copy λ, captured graphs hold old pointers."""
-        self._tables = None
+        """Training changed the sets' tensors: copy trained λ-networks into the rows the kernels read."""
+        for slot in self.slots:
+            for w, net in slot.lambda_nets.items():
+                rows = self._lambda_rows(slot.index, w, net[0].shape[0])
+                for dst, src in zip(rows, net, strict=True):
+                    if dst.data_ptr() != src.data_ptr():
+                        dst.copy_(src.detach().reshape(dst.shape))
         self.version += 1
 
     @property
@@ -154,65 +178,53 @@ class AdapterBank:
 
     # ---- adding and removing sets -------------------------------------------------------------
     def add(self, name: str, adapter: AdapterSet) -> int:
-        if name in self.names:
+        """Write the set into a free slot; returns the slot index. Raises NoFreeSlotError when a bank
+        of fixed size is full."""
+        if name in self._by_name:
             raise LDMoleError(f"an adapter set named {name!r} is already loaded")
         adapter.validate_for(self.cfg, name)
         c = adapter.config
-        slot = SetSlot(name, c.num_experts, c.rank, c.scaling, c.router, offset=self.total_experts,
-                       num_labels=c.num_labels, config=c, router_options={"k": c.top_k} if c.top_k else {},
-                       threshold_cap=c.threshold_cap)
-        t = {k: v.to(self.device) for k, v in adapter.tensors.items()}
-        if slot.router.needs_lambda:
-            slot.lambda_nets = {w: tuple(t[lambda_key(w, part)].float().contiguous()
-                                         for part in ("0.weight", "0.bias", "2.weight", "2.bias"))
-                                for w in c.lambda_widths}
-            slot.lambda_out_bias = {w: float(net[3]) for w, net in slot.lambda_nets.items()}
-        if "score.weight" in t:
-            bias = t.get("score.bias")
-            slot.score = (t["score.weight"].to(self.dtype), None if bias is None else bias.to(self.dtype))
-
-        self._grow_rank(c.rank)
-        for (layer, group), gb in self.groups.items():
-            targeted = [p in c.target_modules for p in gb.projections]
-            if any(targeted):
-                slot.adapted[group] = tuple(i for i, hit in enumerate(targeted) if hit)
-            if all(targeted):
-                slot.group_masks[group] = None
-            elif any(targeted):
-                slot.group_masks[group] = torch.tensor(targeted, device=self.device, dtype=torch.float32)[:, None]
-            A, R, Bs, T, Tb = self._stack_set(t, c, layer, gb, targeted)
-            gb.A = torch.cat([gb.A, A])
-            gb.router = torch.cat([gb.router, R])
-            gb.B = [torch.cat([b_all, b]) for b_all, b in zip(gb.B, Bs, strict=True)]
-            gb.threshold = torch.cat([gb.threshold, T[None]])
-            gb.threshold_bias = torch.cat([gb.threshold_bias, Tb[None]])
-        slot.index = len(self.slots)
-        self.slots.append(slot)
-        self._tables = None
-        self.version += 1
-        return slot.index
+        free = next((i for i, s in enumerate(self._by_index) if s is None), None)
+        if free is None and self.max_sets is not None and self.capacity >= self.max_sets:
+            raise NoFreeSlotError(f"all {self.max_sets} adapter slots are in use (--max-loras); unload a set first")
+        geometry = self.geometry
+        if not geometry.fits(c):
+            geometry = geometry.grown_for(c)
+        if free is None:
+            geometry = replace(geometry, capacity=self.max_sets or max(4, 2 * self.capacity))
+        if geometry != self.geometry:
+            self._lay_out(geometry)
+            free = next(i for i, s in enumerate(self._by_index) if s is None)
+        slot = SetSlot(name, c.num_experts, c.rank, c.scaling, c.router, num_labels=c.num_labels, config=c,
+                       router_options={"k": c.top_k} if c.top_k else {}, threshold_cap=c.threshold_cap)
+        self._place(slot, free, adapter.tensors)
+        return free
 
     def remove(self, name: str) -> None:
-        index = self.index_of(name)
-        slot = self.slots.pop(index)
-        keep = torch.ones(slot.offset + slot.num_experts + sum(s.num_experts for s in self.slots[index:]),
-                          dtype=torch.bool, device=self.device)
-        keep[slot.offset:slot.offset + slot.num_experts] = False
-        others = [i for i in range(len(self.slots) + 1) if i != index]
+        slot = self._by_name.pop(name)
+        self._by_index[slot.index] = None
+        self._tables.clear(slot.index)
+        slot.index, slot.lambda_nets, slot.lambda_out_bias = None, {}, {}
+
+    def resident_bytes(self, name: str) -> int:
+        """The bank bytes the set's slot occupies: its expert units in every group, its table and λ
+        rows, its score head."""
+        slot = self.slot(name)
+        s, G = slot.index, self.geometry
+        units = slice(s * G.experts, (s + 1) * G.experts)
+        parts = [self._tables.set_info[s], self._tables.scaling[s], self._tables.threshold_cap[s]]
+        parts += [m[s] for m in self._tables.masks.values()]
         for gb in self.groups.values():
-            gb.A, gb.router = gb.A[keep].contiguous(), gb.router[keep].contiguous()
-            gb.B = [b[keep].contiguous() for b in gb.B]
-            gb.threshold, gb.threshold_bias = gb.threshold[others].contiguous(), gb.threshold_bias[others].contiguous()
-        for later in self.slots[index:]:
-            later.offset -= slot.num_experts
-            later.index -= 1
-        slot.index = None
-        self._tables = None
-        self.version += 1
+            parts += [gb.A[units], *(b[units] for b in gb.B)]
+            parts += [gb.router[units]] if G.router else []
+            parts += [gb.threshold[s], gb.threshold_bias[s]] if G.threshold else []
+        parts += [t[s] for net in self.lambdas.values() for t in net]
+        parts += [t for t in (slot.score or ()) if t is not None]
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def export(self, name: str) -> AdapterSet:
         """The set's current weights in the native layout (after training, for saving)."""
-        slot = self.slots[self.index_of(name)]
+        slot = self.slot(name)
         c = slot.config
         E, r, lo = slot.num_experts, slot.rank, slot.offset
         tensors: dict[str, torch.Tensor] = {}
@@ -226,9 +238,8 @@ class AdapterBank:
                 if slot.router.needs_logits:
                     tensors[key("router")] = gb.router[lo:lo + E, i].detach().clone()
                 if slot.router.needs_threshold:
-                    s = self.slots.index(slot)
-                    tensors[key("threshold.weight")] = gb.threshold[s, i][None].detach().clone()
-                    tensors[key("threshold.bias")] = gb.threshold_bias[s, i][None].detach().clone()
+                    tensors[key("threshold.weight")] = gb.threshold[slot.index, i][None].detach().clone()
+                    tensors[key("threshold.bias")] = gb.threshold_bias[slot.index, i][None].detach().clone()
         for w, net in slot.lambda_nets.items():
             for part, t in zip(("0.weight", "0.bias", "2.weight", "2.bias"), net, strict=True):
                 tensors[lambda_key(w, part)] = t.detach().clone()
@@ -240,29 +251,94 @@ class AdapterBank:
         adapter.check_tensors(f"adapter set {name!r}")
         return adapter
 
-    def _grow_rank(self, rank: int) -> None:
-        if rank <= self.rank_max:
-            return
-        pad = rank - self.rank_max
-        for gb in self.groups.values():
-            gb.A = F.pad(gb.A, (0, 0, 0, pad))
-            gb.B = [F.pad(b, (0, 0, 0, pad)) for b in gb.B]
-        self.rank_max = rank
+    # ---- storage ------------------------------------------------------------------------------
+    def _lay_out(self, geometry: BankGeometry) -> None:
+        """New storage for `geometry`; the stored sets are copied over, each keeping its slot index."""
+        kept = [(slot, self.export(slot.name)) for slot in self.slots]
+        self.geometry, G = geometry, geometry
+        S, U = G.capacity, G.capacity * G.experts
+        shapes = projection_shapes(self.cfg)
+        self.groups = {}
+        for layer in range(self.cfg.num_layers):
+            for group, every in PROJECTION_GROUPS.items():
+                projs = G.group_projections(group)
+                if not projs:
+                    continue
+                starts = dict(zip(every, [0, *itertools.accumulate(shapes[p][1] for p in every)], strict=False))
+                fan_in, P = shapes[projs[0]][0], len(projs)
+                fan_outs = tuple(shapes[p][1] for p in projs)
+                self.groups[(layer, group)] = GroupBank(
+                    layer, group, projs, fan_in, fan_outs, tuple(starts[p] for p in projs),
+                    A=self._zeros(U, P, G.rank, fan_in), router=self._zeros(U if G.router else 1, P, fan_in),
+                    B=[self._zeros(U, G.rank, o) for o in fan_outs],
+                    threshold=self._zeros(S if G.threshold else 1, P, fan_in),
+                    threshold_bias=self._zeros(S if G.threshold else 1, P))
+        H = G.lambda_hidden
+        self.lambdas = {w: tuple(torch.zeros(shape, device=self.device) for shape in ((S, H, w), (S, H), (S, H), (S,)))
+                        for w in sorted(G.lambda_widths)}
+        sizes = {g: len(G.group_projections(g)) for g in PROJECTION_GROUPS if G.group_projections(g)}
+        self._tables = KernelTables.allocate(S, G.experts, sizes, self.lambdas, H, self.device)
+        self._by_index = [None] * S
+        self._by_name = {}
+        for slot, adapter in kept:
+            self._place(slot, slot.index, adapter.tensors)
+        self.layouts += 1
+        self.version += 1
 
-    def _stack_set(self, t, c, layer: int, gb: GroupBank, targeted: list[bool]):
-        E, r, P = c.num_experts, c.rank, len(gb.projections)
-        A = self._empty(E, P, self.rank_max, gb.fan_in)
-        R = self._empty(E, P, gb.fan_in)
-        Bs = [self._empty(E, self.rank_max, o) for o in gb.fan_outs]
-        T, Tb = self._empty(P, gb.fan_in), self._empty(P)
-        for i, (proj, on) in enumerate(zip(gb.projections, targeted, strict=True)):
-            if not on:
-                continue
-            key = functools.partial(tensor_key, layer, proj)
-            A[:, i, :r] = t[key("lora_A")]
-            Bs[i][:, :r] = t[key("lora_B")].transpose(1, 2)
-            if key("router") in t:
-                R[:, i] = t[key("router")]
-            if key("threshold.weight") in t:
-                T[i], Tb[i] = t[key("threshold.weight")][0], t[key("threshold.bias")][0]
-        return A, R, Bs, T, Tb
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    def _lambda_rows(self, s: int, width: int, h: int) -> tuple[torch.Tensor, ...]:
+        w1, b1, w2, b2 = self.lambdas[width]
+        return w1[s, :h], b1[s, :h], w2[s:s + 1, :h], b2[s:s + 1]
+
+    def _place(self, slot: SetSlot, s: int, t: dict[str, torch.Tensor]) -> None:
+        """Write a set's tensors into slot s (and only there), then its table rows."""
+        c, G = slot.config, self.geometry
+        E, r = c.num_experts, c.rank
+        slot.index, slot.offset = s, s * G.experts
+        lo, units = slot.offset, slice(slot.offset, slot.offset + G.experts)
+        slot.adapted, slot.group_masks = {}, {}
+        for group in PROJECTION_GROUPS:
+            projs = G.group_projections(group)
+            targeted = [p in c.target_modules for p in projs]
+            if any(targeted):
+                slot.adapted[group] = tuple(i for i, hit in enumerate(targeted) if hit)
+                slot.group_masks[group] = None if all(targeted) else torch.tensor(
+                    targeted, device=self.device, dtype=torch.float32)[:, None]
+        for (layer, _), gb in self.groups.items():
+            gb.A[units] = 0.0  # a freed slot keeps its last set's numbers: clear what this one leaves unused
+            for b in gb.B:
+                b[units] = 0.0
+            if G.router:
+                gb.router[units] = 0.0
+            if G.threshold:
+                gb.threshold[s], gb.threshold_bias[s] = 0.0, 0.0
+            for i, proj in enumerate(gb.projections):
+                if proj not in c.target_modules:
+                    continue
+                key = functools.partial(tensor_key, layer, proj)
+                gb.A[lo:lo + E, i, :r] = t[key("lora_A")]
+                gb.B[i][lo:lo + E, :r] = t[key("lora_B")].transpose(1, 2)
+                if key("router") in t:
+                    gb.router[lo:lo + E, i] = t[key("router")]
+                if key("threshold.weight") in t:
+                    gb.threshold[s, i], gb.threshold_bias[s, i] = t[key("threshold.weight")][0], t[key("threshold.bias")][0]
+        slot.lambda_nets, slot.lambda_out_bias = {}, {}
+        for w in self.lambdas:
+            for row in self._lambda_rows(s, w, G.lambda_hidden):
+                row.zero_()
+        if slot.router.needs_lambda:
+            for w in c.lambda_widths:
+                rows = self._lambda_rows(s, w, c.lambda_hidden)
+                for row, part in zip(rows, ("0.weight", "0.bias", "2.weight", "2.bias"), strict=True):
+                    row.copy_(t[lambda_key(w, part)].reshape(row.shape))
+                slot.lambda_nets[w] = rows
+                slot.lambda_out_bias[w] = float(rows[3])
+        if "score.weight" in t:
+            bias = t.get("score.bias")
+            slot.score = (t["score.weight"].to(self.device, self.dtype),
+                          None if bias is None else bias.to(self.device, self.dtype))
+        self._by_index[s] = slot
+        self._by_name[slot.name] = slot
+        self._tables.write(slot)

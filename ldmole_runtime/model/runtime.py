@@ -90,6 +90,10 @@ class LDMoleRuntime:
             ids = torch.full((B,), self.adapter_index(adapters), dtype=torch.long)
         elif isinstance(adapters, torch.Tensor):
             ids = adapters.long()
+            for s in ids.unique().tolist():
+                if s != BASE and not (0 <= s < self.bank.capacity and self.bank.at(s) is not None):
+                    raise LDMoleError(f"adapter-set index {s} names no loaded set (loaded: "
+                                      f"{[x.index for x in self.bank.slots]}, or -1 for the base)")
         else:
             if len(adapters) != B:
                 raise LDMoleError(f"got {len(adapters)} adapter names for {B} rows")
@@ -114,10 +118,10 @@ class LDMoleRuntime:
             )
         B, T = input_ids.shape
         set_ids = self._set_ids(adapters, (B, T))
-        batch = AdapterBatch.build(set_ids, len(self.bank.slots))
+        batch = AdapterBatch.build(set_ids, self.bank.capacity)
         capture = None
         if capture_routing:
-            E = max((self.bank.slots[s.set_index].num_experts for s in batch.segments), default=1)
+            E = max((self.bank.at(s.set_index).num_experts for s in batch.segments), default=1)
             capture = RoutingCapture(B * T, E)
         positions = torch.arange(T, device=self.device).repeat(B)
         ctx = ForwardContext(batch, self.bank, DenseCausalAttention(B, T), backend, capture)
@@ -142,8 +146,8 @@ class LDMoleRuntime:
 
     # ---- heads ------------------------------------------------------------------------------------
     def _score_head(self, set_index: int):
-        if set_index != BASE and self.bank.slots[set_index].score is not None:
-            return self.bank.slots[set_index].score
+        if set_index != BASE and self.bank.at(set_index).score is not None:
+            return self.bank.at(set_index).score
         return None if self.model.score is None else (self.model.score, None)
 
     def _logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, row_sets: torch.Tensor,

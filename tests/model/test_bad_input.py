@@ -563,5 +563,5 @@ def test_unknown_dtype(lm):
 def test_duplicate_adapter_name_and_bad_set_index(runtime, lm):
     with pytest.raises(LDMoleError, match=r"adapter set named 'math' is already loaded"):
         runtime.load_adapter("math", lm / "adapter")
-    with pytest.raises(LDMoleError, match=r"adapter-set index out of range \[-1, 0\]: found 3"):
+    with pytest.raises(LDMoleError, match=r"adapter-set index 3 names no loaded set \(loaded: \[0\]"):
         runtime.forward(torch.tensor([[1, 2, 3]]), torch.tensor([3]))

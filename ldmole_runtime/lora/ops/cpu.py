@@ -30,7 +30,7 @@ class CpuBackend:
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
         for seg in batch.segments:
-            slot = bank.slots[seg.set_index]
+            slot = bank.at(seg.set_index)
             if gb.group not in slot.group_masks:
                 continue
             if dropout == 0.0 and kernel_applies(y, x, seg, slot, gb):

@@ -28,4 +28,6 @@ class LoraStep:
     def apply(self, y: torch.Tensor, x: torch.Tensor, group: tuple[int, str]) -> None:
         """Add the adapters' delta of one projection group (layer, group name) to its fused base output y."""
         if self.active:
-            self.backend.apply(y, x, self.bank, self.bank.groups[group], self.batch, self.capture, self.dropout)
+            gb = self.bank.groups.get(group)
+            if gb is not None:  # None: no slot adapts this group
+                self.backend.apply(y, x, self.bank, gb, self.batch, self.capture, self.dropout)

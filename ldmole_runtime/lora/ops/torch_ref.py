@@ -92,7 +92,7 @@ class TorchRefBackend:
         `dropout` (training) drops the input of the adapters only (A, router and λ-network), as the
         reference code does; the base projection has already seen the clean x."""
         for seg in batch.segments:
-            slot = bank.slots[seg.set_index]
+            slot = bank.at(seg.set_index)
             if gb.group in slot.group_masks:
                 apply_segment(y, x, slot, gb, seg, capture, dropout)
 

@@ -38,8 +38,9 @@ class TritonBackend:
 
         if not bank.slots or (os.environ.get("TRITON_INTERPRET") == "1" and not WARM_UP_INTERPRETED):
             return
-        n = len(bank.slots) + 1
-        batch = AdapterBatch.build(torch.arange(-1, n - 1), len(bank.slots))
+        ids = torch.tensor([-1] + [s.index for s in bank.slots])
+        n = ids.shape[0]
+        batch = AdapterBatch.build(ids, bank.capacity)
         shapes = {}
         for (_, group), gb in bank.groups.items():
             shapes.setdefault((group, gb.fan_in, gb.fan_outs), gb)
@@ -70,12 +71,12 @@ class TritonBackend:
         p = batch.scratch_buffer("p", N * 3 * EMAX, x.device)[:N * P * EMAX].view(N, P, EMAX)
         b2 = lambdas[3] if lambdas is not None else p
         shrink_expand(y, x, p, batch.sorted_tokens, batch.blocks, tables.set_info, tables.scaling, gb.A, gb.B,
-                      TOKEN_BLOCK, h_out=batch.scratch_buffer("h", N * 3 * EMAX * R, x.device),
+                      TOKEN_BLOCK, cols=gb.columns, h_out=batch.scratch_buffer("h", N * 3 * EMAX * R, x.device),
                       routing=(work, masks, b2, gb.threshold_bias, tables.threshold_cap, SPARSEGEN_EPS, plan,
                                scalars))
         if capture is not None:
             for seg in batch.segments:
-                slot = bank.slots[seg.set_index]
+                slot = bank.at(seg.set_index)
                 if gb.group in slot.group_masks:
                     rows = slice(None) if seg.index is None else seg.index
                     scalar = scalars[rows, 0] if slot.router.needs_lambda else scalars[rows]
