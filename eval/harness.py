@@ -88,7 +88,7 @@ class LDMoleLM(TemplateLM):
     def for_adapter(self, name: str | None) -> LDMoleLM:
         """The same engine answering with another loaded adapter set (None: the bare base)."""
         if name is not None:
-            self.llm.runtime.adapter_index(name)  # unknown: a clear error now, not mid-evaluation
+            self.llm.engine.resolve_adapter(name)  # unknown: a clear error now, not mid-evaluation
         view = copy.copy(self)
         view.active = name
         return view

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
-from ldmole_runtime.lora.bank import SetSlot
+from ldmole_runtime.engine.adapter_cache import AdapterHandle
 from ldmole_server.errors import APIError
 from ldmole_server.metrics import ServerMetrics
 
@@ -154,7 +154,7 @@ class ServerState:
         if self.metrics is None:
             self.metrics = ServerMetrics(self.engine, self.adapter_selector)
 
-    def resolve_model(self, model: str | None) -> SetSlot | None:
+    def resolve_model(self, model: str | None) -> AdapterHandle | None:
         """The adapter set a request's `model` field selects, resolved once (None: the bare base)."""
         if model is None or model == self.base_name:
             return None
@@ -163,11 +163,14 @@ class ServerState:
                 raise LDMoleError("model 'auto' needs an adapter selector: start the server with "
                                   "--adapter-selector DIR")
             raise LDMoleError("model 'auto' (adapter selection) works on /v1/completions and /v1/chat/completions")
-        if model not in self.engine.adapter_names():
-            raise UnknownAdapterError(f"the model {model!r} does not exist; served: {self.model_names()}")
-        return self.engine.resolve_adapter(model)
+        try:
+            return self.engine.resolve_adapter(model)
+        except UnknownAdapterError:
+            names = self.model_names()
+            shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all: GET /v1/models)" if len(names) > 20 else "")
+            raise UnknownAdapterError(f"the model {model!r} does not exist; served: [{shown}]") from None
 
-    async def pick_model(self, model: str | None, text) -> SetSlot | None:
+    async def pick_model(self, model: str | None, text) -> AdapterHandle | None:
         """As resolve_model, but `model: "auto"` asks the adapter selector, which reads text() (the
         prompt, or a chat's last user message)."""
         if model == AUTO and self.adapter_selector is not None and AUTO not in self.engine.adapter_names():
@@ -177,7 +180,7 @@ class ServerState:
     def model_names(self) -> list[str]:
         return [self.base_name] + self.engine.adapter_names()
 
-    def label(self, adapter: SetSlot | None) -> str:
+    def label(self, adapter: AdapterHandle | None) -> str:
         """The `adapter` metrics label and `model` response field of a request."""
         return self.base_name if adapter is None else adapter.name
 

@@ -24,11 +24,11 @@ from collections.abc import AsyncIterator
 import torch
 
 from ldmole_runtime.adapters.adapter_set import AdapterSet
+from ldmole_runtime.engine.adapter_cache import AdapterHandle
 from ldmole_runtime.engine.llm_engine import LLMEngine, RequestOutput
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scoring import ScoreResult, first_token_logprobs, score_choices
 from ldmole_runtime.errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
-from ldmole_runtime.lora.bank import SetSlot
 
 logger = logging.getLogger("ldmole.engine")
 
@@ -122,11 +122,16 @@ class AsyncLLMEngine:
         return self.engine.runtime.cfg.vocab_size
 
     def adapter_names(self, include_unloading: bool = False) -> list[str]:
-        """The loaded sets that take new requests (or every loaded set)."""
-        return [n for n in self.engine.runtime.bank.names if include_unloading or n not in self.unloading]
+        """The servable sets that take new requests (or every servable set), whatever their tier."""
+        return [n for n in list(self.engine.adapters.handles) if include_unloading or n not in self.unloading]
 
-    def resolve_adapter(self, name: str | None) -> SetSlot | None:
-        """The set a request names, resolved once; the slot travels with the request (None: the base)."""
+    def adapter_tiers(self) -> dict[str, str]:
+        """Each servable set's tier: "device" (in a slot), "host" (read, in memory) or "disk"."""
+        cache = self.engine.adapters
+        return {name: cache.tier(h) for name, h in list(cache.handles.items())}
+
+    def resolve_adapter(self, name: str | None) -> AdapterHandle | None:
+        """The set a request names, resolved once; the handle travels with the request (None: the base)."""
         if name is not None and name in self.unloading:
             raise UnknownAdapterError(f"adapter set {name!r} is being unloaded")
         return self.engine.resolve_adapter(name)
@@ -153,12 +158,12 @@ class AsyncLLMEngine:
     # ---- requests -------------------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return len(self._to_admit) + len(self.engine.scheduler.waiting)
+        return len(self._to_admit) + len(self.engine.scheduler.waiting) + self.engine.num_pending
 
-    def check_accepting(self, adapter: str | SetSlot | None = None, new: int = 1) -> None:
+    def check_accepting(self, adapter: str | AdapterHandle | None = None, new: int = 1) -> None:
         """Refuse work the engine cannot take now: `new` sequences (a request's prompts x n, or a score's
         context and choices), counted against max_queue when they are created."""
-        name = adapter.name if isinstance(adapter, SetSlot) else adapter
+        name = adapter.name if isinstance(adapter, AdapterHandle) else adapter
         if name is not None and name in self.unloading:
             raise UnknownAdapterError(f"adapter set {name!r} is being unloaded")
         if self.errored is not None:
@@ -186,7 +191,7 @@ class AsyncLLMEngine:
         return self._stream(request)
 
     def generate_many(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                      adapter: SetSlot | None) -> list[AsyncIterator[RequestOutput]]:
+                      adapter: AdapterHandle | None) -> list[AsyncIterator[RequestOutput]]:
         """One HTTP request's prompts (`{request_id}-{i}`), under the API's limits: admission is checked
         once and every prompt is validated before any is queued, so a request is refused whole."""
         self.check_accepting(adapter, new=sum(p.n for p in params))
@@ -223,7 +228,7 @@ class AsyncLLMEngine:
 
     # ---- scoring ----------------------------------------------------------------------------------
     async def score(self, request_id: str, context: str | list[int], choices: list[str | list[int]],
-                    adapter: str | SetSlot | None = None) -> ScoreResult:
+                    adapter: str | AdapterHandle | None = None) -> ScoreResult:
         """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it."""
         self.check_accepting(adapter, new=len(choices) + 1)
         engine = self.engine
@@ -276,7 +281,7 @@ class AsyncLLMEngine:
     async def unload_adapter(self, name: str, poll_s: float = 0.02) -> None:
         """Unload a set once its requests have finished. From the call on, new requests for it are
         refused (unknown adapter); the ones already accepted run to completion, never aborted."""
-        self.engine.runtime.adapter_index(name)  # unknown: a clear error now
+        self.engine.adapters.resolve(name)  # unknown: a clear error now
         if name in self.unloading:
             raise UnknownAdapterError(f"adapter set {name!r} is already being unloaded")
         self.unloading.add(name)
@@ -293,7 +298,7 @@ class AsyncLLMEngine:
                 or any(r.adapter == adapter for r in list(self.engine.requests.values()))
                 or any(s.adapter == adapter for s in list(self.engine.held.values())))
 
-    async def classify(self, inputs: list[str | list[int]], adapter: str | SetSlot | None) -> list[torch.Tensor]:
+    async def classify(self, inputs: list[str | list[int]], adapter: str | AdapterHandle | None) -> list[torch.Tensor]:
         """Class probabilities [num_labels] per input (text or token ids), from the adapter set's (or
         the base's) score head. One forward per input, each between two engine steps: generation goes
         on meanwhile, and a caller that leaves (is cancelled) stops the rest."""
@@ -352,6 +357,8 @@ class AsyncLLMEngine:
                     logger.exception("the engine loop caught an error outside a step; failing the requests in flight")
                     outputs = engine.fail_all(exc)
                 self.last_progress = time.monotonic()
+                for request_id, exc in engine.rejected:  # its adapter set could not be read: the client's error
+                    self._deliver(request_id, exc)
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # cancelled at shutdown (or worse): keep callers from hanging

@@ -33,6 +33,12 @@ class EngineConfig:
     decode_graphs: str = "auto"
     expert_sample_every: int = 16  # count active experts per token on every N-th step (0: never), for metrics
     check_blocks: bool = False  # after every step, check that each used KV block belongs to a live sequence (debug)
+    # adapter tiers (engine/adapter_cache.py): sets on the device at once (None: as many as are loaded, the bank
+    # grows), more sets kept read in host memory, a folder whose subfolders are servable sets, sets never evicted
+    max_loras: int | None = None
+    max_cpu_loras: int = 0
+    adapter_dir: str | None = None
+    pinned_adapters: tuple[str, ...] = ()
     # worked out by `resolve` from the model (and the tokenizer):
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     vocab_size: int | None = None

@@ -42,8 +42,10 @@ class ExpertHistogram:
     """Cumulative histogram per adapter-set name: bucket counts (non-cumulative), sum and count."""
     buckets: tuple[float, ...] = BUCKETS
     by_adapter: dict[str, list] = field(default_factory=dict)  # name -> [counts per bucket + overflow, sum, count]
+    max_names: int = 64  # sets with their own series; the rest share "other" (a scrape stays bounded)
 
-    def add(self, means: torch.Tensor, set_ids: torch.Tensor, names: list[str]) -> None:
+    def add(self, means: torch.Tensor, set_ids: torch.Tensor, names: list[str | None]) -> None:
+        """`names`: the set name of each kernel set index (None: a free slot)."""
         routed = set_ids >= 0
         if not names or not bool(routed.any()):
             return
@@ -55,7 +57,9 @@ class ExpertHistogram:
         sums = torch.zeros(len(names), device=means.device).index_add_(0, set_ids, means)
         for name, row, total in zip(names, counts.tolist(), sums.tolist(), strict=True):
             n = sum(row)
-            if n:
+            if n and name is not None:
+                if name not in self.by_adapter and len(self.by_adapter) >= self.max_names:
+                    name = "other"
                 entry = self.by_adapter.setdefault(name, [[0] * nb, 0.0, 0])
                 entry[0] = [a + b for a, b in zip(entry[0], row, strict=True)]
                 entry[1] += total

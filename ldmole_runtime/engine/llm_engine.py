@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ldmole_runtime.adapters.adapter_set import AdapterSet
+from ldmole_runtime.engine.adapter_cache import AdapterCache, AdapterHandle
 from ldmole_runtime.engine.block_manager import BlockManager
 from ldmole_runtime.engine.config import EngineConfig  # noqa: F401 (API: engine users import it from here)
 from ldmole_runtime.engine.expert_stats import ExpertHistogram
@@ -27,7 +30,6 @@ from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scheduler import Scheduler
 from ldmole_runtime.engine.sequence import Sequence
 from ldmole_runtime.errors import LDMoleError, PromptTooLongError, UnknownAdapterError
-from ldmole_runtime.lora.bank import SetSlot
 from ldmole_runtime.model.runtime import LDMoleRuntime
 
 logger = logging.getLogger("ldmole.engine")
@@ -39,7 +41,7 @@ class _Request:
     adapter: str | None
     seqs: list[Sequence]
     params: SamplingParams
-    slot: SetSlot | None = None
+    handle: AdapterHandle | None = None
     finished_reported: bool = False
     error: str | None = None  # why a step failed it
 
@@ -51,6 +53,10 @@ class LLMEngine:
         self.max_model_len, self.vocab_size = config.max_model_len, config.vocab_size
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        if config.max_loras is not None:
+            runtime.bank.limit(config.max_loras)
+        self.adapters = AdapterCache(runtime, config.max_cpu_loras, config.adapter_dir, config.pinned_adapters)
+        self.rejected: list[tuple[str, Exception]] = []  # requests the last step failed before they ran
         self.runner = ModelRunner(runtime, config)
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished contexts whose KV blocks stay for forks
@@ -63,7 +69,7 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | SetSlot | None = None, prompt_logprobs_from: int | None = None,
+                    adapter: str | AdapterHandle | None = None, prompt_logprobs_from: int | None = None,
                     target_token: int | None = None) -> None:
         """Queue a request. `prompt_logprobs_from` asks for prompt logprobs from that position on
         (scoring); `params.prompt_logprobs` asks for all of them. `target_token` (with max_tokens 0)
@@ -75,20 +81,53 @@ class LLMEngine:
         since the request was prepared."""
         if request.request_id in self.requests:
             raise LDMoleError(f"request id {request.request_id!r} is already in use")
-        if request.slot is not None and request.slot.index is None:
+        if request.handle is not None and request.handle.removed:
             raise UnknownAdapterError(f"unknown adapter set {request.adapter!r}: it was unloaded")
         self.requests[request.request_id] = request
+        handle = request.handle
+        if handle is None or (handle.slot is not None and not handle.draining):  # AdapterCache.ready, inlined
+            self._schedule(request)
+        else:  # its set is not on the device: it waits for a slot, outside the scheduler
+            self.adapters.wait(request.handle, request)
+
+    def _schedule(self, request: _Request) -> None:
+        if request.handle is not None:  # AdapterCache.touch, inlined: this runs for every request
+            self.adapters.clock += 1
+            request.handle.last_used = self.adapters.clock
         for seq in request.seqs:
             self.scheduler.add(seq)
 
+    def _place_adapters(self) -> None:
+        """Copy the sets that requests wait for into slots (between steps), and queue those requests."""
+        ready, failed = self.adapters.place(self._busy_sets())
+        for request in ready:
+            if self.requests.get(request.request_id) is request:  # not aborted meanwhile
+                self._schedule(request)
+        for request, exc in failed:
+            self.rejected.append((request.request_id, exc))
+            self._fail_requests([request.request_id], exc)
+        self.runner.warm_up()  # a set that did not fit the slots' shape makes the bank lay itself out again
+
+    def _busy_sets(self) -> set[AdapterHandle]:
+        """Sets with admitted requests or held contexts: they keep their slots (requests still waiting
+        for a slot do not count)."""
+        waiting = {id(r) for requests in self.adapters.pending.values() for r in requests}
+        busy = {r.handle for r in self.requests.values() if r.handle is not None and id(r) not in waiting}
+        return busy | {s.handle for s in self.held.values() if s.handle is not None}
+
+    @property
+    def num_pending(self) -> int:
+        """Sequences whose requests wait for their adapter set to reach a slot."""
+        return sum(len(r.seqs) for requests in list(self.adapters.pending.values()) for r in requests)
+
     def prepare_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                        adapter: str | SetSlot | None = None, prompt_logprobs_from: int | None = None,
+                        adapter: str | AdapterHandle | None = None, prompt_logprobs_from: int | None = None,
                         target_token: int | None = None, serving_limits: bool = False) -> _Request:
         """Validate a request and build its sequences, without touching the running batch: the one
         place a request is checked. `serving_limits` adds the HTTP API's stricter rules: the prompt
         and max_tokens must fit the context together, and n may not exceed max_num_seqs."""
         params = params or SamplingParams()
-        slot = self.resolve_adapter(adapter)
+        handle = self.resolve_adapter(adapter)
         if target_token is not None:
             if params.max_tokens != 0 or params.n != 1:
                 raise LDMoleError("a target token is scored by a prompt-only request (max_tokens=0, n=1)")
@@ -115,18 +154,19 @@ class LLMEngine:
             prompt_logprobs_from = len(token_ids)
         if prompt_logprobs_from is not None:
             prompt_logprobs_from = min(max(prompt_logprobs_from, 1), len(token_ids))
-        name = None if slot is None else slot.name
-        # the set's identity in prefix-cache hashes: this very load of it, so that a set reloaded under
-        # the same name never reuses blocks computed with the old weights
-        adapter_key = "" if slot is None else f"{slot.name}#{slot.uid}"
+        name = None if handle is None else handle.name
+        # the set's identity in prefix-cache hashes: this load of it (the same across evictions, which
+        # bring back the same weights), so that a set reloaded under the same name never reuses blocks
+        # computed with the old weights
+        adapter_key = "" if handle is None else f"{handle.name}#{handle.uid}"
         seqs = []
         for i in range(params.n):
             seed = params.sample_seed(i)
             seqs.append(Sequence(
-                request_id, i, list(token_ids), len(token_ids), name, adapter_key, params, slot,
+                request_id, i, list(token_ids), len(token_ids), name, adapter_key, params, handle,
                 generator=None if seed is None else torch.Generator(self.runtime.device).manual_seed(seed),
                 prompt_logprobs_start=prompt_logprobs_from if i == 0 else None, target_token=target_token))
-        return _Request(request_id, name, seqs, params, slot)
+        return _Request(request_id, name, seqs, params, handle)
 
     def _check_serving_limits(self, prompt_len: int, params: SamplingParams) -> None:
         if params.n > self.config.max_num_seqs:
@@ -136,19 +176,16 @@ class LLMEngine:
             raise LDMoleError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
                               f"{prompt_len} and max_tokens asks for {params.max_tokens} more")
 
-    def resolve_adapter(self, adapter: str | SetSlot | None) -> SetSlot | None:
-        """The loaded set a request names (None: the bare base), resolved once: the request keeps
-        the slot, whose index follows the bank when other sets are unloaded."""
+    def resolve_adapter(self, adapter: str | AdapterHandle | None) -> AdapterHandle | None:
+        """The servable set a request names (None: the bare base), resolved once: the request keeps the
+        handle, which finds the set's slot whenever it is on the device."""
         if adapter is None:
             return None
-        if isinstance(adapter, SetSlot):
-            if adapter.index is None:
+        if isinstance(adapter, AdapterHandle):
+            if adapter.removed:
                 raise UnknownAdapterError(f"unknown adapter set {adapter.name!r}: it was unloaded")
             return adapter
-        try:
-            return self.runtime.bank.slot(adapter)
-        except KeyError:
-            raise UnknownAdapterError(f"unknown adapter set {adapter!r}; loaded: {self.runtime.bank.names}") from None
+        return self.adapters.resolve(adapter)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -166,17 +203,20 @@ class LLMEngine:
         request = self.requests.get(request_id)
         if request is None:
             return
+        waiting = self.adapters.pending.get(request.handle)
+        if waiting is not None and request in waiting:
+            waiting.remove(request)
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
 
     # ---- forks: one context, many continuations (scoring) ---------------------------------------------
-    def add_context(self, request_id: str, prompt: str | list[int], adapter: str | SetSlot | None = None) -> None:
+    def add_context(self, request_id: str, prompt: str | list[int], adapter: str | AdapterHandle | None = None) -> None:
         """Prefill a context and keep its KV after it finishes, for `fork_request`."""
         self.admit(self.prepare_context(request_id, prompt, adapter))
 
     def prepare_context(self, request_id: str, prompt: str | list[int],
-                        adapter: str | SetSlot | None = None) -> _Request:
+                        adapter: str | AdapterHandle | None = None) -> _Request:
         request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0), adapter)
         request.seqs[0].hold = True
         return request
@@ -193,7 +233,7 @@ class LLMEngine:
         is free for the copy (nothing is queued then)."""
         parent = self.held[context_id]
         request = self.prepare_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                                       parent.slot, parent.num_tokens + 1, target_token)
+                                       parent.handle, parent.num_tokens + 1, target_token)
         child = request.seqs[0]
         child.adapter_key = parent.adapter_key
         if not self.block_manager.fork(parent, child, self.runner.copy_block):
@@ -209,7 +249,7 @@ class LLMEngine:
             return True
         parent = self.held[context_id]
         self.add_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                         parent.slot, parent.num_tokens, target_token)
+                         parent.handle, parent.num_tokens, target_token)
         return False
 
     def release_context(self, context_id: str) -> None:
@@ -218,26 +258,36 @@ class LLMEngine:
             self.block_manager.release(seq)
 
     def load_adapter(self, name: str, source) -> None:
-        self.runtime.load_adapter(name, source)
+        """A new servable set (a folder, or an AdapterSet): into a free slot if there is one, else it
+        waits in host memory for its first request."""
+        adapter = source if isinstance(source, AdapterSet) else AdapterSet.load(source)
+        self.adapters.add(name, adapter, None if isinstance(source, AdapterSet) else Path(source))
         self.runner.warm_up()
 
     def unload_adapter(self, name: str) -> list[str]:
         """Abort the set's requests (they finish with reason "abort"), then drop its weights."""
-        self.runtime.adapter_index(name)  # unknown name: a clear error, nothing aborted
+        self.adapters.resolve(name)  # unknown name: a clear error, nothing aborted
         aborted = [rid for rid, r in self.requests.items() if r.adapter == name]
         for rid in aborted:
             self.abort(rid)
-        self.runtime.unload_adapter(name)
+        for rid, seq in list(self.held.items()):
+            if seq.adapter == name:
+                self.release_context(rid)
+        self.adapters.remove(name)
         self.expert_histogram.by_adapter.pop(name, None)  # a set that is gone keeps no metric series
         self.runner.warm_up()
         return aborted
 
-    def classify(self, token_ids: list[int], adapter: str | SetSlot | None = None) -> torch.Tensor:
+    def classify(self, token_ids: list[int], adapter: str | AdapterHandle | None = None) -> torch.Tensor:
         """Class probabilities from the adapter set's (or the base's) classification head."""
         if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(f"the input has {len(token_ids)} tokens; the maximum is {self.max_model_len}")
-        slot = self.resolve_adapter(adapter)
-        return self.runtime.classify(token_ids, None if slot is None else slot.name)
+        handle = self.resolve_adapter(adapter)
+        if handle is not None:  # runs between steps: its set must be on the device for this forward
+            self.adapters.ensure_resident(handle, self._busy_sets())
+            self.adapters.touch(handle)
+            self.runner.warm_up()
+        return self.runtime.classify(token_ids, None if handle is None else handle.name)
 
     def has_unfinished_requests(self) -> bool:
         # a snapshot: the async front also asks from its event-loop thread while a step runs
@@ -245,6 +295,9 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.rejected = []
+        if self.adapters.pending:
+            self._place_adapters()
         batch = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
         for seq, exc in self.scheduler.faults:  # a sequence that could not be placed fails its request alone
@@ -255,6 +308,8 @@ class LLMEngine:
                 self._run_batch(batch, touched)
             except Exception as exc:  # one failed step fails its own requests, never the engine
                 self._fail(batch, exc)
+        if not batch and self.adapters.pending:  # nothing to run until a set is read: wait for it, not spin
+            self.adapters.wait_for_reads(timeout=0.05)
         outputs = self._report(touched)
         if self.config.check_blocks:
             self.check_blocks()
@@ -292,7 +347,7 @@ class LLMEngine:
         if step.sample_seqs:
             self._sample(step.sample_seqs, step.sample_logits)
         if step.expert_means is not None:
-            self.expert_histogram.add(step.expert_means, step.token_sets, self.runtime.bank.names)
+            self.expert_histogram.add(step.expert_means, step.token_sets, self.runtime.bank.names_by_index())
 
     def fail_all(self, exc: Exception) -> list[RequestOutput]:
         """Fail every request in flight (after an error outside any step) and report them."""
@@ -376,12 +431,16 @@ class LLMEngine:
 
     # ---- introspection --------------------------------------------------------------------------
     def stats(self) -> dict:
-        bm, cache = self.block_manager, self.block_manager.stats
+        bm, cache, a = self.block_manager, self.block_manager.stats, self.adapters
+        tiers = a.counts()
         return {
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + self.num_pending,
             "kv_blocks_total": bm.num_blocks, "kv_blocks_free": bm.num_free_blocks,
             "prefix_cache_queried_tokens": cache.queried_tokens, "prefix_cache_hit_tokens": cache.hit_tokens,
             "prefix_cache_evictions": cache.evictions, "preemptions": self.scheduler.stats.preemptions,
             "steps": self.scheduler.stats.steps, "generated_tokens": self.generated_tokens,
             "computed_tokens": self.computed_tokens, "failed_steps": self.failed_steps,
+            "adapters_device": tiers["device"], "adapters_host": tiers["host"],
+            "adapter_loads_disk": a.loads["disk"], "adapter_loads_host": a.loads["host"],
+            "adapter_evictions": a.evictions,
         }

@@ -119,7 +119,7 @@ class ModelRunner:
     @staticmethod
     def _set_indices(seqs: list[Sequence]) -> list[int]:
         """Each sequence's adapter-set index in the bank (-1: the bare base)."""
-        return [BASE if seq.slot is None else seq.slot.index for seq in seqs]
+        return [BASE if seq.handle is None else seq.handle.slot.index for seq in seqs]
 
     def _run_eager(self, batch: list[tuple[Sequence, int]], count_experts: bool) -> StepLogits:
         device, bs = self.runtime.device, self.block_size

@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from ldmole_runtime.lora.bank import SetSlot
+
+if TYPE_CHECKING:
+    from ldmole_runtime.engine.adapter_cache import AdapterHandle
 
 
 class Status(enum.Enum):
@@ -30,7 +33,7 @@ class Sequence:
     adapter: str | None  # adapter-set name (None: the bare base)
     adapter_key: str  # identifies the adapter set's weights in prefix-cache hashes
     params: SamplingParams
-    slot: SetSlot | None = None  # the set, resolved once when the request arrived (its index follows unloads)
+    handle: AdapterHandle | None = None  # the set, resolved once when the request arrived (it finds the set's slot)
     generator: torch.Generator | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING

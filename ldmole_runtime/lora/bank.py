@@ -50,7 +50,7 @@ class SetSlot:
     router_kind: str
     offset: int = 0
     # in-width -> (w1 [h, in], b1 [h], w2 [1, h], b2 [1]) fp32: views of the bank's λ rows (training swaps in parameters)
-    lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
     lambda_out_bias: dict[int, float] = field(default_factory=dict)  # in-width -> b2 as a Python float (for kernels)
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
     # groups it adapts nothing in are absent, and skipped
@@ -58,9 +58,9 @@ class SetSlot:
     # group -> indices of the projections this set adapts: only these make routing decisions (a
     # masked projection's p is all zero and must not count in expert statistics or routing losses)
     adapted: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    score: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    score: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     num_labels: int | None = None
-    config: AdapterConfig | None = None
+    config: AdapterConfig | None = field(default=None, repr=False)
     router_options: dict = field(default_factory=dict)
     threshold_cap: float = 0.0  # router "threshold": AdaMoLE's τmax
     uid: int = field(default_factory=lambda: next(_slot_uids))  # unique per load, unlike the name or index
@@ -141,6 +141,21 @@ class AdapterBank:
         """Every slot of a bank of fixed size holds a set (a growable bank is never full)."""
         return self.max_sets is not None and all(s is not None for s in self._by_index) \
             and self.capacity >= self.max_sets
+
+    def names_by_index(self) -> list[str | None]:
+        """Each slot's set name (None: a free slot), indexed like the kernels' set indices."""
+        return [None if s is None else s.name for s in self._by_index]
+
+    def limit(self, max_sets: int) -> None:
+        """Fix the number of slots (`--max-loras`), laying the bank out again if it holds sets."""
+        if max_sets < 1 or len(self.slots) > max_sets:
+            raise LDMoleError(f"max_loras must be >= 1 and hold the {len(self.slots)} sets already loaded; "
+                              f"got {max_sets}")
+        self.max_sets = max_sets
+        if self.capacity:
+            self._lay_out(replace(self.geometry, capacity=max_sets))
+        else:
+            self.geometry = replace(self.geometry, capacity=max_sets)
 
     def at(self, index: int) -> SetSlot:
         """The set in slot `index` (a kernel set index of a step)."""
@@ -253,7 +268,8 @@ class AdapterBank:
 
     # ---- storage ------------------------------------------------------------------------------
     def _lay_out(self, geometry: BankGeometry) -> None:
-        """New storage for `geometry`; the stored sets are copied over, each keeping its slot index."""
+        """New storage for `geometry`; the stored sets are copied over, into slots 0, 1, ... (between
+        steps: a request finds its set's slot index anew every step)."""
         kept = [(slot, self.export(slot.name)) for slot in self.slots]
         self.geometry, G = geometry, geometry
         S, U = G.capacity, G.capacity * G.experts
@@ -280,8 +296,8 @@ class AdapterBank:
         self._tables = KernelTables.allocate(S, G.experts, sizes, self.lambdas, H, self.device)
         self._by_index = [None] * S
         self._by_name = {}
-        for slot, adapter in kept:
-            self._place(slot, slot.index, adapter.tensors)
+        for index, (slot, adapter) in enumerate(kept):
+            self._place(slot, index, adapter.tensors)
         self.layouts += 1
         self.version += 1
 
