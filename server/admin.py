@@ -30,9 +30,10 @@ async def list_models(raw: Request):
     }
     admin = state.settings.is_admin(raw.headers.get("authorization"))  # paths on the server: for its admin only
     data = [card | {"id": state.base_name, "root": state.base_path if admin else None, "parent": None}]
+    tiers = state.engine.adapter_tiers()  # device (in a slot), host (read, in memory) or disk (not read yet)
     for name in state.model_names()[1:]:
         data.append(card | {"id": name, "root": state.adapter_paths.get(name) if admin else None,
-                            "parent": state.base_name})
+                            "parent": state.base_name, "ldmole": {"tier": tiers.get(name, "disk")}})
     return {"object": "list", "data": data}
 
 

@@ -63,6 +63,23 @@ def settings_from_args(args) -> ServerSettings:
     return settings
 
 
+def memory_split(engine: LLMEngine) -> str:
+    """Where the server's memory goes: the base weights, the adapter slots, the host cache of sets, the KV cache."""
+    def mib(n: float) -> str:
+        return f"{n / 2**20:,.1f} MiB"
+
+    rt, cache = engine.runtime, engine.adapters
+    base = sum(p.numel() * p.element_size() for p in rt.model.parameters())
+    slots = rt.bank.storage_bytes()
+    per_set = slots / max(rt.bank.capacity, 1)
+    kv = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
+    host = f"up to {cache.max_cpu_loras} sets" + (f" (~{mib(per_set * cache.max_cpu_loras)} at this slot size)"
+                                                   if per_set else "")
+    return (f"memory: base weights {mib(base)}; adapter slots {mib(slots)} ({rt.bank.capacity} slots"
+            f"{', growing as sets load' if rt.bank.max_sets is None else ''}); host cache {host}; "
+            f"KV cache {mib(kv)} ({engine.block_manager.num_blocks} blocks)")
+
+
 def build_state(args, executor=None) -> ServerState:
     base = resolve_base(args.base)
     adapters = parse_adapters(args.adapter or [])
@@ -74,7 +91,9 @@ def build_state(args, executor=None) -> ServerState:
     config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           lora_backend=args.lora_backend, decode_graphs=args.decode_graphs,
-                          check_blocks=args.debug_check_blocks)
+                          check_blocks=args.debug_check_blocks, max_loras=args.max_loras,
+                          max_cpu_loras=args.max_loras or 0 if args.max_cpu_loras is None else args.max_cpu_loras,
+                          adapter_dir=args.adapter_dir, pinned_adapters=tuple(args.pin))
     engine = AsyncLLMEngine(LLMEngine(runtime, tokenizer, config), max_queue=args.max_queue, executor=executor,
                             max_unread_tokens=args.max_unread_tokens)
     settings = settings_from_args(args)

@@ -17,7 +17,7 @@ from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import LORA_BACKENDS
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_server.app import build_app
-from ldmole_server.build import build_state, parse_adapters, read_key
+from ldmole_server.build import build_state, memory_split, parse_adapters, read_key
 from ldmole_server.state import ServerState, add_limit_flags
 
 
@@ -71,7 +71,9 @@ def serve(args) -> int:
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
 
     def on_ready() -> None:
-        served = ", ".join(state.model_names())
+        names = state.model_names()
+        served = ", ".join(names[:8]) + (f", ... ({len(names)} in all: GET /v1/models)" if len(names) > 8 else "")
+        print(memory_split(state.engine.engine), flush=True)
         print(f"\nldmole is serving {served} at {url} (OpenAI API under /v1; metrics at /metrics)\n"
               "Try:\n" + "\n".join(curl_examples(state, url)) + "\n", flush=True)
 
@@ -129,6 +131,19 @@ def add_serve_flags(s) -> None:
                         f"(default {d.max_num_batched_tokens})")
     s.add_argument("--max-model-len", type=int,
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    s.add_argument("--max-loras", type=int, metavar="N",
+                   help="adapter sets on the compute device at once, so at most N distinct sets per step; more "
+                        "sets wait for a slot and the least recently used idle set is evicted (default: every "
+                        "loaded set stays on the device)")
+    s.add_argument("--max-cpu-loras", type=int, metavar="M",
+                   help="sets kept read in host memory beyond the device's, ready to copy into a slot, least "
+                        "recently used dropped first (default: as many as --max-loras)")
+    s.add_argument("--adapter-dir", metavar="DIR",
+                   help="serve every subfolder of DIR as an adapter set under its folder name (native, LD-MoLE "
+                        "or AdamoLE reference, or PEFT LoRA), read on its first request")
+    s.add_argument("--pin", action="append", metavar="NAME", default=[],
+                   help="never evict this set from the device once it is there (repeatable; the sets given "
+                        "with --adapter are always pinned)")
     s.add_argument("--max-queue", type=int, default=256,
                    help="waiting requests beyond which new ones get 503 (default 256)")
     s.add_argument("--max-body-bytes", type=int, default=8 * 2**20,

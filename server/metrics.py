@@ -43,6 +43,7 @@ class EngineCollector:
         yield GaugeMetricFamily("ldmole:engine_stalled_seconds",
                                 "Seconds that work has waited with no engine step finishing (0: idle or moving; "
                                 "over --stall-timeout, /health answers 503).", self.engine.stalled_for())
+        yield from _adapter_tiers(self.engine.engine.adapters)
         hist = self.engine.expert_histogram
         family = HistogramMetricFamily(
             "ldmole:active_experts_per_token",
@@ -54,6 +55,34 @@ class EngineCollector:
                 cumulative += c
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             family.add_metric([name], buckets, total)
+        yield family
+
+
+def _adapter_tiers(cache):
+    """The adapter tiers (engine/adapter_cache.py): no per-set label, so 10,000 sets are still a few series."""
+    family = GaugeMetricFamily("ldmole:adapters", "Adapter sets per tier: device (in a slot), host (read, in "
+                               "memory, not in a slot).", labels=["tier"])
+    for tier, n in cache.counts().items():
+        family.add_metric([tier], n)
+    yield family
+    loads = CounterMetricFamily("ldmole:adapter_loads", "Sets copied into a slot, by where they came from.",
+                                labels=["source"])
+    for source, n in cache.loads.items():
+        loads.add_metric([source], n)
+    yield loads
+    yield CounterMetricFamily("ldmole:adapter_evictions", "Sets evicted from their slot (LRU, idle).",
+                              cache.evictions)
+    for name, doc, hist in (("ldmole:adapter_load_seconds", "Time to copy a set into a slot (between steps).",
+                             cache.load_seconds),
+                            ("ldmole:adapter_wait_seconds", "Time requests waited for their set to reach a slot "
+                             "(reading it included).", cache.wait_seconds)):
+        counts = hist.counts or [0] * (len(hist.buckets) + 1)
+        cumulative, buckets = 0, []
+        for bound, c in zip([*hist.buckets, float("inf")], counts, strict=True):
+            cumulative += c
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family = HistogramMetricFamily(name, doc)
+        family.add_metric([], buckets, hist.total)
         yield family
 
 

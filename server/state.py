@@ -8,9 +8,9 @@ import time
 import uuid
 from dataclasses import dataclass, field, fields
 
+from ldmole_runtime.engine.adapter_cache import AdapterHandle
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
-from ldmole_runtime.engine.adapter_cache import AdapterHandle
 from ldmole_server.errors import APIError
 from ldmole_server.metrics import ServerMetrics
 

@@ -58,13 +58,14 @@ class LiveServer:
     def __init__(self, base: Path, adapters: dict[str, Path], *, api_key: str | None = None,
                  max_queue: int | None = 256,
                  num_blocks: int = 256, max_body_bytes: int = 1 << 20, adapter_selector: Path | None = None,
-                 limits: RequestLimits | None = None, admin_key: str | None = None):
-        """admin_key: turn on adapter loading under that key, from the folder that holds the model."""
+                 limits: RequestLimits | None = None, admin_key: str | None = None, engine_options: dict | None = None):
+        """admin_key: turn on adapter loading under that key, from the folder that holds the model;
+        engine_options: more EngineConfig fields (the adapter tiers)."""
         runtime = LDMoleRuntime.from_pretrained(base, adapters={k: str(v) for k, v in adapters.items()})
         tokenizer = load_tokenizer(base)
         engine = LLMEngine(runtime, tokenizer, EngineConfig(block_size=4, num_blocks=num_blocks, max_num_seqs=32,
                                                             max_num_batched_tokens=256, expert_sample_every=1,
-                                                            check_blocks=True))
+                                                            check_blocks=True, **(engine_options or {})))
         selector = None
         if adapter_selector is not None:
             selector = AdapterSelector(adapter_selector, None, runtime, tokenizer)

@@ -168,7 +168,8 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, p: torch.Tensor, sorted_toke
     ptrs = list(Bs) + [Bs[0]] * (3 - P)
     tiles = sum(triton.cdiv(w, block_n) for w in widths)
     _expand_kernel[(blocks.shape[0], tiles)](
-        y, y.stride(0), sorted_tokens, blocks, set_info, p, h, *ptrs, R, *widths, *starts, P=P, EMAX=EMAX, BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_N=block_n,
+        y, y.stride(0), sorted_tokens, blocks, set_info, p, h, *ptrs, R, *widths, *starts, P=P, EMAX=EMAX,
+        BLOCK_M=block_m, BLOCK_R=RANK_CHUNK, BLOCK_N=block_n,
         UPCAST=upcast)
 
 

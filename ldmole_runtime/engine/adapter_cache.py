@@ -18,6 +18,7 @@ import bisect
 import concurrent.futures
 import itertools
 import logging
+import os
 import re
 import time
 from collections import OrderedDict
@@ -78,6 +79,9 @@ class AdapterCache:
         self.host: OrderedDict[str, AdapterSet] = OrderedDict()  # LRU: least recently used first
         self.pending: dict[AdapterHandle, list] = {}  # handle -> requests waiting for its slot, in arrival order
         self._reads: dict[str, concurrent.futures.Future] = {}
+        # sets read for waiting requests, not yet in a slot: held whatever the host cache's size (as many
+        # as there are sets with waiting requests, which the queue limit bounds)
+        self._staged: dict[str, AdapterSet] = {}
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ldmole-adapter-read")
         self.clock = 0  # bumped per admission: the LRU order
         self.loads = {"disk": 0, "host": 0}
@@ -86,6 +90,8 @@ class AdapterCache:
         self.wait_seconds = Histogram(WAIT_BUCKETS)
         for slot in self.bank.slots:  # the sets the engine starts with: pinned, read by path never again
             self.handles[slot.name] = AdapterHandle(slot.name, None, pinned=True, slot=slot)
+        if max_cpu_loras < 0:
+            raise LDMoleError(f"max_cpu_loras must be >= 0, got {max_cpu_loras}")
         for name in pinned:
             self.resolve(name).pinned = True
         if self.adapter_dir is not None:
@@ -134,6 +140,7 @@ class AdapterCache:
         handle.removed = True
         del self.handles[name]
         self.host.pop(name, None)
+        self._staged.pop(name, None)
         read = self._reads.pop(name, None)
         if read is not None:
             read.cancel()
@@ -175,13 +182,13 @@ class AdapterCache:
             if handle.slot is None:
                 try:
                     adapter, tier = self._host_copy(handle)
-                except LDMoleError as exc:  # a corrupt or mismatched folder: its requests fail, nothing else
+                    if adapter is None or not self._free_a_slot(busy):
+                        continue  # still reading, or every slot busy (one is draining now)
+                    self._copy_in(handle, adapter, tier)
+                except LDMoleError as exc:  # a corrupt or mismatched folder (or only pinned slots): these fail
                     del self.pending[handle]
                     failed += [(r, exc) for r in requests]
                     continue
-                if adapter is None or not self._free_a_slot(busy):
-                    continue  # still reading, or every slot busy (one is draining now)
-                self._copy_in(handle, adapter, tier)
             elif handle.draining:
                 continue
             del self.pending[handle]
@@ -210,9 +217,14 @@ class AdapterCache:
 
     # ---- tiers ------------------------------------------------------------------------------------
     def _free_a_slot(self, busy: set[AdapterHandle]) -> bool:
+        """True when a slot is free (evicting the least recently used idle set if it must); False while
+        the slots are busy (the least recently used set drains for the waiting ones)."""
         if not self.bank.full:
             return True
         resident = [h for h in self.handles.values() if h.slot is not None and not h.pinned]
+        if not resident:
+            raise EngineOverloadedError(f"every adapter slot ({self.bank.capacity}, --max-loras) holds a pinned set: "
+                                        "no other set can be served; raise --max-loras or pin fewer sets")
         idle = [h for h in resident if h not in busy]
         if idle:
             self._evict(min(idle, key=lambda h: h.last_used))
@@ -232,6 +244,7 @@ class AdapterCache:
         start = time.perf_counter()
         self.bank.add(handle.name, adapter)
         handle.slot = self.bank.slot(handle.name)
+        self._staged.pop(handle.name, None)
         self.loads[source] += 1
         self.load_seconds.observe(time.perf_counter() - start)
         self.touch(handle)
@@ -249,6 +262,8 @@ class AdapterCache:
         raises what the read raised (the next request reads the folder again)."""
         if isinstance(handle.source, AdapterSet):
             return handle.source, "host"
+        if handle.name in self._staged:
+            return self._staged[handle.name], "disk"
         if handle.name in self.host:
             self.host.move_to_end(handle.name)
             return self.host[handle.name], "host"
@@ -257,7 +272,7 @@ class AdapterCache:
             self._start_read(handle)
             return None, "disk"
         del self._reads[handle.name]
-        adapter = read.result()
+        adapter = self._staged[handle.name] = read.result()
         self._host_put(handle.name, adapter)
         return adapter, "disk"
 
@@ -267,8 +282,11 @@ class AdapterCache:
             self._reads[handle.name] = self._reader.submit(self._read, handle.name, handle.source)
 
     def _read(self, name: str, path: Path) -> AdapterSet:
-        adapter = AdapterSet.load(path)
-        adapter.validate_for(self.runtime.cfg, name)
+        try:
+            adapter = AdapterSet.load(path)
+            adapter.validate_for(self.runtime.cfg, name)
+        except LDMoleError as exc:  # the client sees this: name the folder, not where the server keeps it
+            raise type(exc)(str(exc).replace(f"{path.parent}{os.sep}", "")) from None
         if self.bank.device.type == "cuda":  # pinned: the copy into a slot is an asynchronous DMA
             adapter = AdapterSet(adapter.config, {k: v.pin_memory() for k, v in adapter.tensors.items()})
         return adapter

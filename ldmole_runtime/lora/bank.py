@@ -49,7 +49,7 @@ class SetSlot:
     scaling: float  # alpha / r
     router_kind: str
     offset: int = 0
-    # in-width -> (w1 [h, in], b1 [h], w2 [1, h], b2 [1]) fp32: views of the bank's λ rows (training swaps in parameters)
+    # in-width -> (w1 [h, in], b1 [h], w2 [1, h], b2 [1]) fp32: views of the bank's λ rows (training: parameters)
     lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
     lambda_out_bias: dict[int, float] = field(default_factory=dict)  # in-width -> b2 as a Python float (for kernels)
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
@@ -221,6 +221,14 @@ class AdapterBank:
         self._tables.clear(slot.index)
         slot.index, slot.lambda_nets, slot.lambda_out_bias = None, {}, {}
 
+    def storage_bytes(self) -> int:
+        """Every byte the bank holds on the device: all slots, used or not, and their tables."""
+        t = self._tables
+        parts = [t.set_info, t.scaling, t.threshold_cap, *t.masks.values()]
+        parts += [x for gb in self.groups.values() for x in (gb.A, gb.router, *gb.B, gb.threshold, gb.threshold_bias)]
+        parts += [x for net in self.lambdas.values() for x in net]
+        return sum(x.numel() * x.element_size() for x in parts)
+
     def resident_bytes(self, name: str) -> int:
         """The bank bytes the set's slot occupies: its expert units in every group, its table and λ
         rows, its score head."""
@@ -339,7 +347,8 @@ class AdapterBank:
                 if key("router") in t:
                     gb.router[lo:lo + E, i] = t[key("router")]
                 if key("threshold.weight") in t:
-                    gb.threshold[s, i], gb.threshold_bias[s, i] = t[key("threshold.weight")][0], t[key("threshold.bias")][0]
+                    gb.threshold[s, i] = t[key("threshold.weight")][0]
+                    gb.threshold_bias[s, i] = t[key("threshold.bias")][0]
         slot.lambda_nets, slot.lambda_out_bias = {}, {}
         for w in self.lambdas:
             for row in self._lambda_rows(s, w, G.lambda_hidden):
