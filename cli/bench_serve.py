@@ -151,4 +151,20 @@ def add_bench_serve_flags(b) -> None:
     b.add_argument("--rounds", type=int, default=3,
                    help="alternating HTTP/offline rounds per level; medians reported (default 3)")
     b.add_argument("--api-key", help="the server's API key, if it has one")
+    b.add_argument("--workload", choices=["closed", "slora"], default="closed",
+                   help="closed: N concurrent clients, HTTP against the offline engine (default); slora: S-LoRA's "
+                        "open-loop trace over many adapter sets (power-law set choice, gamma arrivals)")
+    s = b.add_argument_group("slora workload")
+    s.add_argument("--num-adapters", type=int, default=100, help="sets the trace chooses from: the first N the "
+                   "server lists, by name (default 100)")
+    s.add_argument("--alpha", type=float, default=1.0,
+                   help="power-law exponent of the set choice: 1 is uniform, smaller favours few sets (default 1)")
+    s.add_argument("--rate", type=float, default=1.0, help="mean requests per second (default 1)")
+    s.add_argument("--cv", type=float, default=1.0,
+                   help="coefficient of variation of inter-arrival times: 1 is Poisson, more is burstier (default 1)")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (default 60)")
+    s.add_argument("--input-range", default="8,64", help="prompt tokens, uniform in [LOW, HIGH) (default 8,64)")
+    s.add_argument("--output-range", default="8,32", help="output tokens, uniform in [LOW, HIGH) (default 8,32)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the trace (default 0)")
+    s.add_argument("--server-pid", type=int, help="the server's process id: report its peak resident memory")
     b.add_argument("--json", action="store_true", help="print one JSON object on one line")

@@ -180,15 +180,58 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_slora(args: argparse.Namespace) -> int:
+    from ldmole_cli.slora_workload import run_slora
+
+    if args.num_adapters < 1 or args.alpha <= 0 or args.rate <= 0 or args.cv <= 0 or args.duration <= 0:
+        raise LDMoleError("--num-adapters, --alpha, --rate, --cv and --duration must be positive")
+    try:
+        result = run_slora(args.url, args.num_adapters, args.alpha, args.rate, args.cv, args.duration,
+                           _int_range(args.input_range, "--input-range"), _int_range(args.output_range, "--output-range"),
+                           args.api_key, args.seed, args.server_pid)
+    except OSError as exc:
+        raise LDMoleError(f"cannot reach the server at {args.url}: {exc}") from exc
+    except ValueError as exc:
+        raise LDMoleError(str(exc)) from exc
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_make_adapters(args: argparse.Namespace) -> int:
+    from ldmole_cli.slora_workload import make_adapter_copies
+    from ldmole_runtime.adapters.adapter_set import AdapterSet
+    from ldmole_runtime.adapters.default import resolve_adapter
+
+    if args.num < 1 or args.noise < 0:
+        raise LDMoleError("--num must be >= 1 and --noise >= 0")
+    like = AdapterSet.load(resolve_adapter(args.like))
+    paths = make_adapter_copies(like, args.num, Path(args.out), args.noise, args.seed)
+    print(f"wrote {len(paths)} adapter sets to {args.out} ({paths[0].name} ... {paths[-1].name})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ldmole_server.launch import serve
 
     return serve(args)
 
 
+def _int_range(text: str, flag: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(",")
+    try:
+        low, high = int(lo), int(hi)
+    except ValueError:
+        low = high = 0
+    if not sep or not 1 <= low < high:
+        raise LDMoleError(f"{flag} takes LOW,HIGH with 1 <= LOW < HIGH (HIGH excluded), got {text!r}")
+    return low, high
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from ldmole_cli.bench_serve import bench_serve
 
+    if args.workload == "slora":
+        return _bench_slora(args)
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not concurrency or min(concurrency) < 1:
         raise LDMoleError(f"--concurrency takes positive integers, got {args.concurrency!r}")
@@ -349,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     from ldmole_cli.bench_serve import add_bench_serve_flags
     add_bench_serve_flags(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    ma = sub.add_parser("make-adapters", help="write N servable adapter sets (perturbed copies of one) into a "
+                                              "folder, for `serve --adapter-dir` and `bench-serve --workload slora`")
+    ma.add_argument("--like", default="default", help="the set to copy: a folder, or 'default' (the embedded one)")
+    ma.add_argument("--num", type=int, required=True, help="how many sets to write (set-0000, set-0001, ...)")
+    ma.add_argument("--out", required=True, help="the folder to write them into")
+    ma.add_argument("--noise", type=float, default=0.05,
+                    help="Gaussian noise added to every tensor, relative to its standard deviation (default 0.05)")
+    ma.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
+    ma.set_defaults(func=cmd_make_adapters)
 
     e = sub.add_parser("eval-tasks", help="list the offline lm-eval tasks shipped with ldmole (ARC, OBQA, CSQA, "
                                           "HellaSwag, RTE, SIQA, PIQA; cloze and letter forms)")

@@ -72,6 +72,10 @@ def _adapter_tiers(cache):
     yield loads
     yield CounterMetricFamily("ldmole:adapter_evictions", "Sets evicted from their slot (LRU, idle).",
                               cache.evictions)
+    yield CounterMetricFamily("ldmole:adapter_slot_hits", "Requests whose set was in a slot when they arrived.",
+                              cache.hits)
+    yield CounterMetricFamily("ldmole:adapter_slot_misses", "Requests that waited for their set to reach a slot.",
+                              cache.misses)
     for name, doc, hist in (("ldmole:adapter_load_seconds", "Time to copy a set into a slot (between steps).",
                              cache.load_seconds),
                             ("ldmole:adapter_wait_seconds", "Time requests waited for their set to reach a slot "

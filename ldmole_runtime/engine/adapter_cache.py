@@ -86,6 +86,7 @@ class AdapterCache:
         self.clock = 0  # bumped per admission: the LRU order
         self.loads = {"disk": 0, "host": 0}
         self.evictions = 0
+        self.hits = self.misses = 0  # requests whose set was in a slot when they arrived, and the others
         self.load_seconds = Histogram(LOAD_BUCKETS)
         self.wait_seconds = Histogram(WAIT_BUCKETS)
         for slot in self.bank.slots:  # the sets the engine starts with: pinned, read by path never again
@@ -104,6 +105,11 @@ class AdapterCache:
     # ---- names ------------------------------------------------------------------------------------
     def resolve(self, name: str) -> AdapterHandle:
         handle = self.handles.get(name)
+        if handle is not None and handle.slot is not None and handle.slot.index is None:
+            handle.removed = True  # unloaded from the runtime itself, behind the engine's back
+            handle = self.handles.pop(name) and None
+        if handle is None and name in self.bank.names:  # loaded into the runtime itself (LLM.runtime, a shared
+            handle = self.handles[name] = AdapterHandle(name, None, pinned=True, slot=self.bank.slot(name))  # one)
         if handle is None and self.adapter_dir is not None and _FOLDER_NAME.fullmatch(name):
             folder = self.adapter_dir / name  # a folder added since start-up
             if folder.is_dir():

@@ -86,9 +86,11 @@ class LLMEngine:
         self.requests[request.request_id] = request
         handle = request.handle
         if handle is None or (handle.slot is not None and not handle.draining):  # AdapterCache.ready, inlined
+            self.adapters.hits += handle is not None
             self._schedule(request)
         else:  # its set is not on the device: it waits for a slot, outside the scheduler
-            self.adapters.wait(request.handle, request)
+            self.adapters.misses += 1
+            self.adapters.wait(handle, request)
 
     def _schedule(self, request: _Request) -> None:
         if request.handle is not None:  # AdapterCache.touch, inlined: this runs for every request
