@@ -186,8 +186,8 @@ def _bench_slora(args: argparse.Namespace) -> int:
     if args.num_adapters < 1 or args.alpha <= 0 or args.rate <= 0 or args.cv <= 0 or args.duration <= 0:
         raise LDMoleError("--num-adapters, --alpha, --rate, --cv and --duration must be positive")
     try:
-        result = run_slora(args.url, args.num_adapters, args.alpha, args.rate, args.cv, args.duration,
-                           _int_range(args.input_range, "--input-range"), _int_range(args.output_range, "--output-range"),
+        lengths = (_int_range(args.input_range, "--input-range"), _int_range(args.output_range, "--output-range"))
+        result = run_slora(args.url, args.num_adapters, args.alpha, args.rate, args.cv, args.duration, *lengths,
                            args.api_key, args.seed, args.server_pid)
     except OSError as exc:
         raise LDMoleError(f"cannot reach the server at {args.url}: {exc}") from exc

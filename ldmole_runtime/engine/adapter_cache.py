@@ -227,7 +227,7 @@ class AdapterCache:
         the slots are busy (the least recently used set drains for the waiting ones)."""
         if not self.bank.full:
             return True
-        resident = [h for h in self.handles.values() if h.slot is not None and not h.pinned]
+        resident = [h for h in (self.handles.get(s.name) for s in self.bank.slots) if h is not None and not h.pinned]
         if not resident:
             raise EngineOverloadedError(f"every adapter slot ({self.bank.capacity}, --max-loras) holds a pinned set: "
                                         "no other set can be served; raise --max-loras or pin fewer sets")

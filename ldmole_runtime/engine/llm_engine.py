@@ -187,6 +187,9 @@ class LLMEngine:
             if adapter.removed:
                 raise UnknownAdapterError(f"unknown adapter set {adapter.name!r}: it was unloaded")
             return adapter
+        handle = self.adapters.handles.get(adapter)  # the common case, without a call (resolve() says the rest)
+        if handle is not None and (handle.slot is None or handle.slot.index is not None):
+            return handle
         return self.adapters.resolve(adapter)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
