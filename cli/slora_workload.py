@@ -144,7 +144,7 @@ def make_adapter_copies(like, count: int, out: Path, noise: float, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     paths = []
     for i in range(count):
-        tensors = {k: v + noise * (v.std() if v.numel() > 1 else v.abs()) * torch.randn(v.shape, generator=g)
-                   for k, v in like.tensors.items()}
+        tensors = {k: (v + noise * (v.float().std() if v.numel() > 1 else v.abs()) * torch.randn(v.shape, generator=g))
+                   .to(v.dtype) for k, v in like.tensors.items()}  # in the set's own dtype: the same bytes on disk
         paths.append(AdapterSet(like.config, tensors).save(out / f"set-{i:04d}"))
     return paths

@@ -75,8 +75,12 @@ def memory_split(engine: LLMEngine) -> str:
     kv = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
     host = f"up to {cache.max_cpu_loras} sets" + (f" (~{mib(per_set * cache.max_cpu_loras)} at this slot size)"
                                                    if per_set else "")
-    return (f"memory: base weights {mib(base)}; adapter slots {mib(slots)} ({rt.bank.capacity} slots"
-            f"{', growing as sets load' if rt.bank.max_sets is None else ''}); host cache {host}; "
+    if rt.bank.capacity:
+        slot_text = f"adapter slots {mib(slots)} ({rt.bank.capacity} slots"
+        slot_text += ", growing as sets load)" if rt.bank.max_sets is None else ")"
+    else:  # nothing loaded yet: the first set gives the slots their size
+        slot_text = (f"adapter slots allocated with the first set ({rt.bank.max_sets or 'growing'} slots of its size)")
+    return (f"memory: base weights {mib(base)}; {slot_text}; host cache {host}; "
             f"KV cache {mib(kv)} ({engine.block_manager.num_blocks} blocks)")
 
 

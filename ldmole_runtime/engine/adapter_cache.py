@@ -181,6 +181,10 @@ class AdapterCache:
         ready, failed, busy = [], [], set(busy)
         for handle in list(self.pending):
             requests = self.pending[handle]
+            if not requests:  # every request for it was aborted while it waited
+                del self.pending[handle]
+                self._staged.pop(handle.name, None)
+                continue
             if handle.removed:
                 del self.pending[handle]
                 failed += [(r, UnknownAdapterError(f"adapter set {handle.name!r} was unloaded")) for r in requests]
@@ -283,6 +287,11 @@ class AdapterCache:
         return adapter, "disk"
 
     def _start_read(self, handle: AdapterHandle) -> None:
+        """Read a waiting set, unless enough are read ahead already: a slot takes one set at a time, so
+        reading further ahead than the slots would only hold memory (1,000 waiting sets: gigabytes)."""
+        read_ahead = max(self.bank.max_sets or 0, 1)
+        if len(self._staged) + len(self._reads) >= read_ahead:
+            return  # place() asks again, step by step, as slots take the sets read before
         if (handle.slot is None and handle.name not in self.host and handle.name not in self._reads
                 and isinstance(handle.source, Path)):
             self._reads[handle.name] = self._reader.submit(self._read, handle.name, handle.source)
