@@ -64,10 +64,6 @@ class AdapterHandle:
     last_used: int = 0  # the cache's clock at its last admitted request: the LRU order
     waiting_since: float | None = None  # when its first pending request arrived
 
-    @property
-    def tier(self) -> str:
-        return "device" if self.slot is not None else "disk"
-
 
 class AdapterCache:
     def __init__(self, runtime, max_cpu_loras: int = 0, adapter_dir: str | Path | None = None,
@@ -157,12 +153,6 @@ class AdapterCache:
         return handle
 
     # ---- requests -----------------------------------------------------------------------------------
-    @staticmethod
-    def ready(handle: AdapterHandle) -> bool:
-        """Whether a request for this set can go to the scheduler now (else it waits in `pending`). The
-        engine asks on every admission, so it reads the two fields itself; this says what they mean."""
-        return handle.slot is not None and not handle.draining
-
     def wait(self, handle: AdapterHandle, request) -> None:
         if handle not in self.pending:
             handle.waiting_since = time.monotonic()

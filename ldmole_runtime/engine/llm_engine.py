@@ -85,7 +85,9 @@ class LLMEngine:
             raise UnknownAdapterError(f"unknown adapter set {request.adapter!r}: it was unloaded")
         self.requests[request.request_id] = request
         handle = request.handle
-        if handle is None or (handle.slot is not None and not handle.draining):  # AdapterCache.ready, inlined
+        # on the device and not draining: straight to the scheduler (read here, not asked of the cache: every
+        # request passes this line)
+        if handle is None or (handle.slot is not None and not handle.draining):
             self.adapters.hits += handle is not None
             self._schedule(request)
         else:  # its set is not on the device: it waits for a slot, outside the scheduler
