@@ -102,10 +102,14 @@ class AdapterCache:
     def resolve(self, name: str) -> AdapterHandle:
         handle = self.handles.get(name)
         if handle is not None and handle.slot is not None and handle.slot.index is None:
-            handle.removed = True  # unloaded from the runtime itself, behind the engine's back
-            handle = self.handles.pop(name) and None
-        if handle is None and name in self.bank.names:  # loaded into the runtime itself (LLM.runtime, a shared
-            handle = self.handles[name] = AdapterHandle(name, None, pinned=True, slot=self.bank.slot(name))  # one)
+            # unloaded from the runtime itself, behind the engine's back
+            handle.removed = True
+            del self.handles[name]
+            handle = None
+        if handle is None and name in self.bank.names:
+            # loaded into the runtime itself (through LLM.runtime, or a runtime two engines share)
+            handle = AdapterHandle(name, None, pinned=True, slot=self.bank.slot(name))
+            self.handles[name] = handle
         if handle is None and self.adapter_dir is not None and _FOLDER_NAME.fullmatch(name):
             folder = self.adapter_dir / name  # a folder added since start-up
             if folder.is_dir():

@@ -187,10 +187,6 @@ class AdapterBank:
                         dst.copy_(src.detach().reshape(dst.shape))
         self.version += 1
 
-    @property
-    def total_experts(self) -> int:
-        return sum(s.num_experts for s in self.slots)
-
     # ---- adding and removing sets -------------------------------------------------------------
     def add(self, name: str, adapter: AdapterSet) -> int:
         """Write the set into a free slot; returns the slot index. Raises NoFreeSlotError when a bank
