@@ -9,6 +9,7 @@ from pathlib import Path
 from ldmole_runtime.adapters.default import DEFAULT_ADAPTER_NAME, resolve_adapter
 from ldmole_runtime.engine.async_engine import AsyncLLMEngine
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.engine.memory import describe as describe_memory
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.model.default_base import resolve_base
 from ldmole_runtime.model.runtime import LDMoleRuntime
@@ -65,23 +66,8 @@ def settings_from_args(args) -> ServerSettings:
 
 def memory_split(engine: LLMEngine) -> str:
     """Where the server's memory goes: the base weights, the adapter slots, the host cache of sets, the KV cache."""
-    def mib(n: float) -> str:
-        return f"{n / 2**20:,.1f} MiB"
-
-    rt, cache = engine.runtime, engine.adapters
-    base = sum(p.numel() * p.element_size() for p in rt.model.parameters())
-    slots = rt.bank.storage_bytes()
-    per_set = slots / max(rt.bank.capacity, 1)
-    kv = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
-    host = f"up to {cache.max_cpu_loras} sets" + (f" (~{mib(per_set * cache.max_cpu_loras)} at this slot size)"
-                                                   if per_set else "")
-    if rt.bank.capacity:
-        slot_text = f"adapter slots {mib(slots)} ({rt.bank.capacity} slots"
-        slot_text += ", growing as sets load)" if rt.bank.max_sets is None else ")"
-    else:  # nothing loaded yet: the first set gives the slots their size
-        slot_text = (f"adapter slots allocated with the first set ({rt.bank.max_sets or 'growing'} slots of its size)")
-    return (f"memory: base weights {mib(base)}; {slot_text}; host cache {host}; "
-            f"KV cache {mib(kv)} ({engine.block_manager.num_blocks} blocks)")
+    kv = engine.runner.kv_cache
+    return describe_memory(engine.memory, kv.numel() * kv.element_size(), engine.block_manager.num_blocks)
 
 
 def build_state(args, executor=None) -> ServerState:
@@ -92,7 +78,7 @@ def build_state(args, executor=None) -> ServerState:
         raise LDMoleError(f"the adapter name {name!r} is the base model's served name; choose another")
     runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(base)
-    config = EngineConfig(kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+    config = EngineConfig(kv_cache_gib=args.kv_cache_gib, memory_gib=args.memory_gib, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           lora_backend=args.lora_backend, decode_graphs=args.decode_graphs,
                           check_blocks=args.debug_check_blocks, max_loras=args.max_loras,

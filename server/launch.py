@@ -123,7 +123,10 @@ def add_serve_flags(s) -> None:
     s.add_argument("--admin-key-file", metavar="FILE", help="read the admin key from FILE (its first line)")
     d = EngineConfig()  # the engine's defaults, shared with LLM and lm_eval --model ldmole
     s.add_argument("--kv-cache-gib", type=float, default=d.kv_cache_gib,
-                   help=f"memory for the paged KV cache, in GiB (default {d.kv_cache_gib:g})")
+                   help=f"memory for the paged KV cache, in GiB (default {d.kv_cache_gib:g}; see --memory-gib)")
+    s.add_argument("--memory-gib", type=float, metavar="GIB",
+                   help="the engine's memory in all, in GiB: base weights, adapter slots, the host cache of sets "
+                        "(on a CPU) and the KV cache, which gets what the others leave (replaces --kv-cache-gib)")
     s.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help=f"most sequences in one batch (default {d.max_num_seqs})")
     s.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,

@@ -245,8 +245,11 @@ class AdapterCache:
         self.evictions += 1
 
     def _copy_in(self, handle: AdapterHandle, adapter: AdapterSet, source: str) -> None:
-        start = time.perf_counter()
+        start, layouts = time.perf_counter(), self.bank.layouts
         self.bank.add(handle.name, adapter)
+        if layouts and self.bank.layouts != layouts and self.bank.max_sets is not None:
+            logger.warning("adapter set %r does not fit the slots' shape: they were laid out again, larger; the "
+                           "bank now holds %.1f MiB", handle.name, self.bank.storage_bytes() / 2**20)
         handle.slot = self.bank.slot(handle.name)
         self._staged.pop(handle.name, None)
         self.loads[source] += 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ldmole_runtime.engine.memory import MemoryReserve, kv_bytes_within
 from ldmole_runtime.errors import LDMoleError
 
 
@@ -21,6 +22,9 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: as many as kv_cache_gib holds (at least one max_model_len sequence)
     kv_cache_gib: float = 1.0
+    # the engine's memory in all (base weights, adapter slots, host cache of sets on a CPU, KV cache): when set, the
+    # KV cache gets what the rest leaves (engine/memory.py), and kv_cache_gib is not used
+    memory_gib: float | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the base model's max_position_embeddings
@@ -43,14 +47,20 @@ class EngineConfig:
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     vocab_size: int | None = None
 
-    def resolve(self, runtime, tokenizer=None) -> EngineConfig:
-        """A copy with every model-dependent value filled in and checked."""
+    def resolve(self, runtime, tokenizer=None, reserve: MemoryReserve | None = None) -> EngineConfig:
+        """A copy with every model-dependent value filled in and checked (`reserve`: what the engine holds
+        besides the KV cache, needed with memory_gib)."""
         cfg = runtime.cfg
         max_model_len = min(self.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         block_bytes = (2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
                        * torch.empty((), dtype=runtime.dtype).element_size())
-        num_blocks = self.num_blocks or max(int(self.kv_cache_gib * 2**30) // block_bytes,
-                                            -(-max_model_len // self.block_size))
+        if self.memory_gib is not None and self.num_blocks is None:
+            if reserve is None:
+                raise LDMoleError("memory_gib needs the engine's memory reserve to size the KV cache")
+            num_blocks = kv_bytes_within(self.memory_gib, reserve) // block_bytes - 1  # the runner adds a scratch block
+        else:
+            num_blocks = self.num_blocks or max(int(self.kv_cache_gib * 2**30) // block_bytes,
+                                                -(-max_model_len // self.block_size))
         if num_blocks * self.block_size < max_model_len:
             raise LDMoleError(f"the KV cache ({num_blocks} blocks of {self.block_size}) cannot hold one sequence "
                               f"of max_model_len={max_model_len} tokens")

@@ -18,6 +18,7 @@ from ldmole_runtime.engine.adapter_cache import AdapterCache, AdapterHandle
 from ldmole_runtime.engine.block_manager import BlockManager
 from ldmole_runtime.engine.config import EngineConfig  # noqa: F401 (API: engine users import it from here)
 from ldmole_runtime.engine.expert_stats import ExpertHistogram
+from ldmole_runtime.engine.memory import reserve_for
 from ldmole_runtime.engine.model_runner import ModelRunner
 from ldmole_runtime.engine.output_processor import (  # noqa: F401 (API)
     CompletionOutput,
@@ -49,7 +50,9 @@ class _Request:
 class LLMEngine:
     def __init__(self, runtime: LDMoleRuntime, tokenizer=None, config: EngineConfig | None = None):
         self.runtime, self.tokenizer = runtime, tokenizer
-        self.config = config = (config or EngineConfig()).resolve(runtime, tokenizer)
+        config = config or EngineConfig()
+        self.memory = reserve_for(runtime, config.max_loras, config.max_cpu_loras, config.adapter_dir)
+        self.config = config = config.resolve(runtime, tokenizer, self.memory)
         self.max_model_len, self.vocab_size = config.max_model_len, config.vocab_size
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

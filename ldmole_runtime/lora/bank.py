@@ -225,6 +225,15 @@ class AdapterBank:
         parts += [x for net in self.lambdas.values() for x in net]
         return sum(x.numel() * x.element_size() for x in parts)
 
+    def storage_bytes_at(self, capacity: int, config: AdapterConfig | None = None,
+                         dtype: torch.dtype | None = None) -> int:
+        """What `storage_bytes` would be with `capacity` slots of this bank's shape grown for `config`:
+        measured on storage laid out on the meta device, so that it is the allocation's own arithmetic."""
+        geometry = self.geometry if config is None else self.geometry.grown_for(config)
+        probe = AdapterBank(self.cfg, "meta", dtype or self.dtype)
+        probe._lay_out(replace(geometry, capacity=capacity))
+        return probe.storage_bytes()
+
     def resident_bytes(self, name: str) -> int:
         """The bank bytes the set's slot occupies: its expert units in every group, its table and λ
         rows, its score head."""

@@ -11,6 +11,7 @@ from tiny_models import tiny_config, write_tiny_model
 
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from ldmole_runtime.engine.memory import reserve_for
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.errors import CheckpointError, LDMoleError, UnknownAdapterError
 
@@ -166,3 +167,24 @@ def test_a_folder_added_after_start_is_servable(model, reference, tmp_path):
     finally:
         import shutil
         shutil.rmtree(sets / "late")
+
+
+def test_a_memory_total_sizes_the_kv_cache_after_the_slots_and_the_host_cache(model):
+    """--memory-gib: the KV cache gets what the base weights, the slots and the host cache leave. The
+    slots are counted at the first folder's shape, and the bank that the sets then fill weighs that."""
+    base, sets = model
+    runtime = LDMoleRuntime.from_pretrained(base)
+    reserve = reserve_for(runtime, max_loras=2, max_cpu_loras=3, adapter_dir=str(sets))
+    cfg = runtime.cfg
+    block_bytes = 2 * cfg.num_layers * 4 * cfg.num_kv_heads * cfg.head_dim * 4  # fp32, 4 tokens per block
+    total = (reserve.total + 101.5 * block_bytes) / 2**30  # 100 blocks and the runner's scratch block
+    e = LLMEngine(runtime, config=EngineConfig(block_size=4, memory_gib=total, adapter_dir=str(sets),
+                                               max_loras=2, max_cpu_loras=3))
+    assert e.block_manager.num_blocks == 100 and reserve.shaped_by == "the shape of a" and reserve.host_counted
+    run(e, [("a", "a", GREEDY), ("b", "b", GREEDY)])
+    assert runtime.bank.storage_bytes() == reserve.slots
+    read = sum(t.numel() * t.element_size() for t in e.adapters.host["a"].tensors.values())
+    assert read <= reserve.host / 5  # 3 in host memory, 2 read ahead
+    with pytest.raises(LDMoleError, match="leaves nothing for the KV cache"):
+        LLMEngine(LDMoleRuntime.from_pretrained(base), config=EngineConfig(
+            block_size=4, memory_gib=reserve.total / 2**30 * 0.9, adapter_dir=str(sets), max_loras=2, max_cpu_loras=3))

@@ -1,6 +1,7 @@
 """A server whose sets outnumber its slots: `--adapter-dir` with 50 sets behind `--max-loras 4
 --max-cpu-loras 8`, hit concurrently. Every answer equals the same model with all 50 resident."""
 
+import argparse
 import concurrent.futures
 import re
 
@@ -12,6 +13,8 @@ from tiny_models import tiny_config
 from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.model.config import ModelConfig
+from ldmole_server.build import build_state, memory_split
+from ldmole_server.launch import add_serve_flags
 
 NUM_SETS = 50
 PROMPTS = ("ab", "hello there")
@@ -95,3 +98,19 @@ def test_a_broken_folder_fails_its_requests_alone_with_a_4xx(server, reference):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[("task-001", "ab")]
     assert complete(server.url, "no-such-set", "ab").status_code == 404
     wait_idle(server)
+
+
+def test_memory_gib_gives_the_kv_cache_what_the_slots_and_the_host_cache_leave(model):
+    base, sets = model
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    args = parser.parse_args(["--base", str(base), "--adapter-dir", str(sets), "--max-loras", "4",
+                              "--max-cpu-loras", "8", "--memory-gib", "0.02"])
+    engine = build_state(args).engine.engine
+    kv = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
+    block = kv // engine.block_manager.num_blocks
+    assert 0.02 * 2**30 - block < engine.memory.total + kv <= 0.02 * 2**30
+    assert engine.memory.slots > 0 and engine.memory.host > 0
+    line = memory_split(engine)
+    assert "sized by the shape of broken" not in line and "the shape of other-base" not in line
+    assert f"({engine.block_manager.num_blocks} blocks)" in line and "task-000" in line, line
