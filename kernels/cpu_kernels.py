@@ -1,8 +1,10 @@
 """Build and load the CPU kernels (plain C + OpenMP, called through ctypes).
 
 The shared library is compiled once per machine into the caller's cache folder, keyed by the
-source and the CPU, because it is built with -march=native. Without a C compiler the
-runtime falls back to the torch path, which computes the same numbers.
+source, the CPU and the flags, because it is built with -march=native: on a CPU with AVX512-BF16
+its bf16 entry point uses dpbf16. LDMOLE_NO_BF16=1 builds the portable bf16 path instead, as on a
+CPU without the instruction (and makes `--dtype auto` pick fp32: ldmole_runtime/dtypes.py).
+Without a C compiler the runtime falls back to the torch path, which computes the same numbers.
 """
 
 from __future__ import annotations
@@ -30,29 +32,45 @@ def _cpu_id() -> str:
     return platform.machine() + flags
 
 
-def _build(cache_dir: Path) -> ctypes.CDLL:
+def no_bf16() -> bool:
+    """LDMOLE_NO_BF16=1: behave as on a CPU without bf16 dot products."""
+    return os.environ.get("LDMOLE_NO_BF16") == "1"
+
+
+def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + _cpu_id().encode()).hexdigest()[:16]
+    flags = ["-DLDMOLE_PORTABLE_BF16"] if portable_bf16 else []
+    key = hashlib.sha256(source + _cpu_id().encode() + " ".join(flags).encode()).hexdigest()[:16]
     out = Path(cache_dir) / f"ldmole_cpu-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         cc = os.environ.get("CC", "cc")
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11",
+            subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", *flags,
                             str(SOURCE), "-o", str(tmp_out), "-lm"], check=True, capture_output=True)
             os.replace(tmp_out, out)  # atomic: a concurrent build never sees half a library
     lib = ctypes.CDLL(str(out))
     p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    experts = [
+        p, i32, i32, p, i32, i32,  # A, r_max, r, B, G, g_offset
+        p, p, p, f32,  # outs, cols, mask, scale
+        p, i32, p, p,  # y, y_stride, p (scratch and output), lam_out
+    ]
     lib.ldmole_group_decode.restype = None
     lib.ldmole_group_decode.argtypes = [
         i32, p, p, i32, i32,  # n, rows, x, x_stride, in
         p, i32, p, f32, f32,  # hid, h, w2, b2, eps
         p, i32, i32, i32,  # logits, kind, E, P
-        p, i32, i32, p, i32, i32,  # A, r_max, r, B, G, g_offset
-        p, p, p, f32,  # outs, cols, mask, scale
-        p, i32, p, p,  # y, y_stride, p (scratch and output), lam_out
-    ]
+        *experts]
+    lib.ldmole_group_decode_bf16.restype = None
+    lib.ldmole_group_decode_bf16.argtypes = [
+        i32, p, p, i32, i32,  # n, rows, x, x_stride, in
+        p, p, p, i32, p, f32, f32,  # hid (or w1, b1), h, w2, b2, eps
+        p, p, i32, i32, i32,  # logits (or router), kind, E, P
+        *experts]
+    lib.ldmole_has_dpbf16.restype = i32
+    lib.ldmole_has_dpbf16.argtypes = []
     return lib
 
 
@@ -65,10 +83,15 @@ def cpu_kernels(cache_dir: Path) -> ctypes.CDLL | None:
             _failed = "disabled by LDMOLE_DISABLE_CPU_KERNELS=1"
         else:
             try:
-                _lib = _build(cache_dir)
+                _lib = _build(cache_dir, portable_bf16=no_bf16())
             except (OSError, subprocess.CalledProcessError) as exc:
                 _failed = str(exc)
     return _lib
+
+
+def build_variant(cache_dir: Path, portable_bf16: bool) -> ctypes.CDLL:
+    """One build of the library, whatever the environment says (tests compare the two bf16 paths)."""
+    return _build(cache_dir, portable_bf16)
 
 
 def ptr(t: torch.Tensor | None) -> int | None:

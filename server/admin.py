@@ -139,8 +139,10 @@ async def ready(raw: Request):
 
 
 @router.get("/version")
-async def version():
-    return {"version": ldmole_runtime.__version__}
+async def version(raw: Request):
+    state = state_of(raw)
+    dtype = str(state.engine.engine.runtime.dtype).removeprefix("torch.")
+    return {"version": ldmole_runtime.__version__, "dtype": dtype, "dtype_choice": state.dtype_choice}
 
 
 @router.get("/metrics")

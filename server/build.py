@@ -12,6 +12,7 @@ from ldmole_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from ldmole_runtime.engine.memory import describe as describe_memory
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.model.dtypes import auto_dtype
 from ldmole_runtime.model.runtime import LDMoleRuntime
 from ldmole_runtime.model.tokenizer import load_tokenizer
 from ldmole_server.adapter_selector import AdapterSelector
@@ -76,7 +77,8 @@ def build_state(args, executor=None) -> ServerState:
     name = args.served_model_name or base.name
     if name in adapters:
         raise LDMoleError(f"the adapter name {name!r} is the base model's served name; choose another")
-    runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=args.dtype, device=args.device)
+    dtype, why = auto_dtype(args.device) if args.dtype == "auto" else (args.dtype, "as --dtype asked")
+    runtime = LDMoleRuntime.from_pretrained(base, adapters=adapters, dtype=dtype, device=args.device)
     tokenizer = load_tokenizer(base)
     config = EngineConfig(kv_cache_gib=args.kv_cache_gib, memory_gib=args.memory_gib, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -93,4 +95,5 @@ def build_state(args, executor=None) -> ServerState:
         selector.check_targets([name] + list(adapters))
     elif args.adapter_selector_labels:
         raise LDMoleError("--adapter-selector-labels needs --adapter-selector")
-    return ServerState(engine, name, str(base), adapters, settings, adapter_selector=selector)
+    return ServerState(engine, name, str(base), adapters, settings, adapter_selector=selector,
+                       dtype_choice=f"{dtype} ({'auto: ' if args.dtype == 'auto' else ''}{why})")

@@ -16,6 +16,7 @@ from ldmole_runtime.engine.main_thread_executor import MainThreadExecutor
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import LORA_BACKENDS
 from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.model.dtypes import DTYPE_CHOICES
 from ldmole_server.app import build_app
 from ldmole_server.build import build_state, memory_split, parse_adapters, read_key
 from ldmole_server.state import ServerState, add_limit_flags
@@ -73,6 +74,7 @@ def serve(args) -> int:
     def on_ready() -> None:
         names = state.model_names()
         served = ", ".join(names[:8]) + (f", ... ({len(names)} in all: GET /v1/models)" if len(names) > 8 else "")
+        print(f"dtype: {state.dtype_choice}", flush=True)
         print(memory_split(state.engine.engine), flush=True)
         print(f"\nldmole is serving {served} at {url} (OpenAI API under /v1; metrics at /metrics)\n"
               "Try:\n" + "\n".join(curl_examples(state, url)) + "\n", flush=True)
@@ -153,8 +155,9 @@ def add_serve_flags(s) -> None:
                    help="largest accepted request body; bigger ones get 413 (default 8 MiB)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests may take to finish before they are aborted (default 30)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (default float32)")
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights and activations dtype (default auto: bfloat16 on a CPU with bf16 dot products or a "
+                        "GPU with bf16, float16 on other GPUs, else float32; LDMOLE_NO_BF16=1 rules bf16 out)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     s.add_argument("--lora-backend", default=d.lora_backend, choices=LORA_BACKENDS,
                    help="the adapters' compute: sparse (default: the C kernel on CPU, Triton on CUDA), dense (all "

@@ -145,6 +145,7 @@ class ServerState:
     adapter_selector: object | None = None  # a adapter_selector.AdapterSelector: serves `model: "auto"`
     pinned: frozenset[str] | None = None  # sets unloaded only when a request insists (default: those at start-up)
     created: int = field(default_factory=lambda: int(time.time()))
+    dtype_choice: str = ""  # the engine's dtype and why (`--dtype auto` says what it found), for /version
 
     def __post_init__(self):
         if self.pinned is None:

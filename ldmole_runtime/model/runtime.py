@@ -23,9 +23,8 @@ from ldmole_runtime.lora.ops import lora_backend_setting, select_lora_backend
 from ldmole_runtime.model.attention import DenseCausalAttention
 from ldmole_runtime.model.decoder import DecoderModel, ForwardContext
 from ldmole_runtime.model.default_base import resolve_base
+from ldmole_runtime.model.dtypes import DTYPES, resolve_dtype  # noqa: F401 (API: imported from here too)
 from ldmole_runtime.model.weights import load_base_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -38,14 +37,6 @@ class ForwardOutput:
     thresholds: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LDMoleError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
 class LDMoleRuntime:
     def __init__(self, model: DecoderModel):
         self.model = model
@@ -56,7 +47,7 @@ class LDMoleRuntime:
     @classmethod
     def from_pretrained(cls, base: str | Path, adapters: dict[str, str | Path | AdapterSet] | None = None,
                         dtype: str | torch.dtype = "float32", device: str = "cpu") -> LDMoleRuntime:
-        rt = cls(load_base_model(resolve_base(base), resolve_dtype(dtype), device))
+        rt = cls(load_base_model(resolve_base(base), resolve_dtype(dtype, device), device))
         for name, source in (adapters or {}).items():
             rt.load_adapter(name, source)
         return rt

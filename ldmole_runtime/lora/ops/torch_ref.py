@@ -33,6 +33,8 @@ def route(slot: SetSlot, set_index: int, gb: GroupBank, xs: torch.Tensor):
         scalar = threshold_from_layer(xs, gb.threshold[set_index], gb.threshold_bias[set_index], slot.threshold_cap)
     if router.needs_logits:
         weights = gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in)
+        if xs.dtype != torch.float32:  # bf16/fp16 activations: logits summed in fp32 and kept unrounded, since
+            xs, weights = xs.float(), weights.float()  # sparsegen's support is decided on them (as the λ's)
         u = (xs @ weights.T).view(-1, E, P).transpose(1, 2)
     else:
         u = xs.new_zeros(xs.shape[0], P, 1)
