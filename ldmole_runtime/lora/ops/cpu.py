@@ -3,8 +3,9 @@
 Only the matmuls that BLAS does best (λ hidden layer, router logits) stay in torch; λ, routing and
 the active experts' LoRA run fused, writing into y. The kernel takes fp32 or bf16; in bf16, routing
 stays fp32 as in the torch reference (the λ-network is fp32, the logits are summed in fp32 from the
-bf16 router rows), and a decode step's tokens are routed inside the kernel. Where it does not apply (fp16, autograd, unusual strides, no C compiler), the
-torch reference computes the same numbers.
+bf16 router rows), and a decode step's tokens are routed inside the kernel. Where it does not
+apply (fp16, autograd, unusual strides, no C compiler), the torch reference computes the same
+numbers.
 """
 
 from __future__ import annotations
