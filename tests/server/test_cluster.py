@@ -46,8 +46,8 @@ def cluster(model):
     parser = argparse.ArgumentParser()
     add_serve_flags(parser)
     port = free_port()
-    args = parser.parse_args(["--base", str(base), "--served-model-name", BASE_NAME, "--port", str(port),
-                              "--replicas", "2", "--max-num-seqs", "16", "--kv-cache-gib", "0.05",
+    args = parser.parse_args(["--base", str(base), "--dtype", "float32", "--served-model-name", BASE_NAME,
+                              "--port", str(port), "--replicas", "2", "--max-num-seqs", "16", "--kv-cache-gib", "0.05",
                               "--enable-adapter-loading", "--adapter-root", str(base.parent), "--admin-key", ADMIN]
                              + sum((["--adapter", f"{n}={p}"] for n, p in adapters.items()), []))
     metrics_port = free_port()

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from live_server import free_port, write_model
 
 
@@ -18,12 +19,12 @@ def model_files(tmp_path_factory):
     return write_model(tmp_path_factory.mktemp("shutdown"))
 
 
-def start(model_files, port, *extra):
+def start(model_files, port, *extra, env=None):
     base, adapters = model_files
     cmd = [sys.executable, "-m", "ldmole_cli.main", "serve", "--base", str(base), "--adapter",
            f"math={adapters['math']}", "--served-model-name", "tiny", "--port", str(port), "--kv-cache-gib", "0.01",
            "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -74,3 +75,24 @@ def test_serve_flag_errors_are_one_line(model_files, tmp_path):
                              if args[0] != "--base" else [sys.executable, "-m", "ldmole_cli.main", "serve", *args],
                              capture_output=True, text=True, timeout=120, env=os.environ)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("no_bf16", [False, True])
+def test_dtype_auto_is_said_at_start_up_and_in_version(model_files, no_bf16):
+    """`--dtype auto`, the default: bf16 where the CPU has bf16 dot products (torch's own CPU probe is the
+    oracle), fp32 where it has not or LDMOLE_NO_BF16=1 says so."""
+    env = {k: v for k, v in os.environ.items() if k != "LDMOLE_NO_BF16"} | ({"LDMOLE_NO_BF16": "1"} if no_bf16 else {})
+    expected = "bfloat16" if torch.cpu._is_avx512_bf16_supported() and not no_bf16 else "float32"
+    port = free_port()
+    proc = start(model_files, port, env=env)
+    try:
+        version = httpx.get(f"http://127.0.0.1:{port}/version").json()
+        got = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                         json={"model": "math", "prompt": "hello", "max_tokens": 3}).json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert version["dtype"] == expected and version["dtype_choice"].startswith(f"{expected} (auto: ")
+    assert ("LDMOLE_NO_BF16=1" in version["dtype_choice"]) == no_bf16
+    assert f"dtype: {version['dtype_choice']}" in out
+    assert got["usage"]["completion_tokens"] == 3  # an fp32-trained set serves in either dtype
