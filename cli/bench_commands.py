@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ldmole_runtime.errors import LDMoleError
+from ldmole_runtime.model.dtypes import DTYPE_CHOICES, auto_dtype
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -13,7 +14,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.shape not in SHAPES:
         raise LDMoleError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
-    settings = BenchSettings(shape=args.shape, dtype=args.dtype, device=args.device, base=args.base,
+    dtype = args.dtype
+    if dtype == "auto":  # an --estimate is for a GPU that computes in bf16, whatever this machine has
+        dtype = "bfloat16" if args.estimate else auto_dtype(args.device)[0]
+    settings = BenchSettings(shape=args.shape, dtype=dtype, device=args.device, base=args.base,
                              adapter=args.adapter, target_experts=args.target_experts, text=args.text,
                              lora_backend=args.lora_backend, decode_graphs=args.decode_graphs)
     if args.adapter is not None and args.target_experts is not None:
@@ -33,8 +37,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if args.base or args.adapter:
             raise LDMoleError("--estimate models random-weight shapes (--shape); it takes no --base or --adapter")
-        result = {"shape": args.shape, "dtype": args.dtype, **estimate(
-            args.shape, args.dtype, args.estimate, settings.batch_sizes, settings.experts, settings.rank,
+        result = {"shape": args.shape, "dtype": dtype, **estimate(
+            args.shape, dtype, args.estimate, settings.batch_sizes, settings.experts, settings.rank,
             settings.lambda_hidden, args.target_experts or settings.experts / 2)}
     else:
         result = run(settings)
@@ -69,8 +73,9 @@ def add_bench_parsers(sub) -> None:
     b.add_argument("--shape", default="smollm2-135m", help="model shape with random weights: smollm2-135m, qwen3-0.6b, "
                    "qwen3-1.7b, tiny")
     b.add_argument("--batch-sizes", help="decode batch sizes, comma-separated (default 1,8,32; on cuda 1,8,32,128)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the random weights (default float32)")
+    b.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype of the weights (default auto: bf16 on a CPU with bf16 dot products or a GPU with bf16, "
+                        "fp16 on other GPUs, else fp32; LDMOLE_NO_BF16=1 rules bf16 out)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.add_argument("--base", help="a real base model folder, or 'default' (SmolLM2-135M-Instruct), instead of "
                    "--shape's random weights; prompts are then cut from real text (--text)")

@@ -4,7 +4,8 @@
     adapter=DIR | default | NAME:DIR;NAME2:DIR2
                                         adapter sets to load; omitted: the bare base
     active=NAME                         which loaded set answers (default: the only one; "base": none)
-    dtype=float32|bfloat16|float16      weights' dtype (default float32)
+    dtype=auto|float32|bfloat16|float16 weights' dtype (default auto: bf16 on a CPU with bf16 dot products or a
+                                        GPU with bf16, fp16 on other GPUs, else fp32; LDMOLE_NO_BF16=1 rules bf16 out)
     max_length=N                        tokens per scored sequence, as the `hf` backend's max_length
     lora_backend=sparse|dense|torch|cpu|triton
                                         the adapters' compute (sparse: the device's fastest backend; dense: the
@@ -28,9 +29,9 @@ from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.ops import LORA_BACKENDS, lora_backend_setting
 from ldmole_runtime.model.default_base import DEFAULT_BASE_NAME
+from ldmole_runtime.model.dtypes import DTYPE_CHOICES, auto_dtype
 
 BASE_ONLY = "base"  # active=base: no adapter set, even when some are loaded
-DTYPES = ("float32", "bfloat16", "float16")
 ENGINE = EngineConfig()  # the engine's defaults, shared with `ldmole serve` and LLM
 DEFAULT_BATCH = ENGINE.max_num_seqs  # batch_size=auto: the engine's own default of sequences per step
 
@@ -40,7 +41,7 @@ class ModelArgs:
     base: str
     adapters: dict[str, str]  # name -> folder
     active: str | None  # None: the bare base
-    dtype: str = "float32"
+    dtype: str = "float32"  # resolved: parse() turns "auto" into what this device computes best
     device: str = "cpu"
     max_length: int | None = None
     max_num_seqs: int = DEFAULT_BATCH
@@ -135,9 +136,12 @@ def parse_model_args(kwargs: dict) -> ModelArgs:
             known = ", ".join(adapters) or "none"
             raise LDMoleError(f"active={active}: no adapter set of that name is loaded (loaded: {known}; "
                               f"{BASE_ONLY} means the bare base)")
-    dtype = str(kwargs.get("dtype") or "float32")
-    if dtype not in DTYPES:
-        raise LDMoleError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = str(kwargs.get("dtype") or "auto")
+    if dtype not in DTYPE_CHOICES:
+        raise LDMoleError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    device = _device(kwargs.get("device"))
+    if dtype == "auto":
+        dtype = auto_dtype(device)[0]
     lora_backend = str(lora_backend_setting(kwargs.get("lora_backend") or None, kwargs.get("mode") or None,
                                             ENGINE.lora_backend))
     if lora_backend not in LORA_BACKENDS:
@@ -151,7 +155,7 @@ def parse_model_args(kwargs: dict) -> ModelArgs:
         raise LDMoleError(f"add_bos_token must be true or false, got {add_bos!r}")
     batch_size = kwargs.get("batch_size", 1)
     return ModelArgs(
-        base=base, adapters=adapters, active=active, dtype=dtype, device=_device(kwargs.get("device")),
+        base=base, adapters=adapters, active=active, dtype=dtype, device=device,
         max_length=None if max_length in (None, "") else _int("max_length", max_length, low=2),
         max_num_seqs=_batch(batch_size, kwargs.get("max_batch_size")), batch_size=batch_size, lora_backend=lora_backend,
         kv_cache_gib=float(kv),

@@ -83,7 +83,7 @@ def test_cli_accuracy_equals_llm_score(model_files, llm, tmp_path):
     docs = write_mc_task(tmp_path)
     limit = 16
     out = lm_eval_cli(["--model", "ldmole", "--model_args",
-                       f"base={base},adapter=math:{adapters['math']};code:{adapters['code']},active=code",
+                       f"base={base},adapter=math:{adapters['math']};code:{adapters['code']},active=code,dtype=float32",
                        "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--limit", str(limit),
                        "--batch_size", "3", "--output_path", str(tmp_path / "out")], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -128,14 +128,15 @@ def test_rolling_and_generation_match_hf_and_engine(model_files, llm, tmp_path, 
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
     # max_length 24 splits the longer texts into several rolling windows
-    ours = evaluate("ldmole", f"base={base},max_length=24", tmp_path)
+    ours = evaluate("ldmole", f"base={base},dtype=float32,max_length=24", tmp_path)
     hf = evaluate("hf", f"pretrained={base},dtype=float32,max_length=24", tmp_path)
     assert ours["tiny_rolling"] == pytest.approx(hf["tiny_rolling"], rel=1e-5, abs=1e-4)
     assert ours["tiny_gen"] == hf["tiny_gen"]
     assert any(len(llm.engine.tokenizer.encode(t["text"])) > 24 for t in texts)  # several windows were needed
 
     # with an adapter set: against the engine directly, windows as lm-eval cuts them
-    with_adapter = evaluate("ldmole", f"base={base},adapter={adapters['math']},max_length=24", tmp_path)
+    with_adapter = evaluate("ldmole", f"base={base},adapter={adapters['math']},dtype=float32,max_length=24",
+                            tmp_path)
     tok = llm.engine.tokenizer
     for doc, got in zip(texts, with_adapter["tiny_rolling"], strict=True):
         windows = map(lm_eval.utils.make_disjoint_window, lm_eval.utils.get_rolling_token_windows(
@@ -200,7 +201,7 @@ def test_several_adapters_one_engine(model_files, llm):
 
     base, adapters = model_files
     lm = LDMoleLM(base=str(base), adapter=f"math:{adapters['math']};code:{adapters['code']}", active="base",
-                  batch_size="auto", max_batch_size=16)
+                  batch_size="auto", max_batch_size=16, dtype="float32")
     assert lm.llm.engine.config.max_num_seqs == 16  # auto: the engine's default, capped by max_batch_size
     reqs = [Instance("loglikelihood", {}, args, 0)
             for args in (("red cat is", " blue"), ("red cat is", " sun"), ("dog", " moon rock"))]

@@ -31,7 +31,8 @@ def server(tmp_path_factory):
     # fp32: in bf16 the process grows ~370 MB over this soak (oneDNN's bf16 matmul primitives, cached per
     # shape, up to ONEDNN_PRIMITIVE_CACHE_CAPACITY), past the 200 MB this test allows: an open item of issue 24
     cmd = [sys.executable, "-m", "ldmole_cli.main", "serve", "--base", str(base), "--served-model-name", "tiny",
-           "--dtype", "float32", "--port", str(port), "--kv-cache-gib", "0.02", "--log-level", "warning", "--debug-check-blocks",
+           "--dtype", "float32", "--port", str(port), "--kv-cache-gib", "0.02", "--log-level", "warning",
+           "--debug-check-blocks",
            "--enable-adapter-loading", "--adapter-root", str(root), "--admin-key-file", str(root / "admin.key"),
            *[f"--adapter={name}={path}" for name, path in adapters.items()]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
