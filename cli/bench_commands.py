@@ -66,6 +66,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_hf(args: argparse.Namespace) -> int:
+    from ldmole_cli.bench_hf import run
+
+    try:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise LDMoleError(f"--batch-sizes takes comma-separated integers, got {args.batch_sizes!r}") from None
+    for name in ("prompt_len", "new_tokens", "rounds"):
+        if getattr(args, name) < 1:
+            raise LDMoleError(f"--{name.replace('_', '-')} must be >= 1")
+    if min(sizes) < 1:
+        raise LDMoleError("--batch-sizes must be >= 1")
+    print(json.dumps(run(args.base, args.dtype, sizes, args.prompt_len, args.new_tokens, args.rounds,
+                         None if args.text == "none" else args.text)))
+    return 0
+
+
 def add_bench_parsers(sub) -> None:
     b = sub.add_parser("bench", help="decode/prefill throughput: bare base vs LD-MoLE sparse vs dense all-experts")
     b.add_argument("--json", action="store_true", help="print one JSON object on one line")
@@ -95,6 +112,19 @@ def add_bench_parsers(sub) -> None:
                    "step on that GPU from the launches the backend issues (cli/cost_model.py); runs without a GPU. "
                    "--target-experts sets the active experts per token (default E/2)")
     b.set_defaults(func=cmd_bench)
+
+    h = sub.add_parser("bench-hf", help="the bare base on ldmole's engine against transformers' generate: greedy, "
+                       "same prompts, rounds interleaved in one process, medians; prints one JSON object")
+    h.add_argument("--base", default="default", help="base model folder, or 'default' (SmolLM2-135M-Instruct)")
+    h.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="dtype of both models (default auto: bf16 on a CPU with bf16 dot products, else fp32)")
+    h.add_argument("--batch-sizes", default="1,8", help="prompts per generate call, comma-separated (default 1,8)")
+    h.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (default 64)")
+    h.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt, EOS ignored (default 32)")
+    h.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size, after one warm-up (default 5)")
+    h.add_argument("--text", default="social_iqa", help="built-in dataset whose validation text makes the prompts, "
+                   "or 'none' for random token ids (default social_iqa)")
+    h.set_defaults(func=cmd_bench_hf)
 
     bt = sub.add_parser("bench-train", help="training tokens/s (CPU): LD-MoLE against plain LoRA of rank E·r, "
                         "steps interleaved on the same batches, medians; prints one JSON object")
