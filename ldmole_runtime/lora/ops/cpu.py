@@ -42,7 +42,7 @@ class CpuBackend:
                 torch_ref.apply_segment(y, x, slot, gb, seg, capture, dropout)
 
 
-_KERNELS = {torch.float32: "ldmole_group_decode", torch.bfloat16: "ldmole_group_decode_bf16"}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two entry points
 # bf16: up to this many tokens of a set (a decode step's), the kernel routes them itself; more (prefill,
 # scoring) take the λ hidden layer and the logits from one fp32 BLAS matmul each
 ROUTE_IN_KERNEL_MAX_TOKENS = 4
@@ -54,7 +54,7 @@ def _library():
 
 
 def kernel_applies(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
-    return (_library() is not None and x.device.type == "cpu" and x.dtype in _KERNELS
+    return (_library() is not None and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
             and y.dtype == x.dtype == gb.A.dtype and x.is_contiguous() and y.is_contiguous()
             and not torch.is_grad_enabled()
             and slot.num_experts <= 64 and gb.A.shape[2] <= 256 and slot.kernel_kind in CPU_KERNEL_KINDS
