@@ -64,11 +64,16 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
         p, i32, i32, i32,  # logits, kind, E, P
         *experts]
     lib.ldmole_group_decode_bf16.restype = None
-    lib.ldmole_group_decode_bf16.argtypes = [
-        i32, p, p, i32, i32,  # n, rows, x, x_stride, in
-        p, p, p, i32, p, f32, f32,  # hid (or w1, b1), h, w2, b2, eps
-        p, p, i32, i32, i32,  # logits (or router), kind, E, P
-        *experts]
+    lib.ldmole_group_decode_bf16.argtypes = lib.ldmole_group_decode.argtypes
+    lib.ldmole_group_units.restype = None
+    lib.ldmole_group_units.argtypes = [
+        i32, i32, p, p,  # bf16?, number of units, units, rows
+        p, i32, i32,  # x, x_stride, in
+        p, p, p,  # set_info, scaling, mask
+        p, p, p, p, i32, f32,  # w1, b1, w2, b2, H, eps
+        p, p, i32, p,  # router, A, r_max, B
+        p, p, i32, i32,  # outs, cols, P, emax
+        p, i32, p, p]  # y, y_stride, p_out, lam_out
     lib.ldmole_has_dpbf16.restype = i32
     lib.ldmole_has_dpbf16.argtypes = []
     return lib

@@ -3,9 +3,9 @@
 A `TorchDispatchMode` sees every aten op. The ops listed in `SYNC_OPS` need a value or a shape that
 only the device knows, so on a GPU each one stalls the host until the device catches up (and
 breaks CUDA-graph capture); on CPU they are counted the same way, which is how CI proves a decode
-step has none. Triton launches are invisible to the mode, so `count_triton_launches` wraps the
-project's kernels and counts each launch as one op (pausing the mode while Triton's interpreter
-moves the arguments around).
+step has none. Triton launches and calls into the C kernel are invisible to the mode, so
+`count_triton_launches` and `count_cpu_kernel_calls` wrap the project's kernels and count each launch
+or call as one op (pausing the mode while Triton's interpreter moves the arguments around).
 """
 
 from __future__ import annotations
@@ -83,4 +83,27 @@ def count_triton_launches(monkeypatch, counter_ref: list):
                          (shrink_expand, "_shrink_kernel"),
                          (shrink_expand, "_expand_kernel")):
         monkeypatch.setattr(module, name, Counted(getattr(module, name)))
+    yield
+
+
+@contextmanager
+def count_cpu_kernel_calls(monkeypatch, counter_ref: list):
+    """While active, each call into the C kernel's library adds one op and one launch to counter_ref[0]."""
+    from ldmole_runtime.lora.ops import cpu
+
+    lib = cpu._library()
+
+    class Counted:
+        def __getattr__(self, name):
+            entry = getattr(lib, name)
+
+            def call(*args):
+                counter = counter_ref[0]
+                if counter is not None:
+                    counter.ops += 1
+                    counter.launches += 1
+                return entry(*args)
+            return call
+
+    monkeypatch.setattr(cpu, "_library", lambda: Counted())
     yield

@@ -1,4 +1,4 @@
-/* LD-MoLE mixture of one projection group for a few tokens (decode), fused on the CPU.
+/* LD-MoLE mixture of one projection group, fused on the CPU.
  *
  * For every token row: λ from the λ-network's hidden pre-activations, sparsegen (or softmax) over
  * the router logits of each projection of the group, then only the experts with p > 0:
@@ -7,9 +7,10 @@
  * ldmole_runtime/lora/mixture.py (route + sparse_expert_delta); tests compare the two.
  *
  * Plain C with OpenMP, no torch headers: built in a second by kernels/cpu_kernels.py, called
- * through ctypes. Two entry points: fp32, and bf16 (activations, y and the bank's A and B in
- * bf16; routing inputs and every sum in fp32). The bf16 dot products use AVX512-BF16's
- * dpbf16 where the CPU has it (the build is -march=native), else widen to fp32 in plain C.
+ * through ctypes. Entry points: one set's many tokens (prefill, scoring) in fp32 and in bf16
+ * (activations, y and the bank's A and B in bf16; routing inputs and every sum in fp32), and every
+ * few-token set of a step in one call (decode; either dtype). The bf16 dot products use
+ * AVX512-BF16's dpbf16 where the CPU has it (the build is -march=native), else widen to fp32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -201,68 +202,22 @@ void ldmole_group_decode(int n, const int64_t *rows, const float *x, int x_strid
     }
 }
 
-/* Routing for the bf16 entry, in fp32: the λ-network's hidden layer and the router logits come
- * either precomputed (hid, logits: BLAS does many tokens best) or are computed here from the
- * fp32 λ-network (w1, b1) and the bank's bf16 router rows, with fp32 sums (a decode step's few
- * tokens: no small matmuls to launch). */
-static void route_tokens_bf16(int n, const int64_t *rows, const bf16 *x, int x_stride, int in,
-                              const float *hid, const float *w1, const float *b1, int h, const float *w2,
-                              float b2, float eps, const float *logits, const bf16 *router, int g_offset,
-                              int kind, int E, int P, const float *mask, float *p, float *lam_out) {
-    float *xf = (h > 0 && !hid) ? malloc(sizeof(float) * (size_t)in) : NULL;
-    float u[MAX_E * 8];
-#pragma omp for schedule(static)
-    for (int t = 0; t < n; t++) {
-        const int64_t row = rows ? rows[t] : t;
-        const bf16 *xr = x + row * (int64_t)x_stride;
-        float lam = 0.0f;
-        if (h > 0) {
-            float v = b2;
-            if (hid) {
-                const float *hr = hid + (int64_t)t * h;
-                for (int j = 0; j < h; j++) v += (hr[j] > 0.0f ? hr[j] : 0.0f) * w2[j];
-            } else {
-                for (int j = 0; j < in; j++) xf[j] = bf16_to_f32(xr[j]);
-                for (int j = 0; j < h; j++) {
-                    const float a = b1[j] + dot(w1 + (int64_t)j * in, xf, in);
-                    v += (a > 0.0f ? a : 0.0f) * w2[j];
-                }
-            }
-            lam = (v < 0.0f ? v : 0.0f) - log1pf(expf(-fabsf(v))) + (1.0f - eps);
-            if (lam_out) lam_out[t] = lam;
-        }
-        const float *ut = logits ? logits + (int64_t)t * E * P : u;
-        if (!logits && kind != ROUTER_SINGLE)
-            for (int e = 0; e < E; e++)
-                for (int i = 0; i < P; i++)
-                    u[e * P + i] = dot_bf16(router + ((int64_t)(g_offset + e) * P + i) * in, xr, in);
-        for (int i = 0; i < P; i++) {
-            float *pt = p + ((int64_t)t * P + i) * E;
-            if (kind == ROUTER_SPARSEGEN) sparsegen(ut + i, P, lam, eps, E, pt);
-            else if (kind == ROUTER_SOFTMAX) softmax(ut + i, P, E, pt);
-            else for (int e = 0; e < E; e++) pt[e] = 1.0f;
-            if (mask && mask[i] == 0.0f) for (int e = 0; e < E; e++) pt[e] = 0.0f;
-        }
-    }
-    free(xf);
-}
-
-/* The same in bf16: x, y, A, B and the router rows hold bf16; the λ-network, hid, logits, p and λ
- * are fp32. hid (or w1, b1) and logits (or router): see route_tokens_bf16. A token's delta of one
- * projection is summed over its experts in fp32 and added to y with a single rounding. */
+/* Routing for the bf16 entry, in fp32, from the λ-network's hidden pre-activations and the router
+ * logits that BLAS computed in fp32 for the set's many tokens (route_tokens without its x). */
+/* The same in bf16: x, y, A, B hold bf16; hid, logits (fp32, from BLAS), p and λ are fp32. A
+ * token's delta of one projection is summed over its experts in fp32 and added to y with a single
+ * rounding. */
 void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_stride, int in,
-                              const float *hid, const float *w1, const float *b1, int h, const float *w2,
-                              float b2, float eps, const float *logits, const bf16 *router, int kind, int E, int P,
+                              const float *hid, int h, const float *w2, float b2, float eps,
+                              const float *logits, int kind, int E, int P,
                               const bf16 *A, int r_max, int r, const bf16 *const *B, int G, int g_offset,
                               const int *outs, const int *cols, const float *mask, float scale,
                               bf16 *y, int y_stride, float *p, float *lam_out) {
     int max_out = 0;
     for (int i = 0; i < P; i++) if (outs[i] > max_out) max_out = outs[i];
-    if (E * P > MAX_E * 8) return; /* cpu.py sends no such group (E <= 64 and P <= 3 there) */
 #pragma omp parallel if (n > 1)
     {
-        route_tokens_bf16(n, rows, x, x_stride, in, hid, w1, b1, h, w2, b2, eps, logits, router, g_offset, kind, E,
-                          P, mask, p, lam_out);
+        route_tokens(n, hid, h, w2, b2, eps, logits, kind, E, P, mask, p, lam_out);
         int t0, t1;
         thread_rows(n, &t0, &t1);
         float *acc = t1 > t0 ? malloc(sizeof(float) * (size_t)(t1 - t0) * (size_t)max_out) : NULL;
@@ -297,6 +252,165 @@ void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_s
                 for (int o = 0; o < out; o++) yo[o] = f32_to_bf16(bf16_to_f32(yo[o]) + ao[o]);
             }
         }
+        free(acc);
+    }
+}
+
+/* ---- Every few-token set of a step in one call ----------------------------------------------------
+ *
+ * A decode step holds one or two tokens of each of up to --max-loras sets. One call per set would
+ * pay Python's and ctypes' overhead per set and layer and run single-threaded; here a call takes
+ * the whole step's list of units (a set's slot and up to UNIT_TOKENS of its tokens), and the
+ * threads share out the units. Everything about a set is read from the bank's tables by its slot
+ * (kernel_tables.py), as the Triton kernels do, and a unit routes its own tokens: the λ-network's
+ * weights and each router row are read once for the unit's tokens, and a small matrix product
+ * through BLAS would cost more in calls than the dot products do.
+ */
+#define UNIT_TOKENS 4
+#define MAX_P 3 /* projections per group (q/k/v) */
+
+/* set_info columns (KernelTables.set_info) */
+enum { INFO_OFFSET = 0, INFO_E = 1, INFO_KIND = 2, INFO_RANK = 4, INFO_COLS = 5 };
+
+typedef struct {
+    int bf;                       /* 1: x, y, A, B and router hold bf16; 0: fp32 */
+    const int64_t *rows;          /* token rows in x and y, in the step's set-sorted order */
+    const void *x; int x_stride; int in;
+    const int32_t *set_info; const float *scaling; const float *mask; /* [S, 5], [S], [S, P] */
+    const float *w1, *b1, *w2, *b2; int H; float eps; /* λ-networks [S, H, in], [S, H], [S, H], [S] */
+    const void *router; const void *A; int r_max; const void *const *B;
+    const int *outs, *cols; int P; int emax;
+    void *y; int y_stride;
+    float *p_out, *lam_out;       /* optional: [M, P, emax] and [M], by position in rows */
+} Units;
+
+static float dot_any(int bf, const void *a, const float *xf, const void *xr, int n) {
+    return bf ? dot_bf16((const bf16 *)a, (const bf16 *)xr, n) : dot((const float *)a, xf, n);
+}
+
+/* tokens [start, start + cnt) of `rows`, all of slot s; xf: [UNIT_TOKENS, in], acc: [UNIT_TOKENS, max_out] */
+static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float *acc) {
+    const int32_t *info = u->set_info + (int64_t)s * INFO_COLS;
+    const int off = info[INFO_OFFSET], E = info[INFO_E], kind = info[INFO_KIND], r = info[INFO_RANK];
+    const int P = u->P, in = u->in;
+    const float *mask = u->mask + (int64_t)s * P;
+    int adapted = 0;
+    for (int i = 0; i < P; i++) adapted |= mask[i] != 0.0f;
+    if (!adapted || E < 1 || E > MAX_E || cnt < 1 || cnt > UNIT_TOKENS) return;
+    const size_t esz = u->bf ? sizeof(bf16) : sizeof(float);
+    int64_t row[UNIT_TOKENS];
+    const void *xr[UNIT_TOKENS];
+    for (int t = 0; t < cnt; t++) {
+        row[t] = u->rows ? u->rows[start + t] : start + t;
+        xr[t] = (const char *)u->x + row[t] * (int64_t)u->x_stride * esz;
+        float *f = xf + (int64_t)t * in;
+        if (u->bf) for (int j = 0; j < in; j++) f[j] = bf16_to_f32(((const bf16 *)xr[t])[j]);
+        else memcpy(f, xr[t], sizeof(float) * (size_t)in);
+    }
+    float lam[UNIT_TOKENS] = {0};
+    if (kind == ROUTER_SPARSEGEN && u->w1) {
+        float v[UNIT_TOKENS];
+        for (int t = 0; t < cnt; t++) v[t] = u->b2[s];
+        for (int j = 0; j < u->H; j++) {
+            const float w2j = u->w2[(int64_t)s * u->H + j];
+            if (w2j == 0.0f) continue; /* a padded hidden unit (the slot's H is the bank's widest) */
+            const float *w1j = u->w1 + ((int64_t)s * u->H + j) * in, b1j = u->b1[(int64_t)s * u->H + j];
+            for (int t = 0; t < cnt; t++) {
+                const float a = b1j + dot(w1j, xf + (int64_t)t * in, in);
+                v[t] += (a > 0.0f ? a : 0.0f) * w2j;
+            }
+        }
+        for (int t = 0; t < cnt; t++) {
+            lam[t] = (v[t] < 0.0f ? v[t] : 0.0f) - log1pf(expf(-fabsf(v[t]))) + (1.0f - u->eps);
+            if (u->lam_out) u->lam_out[start + t] = lam[t];
+        }
+    }
+    float logit[UNIT_TOKENS][MAX_E * MAX_P], p[UNIT_TOKENS][MAX_P][MAX_E];
+    if (kind != ROUTER_SINGLE)
+        for (int e = 0; e < E; e++)
+            for (int i = 0; i < P; i++) {
+                if (mask[i] == 0.0f) continue;
+                const char *rr = (const char *)u->router + (((int64_t)(off + e) * P + i) * in) * esz;
+                for (int t = 0; t < cnt; t++) logit[t][e * P + i] = dot_any(u->bf, rr, xf + (int64_t)t * in, xr[t], in);
+            }
+    for (int t = 0; t < cnt; t++)
+        for (int i = 0; i < P; i++) {
+            if (mask[i] == 0.0f) for (int e = 0; e < E; e++) p[t][i][e] = 0.0f;
+            else if (kind == ROUTER_SPARSEGEN) sparsegen(logit[t] + i, P, lam[t], u->eps, E, p[t][i]);
+            else if (kind == ROUTER_SOFTMAX) softmax(logit[t] + i, P, E, p[t][i]);
+            else for (int e = 0; e < E; e++) p[t][i][e] = 1.0f;
+            if (u->p_out) memcpy(u->p_out + ((int64_t)(start + t) * P + i) * u->emax, p[t][i], sizeof(float) * (size_t)E);
+        }
+    const float scale = u->scaling[s];
+    for (int i = 0; i < P; i++) {
+        if (mask[i] == 0.0f) continue;
+        const int out = u->outs[i];
+        memset(acc, 0, sizeof(float) * (size_t)cnt * (size_t)out);
+        for (int e = 0; e < E; e++) {
+            const int g = off + e;
+            const char *Ae = (const char *)u->A + (((int64_t)g * P + i) * u->r_max) * in * esz;
+            const char *Be = (const char *)u->B[i] + (int64_t)g * u->r_max * out * esz;
+            for (int t = 0; t < cnt; t++) {
+                const float w = p[t][i][e] * scale;
+                if (w <= 0.0f) continue;
+                float *ao = acc + (int64_t)t * out;
+                for (int k = 0; k < r; k++) {
+                    const float hk = dot_any(u->bf, Ae + (int64_t)k * in * esz, xf + (int64_t)t * in, xr[t], in) * w;
+                    if (u->bf) {
+                        const bf16 *Bk = (const bf16 *)Be + (int64_t)k * out;
+#pragma omp simd
+                        for (int o = 0; o < out; o++) ao[o] += hk * bf16_to_f32(Bk[o]);
+                    } else {
+                        const float *Bk = (const float *)Be + (int64_t)k * out;
+#pragma omp simd
+                        for (int o = 0; o < out; o++) ao[o] += hk * Bk[o];
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < cnt; t++) {
+            const float *ao = acc + (int64_t)t * out;
+            if (u->bf) {
+                bf16 *yo = (bf16 *)u->y + row[t] * (int64_t)u->y_stride + u->cols[i];
+#pragma omp simd
+                for (int o = 0; o < out; o++) yo[o] = f32_to_bf16(bf16_to_f32(yo[o]) + ao[o]);
+            } else {
+                float *yo = (float *)u->y + row[t] * (int64_t)u->y_stride + u->cols[i];
+#pragma omp simd
+                for (int o = 0; o < out; o++) yo[o] += ao[o];
+            }
+        }
+    }
+}
+
+/*
+ * units        [U, 3] int32: (slot, first position in rows, token count <= UNIT_TOKENS); units hold
+ *              disjoint tokens, so threads write disjoint rows of y
+ * rows         [M] int64 rows of x and y in the step's set-sorted order (NULL: position = row)
+ * set_info, scaling, mask, w1, b1, w2, b2, H: the bank's tables (w1 NULL when no set has a λ-network)
+ * router, A, B, r_max: the group's bank tensors; outs, cols, P: as ldmole_group_decode
+ * p_out, lam_out: optional routing outputs [M, P, emax], [M] (a routing capture)
+ */
+void ldmole_group_units(int bf, int U, const int32_t *units, const int64_t *rows,
+                        const void *x, int x_stride, int in,
+                        const int32_t *set_info, const float *scaling, const float *mask,
+                        const float *w1, const float *b1, const float *w2, const float *b2, int H, float eps,
+                        const void *router, const void *A, int r_max, const void *const *B,
+                        const int *outs, const int *cols, int P, int emax,
+                        void *y, int y_stride, float *p_out, float *lam_out) {
+    if (P < 1 || P > MAX_P) return; /* cpu.py sends no such group */
+    const Units u = {bf, rows, x, x_stride, in, set_info, scaling, mask, w1, b1, w2, b2, H, eps,
+                     router, A, r_max, B, outs, cols, P, emax, y, y_stride, p_out, lam_out};
+    int max_out = 0;
+    for (int i = 0; i < P; i++) if (outs[i] > max_out) max_out = outs[i];
+#pragma omp parallel if (U > 1)
+    {
+        float *xf = malloc(sizeof(float) * UNIT_TOKENS * (size_t)in);
+        float *acc = malloc(sizeof(float) * UNIT_TOKENS * (size_t)max_out);
+#pragma omp for schedule(dynamic, 1)
+        for (int k = 0; k < U; k++)
+            if (xf && acc) mix_unit(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], xf, acc);
+        free(xf);
         free(acc);
     }
 }

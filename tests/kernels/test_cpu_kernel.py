@@ -68,3 +68,41 @@ def test_kernel_changes_only_adapted_rows(bank):
     y_base = torch.randn(6, sum(gb.fan_outs), generator=torch.Generator().manual_seed(9))
     assert torch.equal(y_kernel[set_ids == -1], y_base[set_ids == -1])
     assert (y_kernel[set_ids >= 0] - y_base[set_ids >= 0]).abs().max() > 1e-3
+
+
+class CountingLibrary:
+    """The loaded C library, counting the calls of each entry point."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, {}
+
+    def __getattr__(self, name):
+        entry = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return entry(*args)
+        return call
+
+
+@pytest.mark.parametrize("group", ["qkv", "gate_up", "down"])
+def test_a_step_of_few_token_sets_is_one_call_that_matches_the_reference(bank, group, monkeypatch):
+    """Sets with up to UNIT_TOKENS tokens (every router kind, a partly adapted set, bare-base rows
+    between them) go through one ldmole_group_units call that routes them itself; a set with more
+    tokens gets its own call with BLAS routing. Both land where the torch reference does."""
+    from ldmole_runtime.lora.ops import cpu
+
+    counting = CountingLibrary(cpu._library())
+    monkeypatch.setattr(cpu, "_library", lambda: counting)
+    gb = bank.group(1, group)
+    set_ids = torch.tensor([0, 0, -1, 1, 1, 1, 2, -1, 3, 3, 3, 3, 4, 0, 0, 0, 2])  # set 0: 5 tokens
+    x = torch.randn(len(set_ids), gb.fan_in, generator=torch.Generator().manual_seed(3))
+    y_kernel, cap_kernel = run_group(bank, gb, x, set_ids, use_kernel=True)
+    assert counting.calls == {"ldmole_group_units": 1, "ldmole_group_decode": 1}
+    y_torch, cap_torch = run_group(bank, gb, x, set_ids, use_kernel=False)
+    assert (y_kernel - y_torch).abs().max() <= 1e-5
+    assert cap_kernel.routing.keys() == cap_torch.routing.keys()
+    for key in cap_torch.routing:
+        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
+        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
+        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)

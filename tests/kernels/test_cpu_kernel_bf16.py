@@ -103,3 +103,24 @@ def test_bf16_kernel_against_the_torch_routing_and_fp32_arithmetic(bank, library
     assert (error <= expected.abs() * 2**-8 + 1e-6).all(), error.max()
     assert torch.equal(y_kernel[set_ids == -1], base_output(n, y_kernel.shape[1])[set_ids == -1])
     assert (y_kernel[set_ids >= 0].float() - base_output(n, y_kernel.shape[1])[set_ids >= 0].float()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("group", ["qkv", "down"])
+def test_bf16_step_of_few_token_sets_in_one_call(bank, library, group):
+    """Several sets of one to four tokens and a set of six, with bare-base rows between them: the
+    unit call routes the few-token sets itself, as the torch routing does, and mixes them within one
+    bf16 rounding of fp32 arithmetic."""
+    gb = bank.group(0, group)
+    set_ids = torch.tensor([1, -1, 0, 0, 2, 2, 2, 2, 3, 0, 0, 0, 0, -1, 1, 1])  # set 0: 6 tokens
+    x = torch.randn(len(set_ids), gb.fan_in, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    plan = cpu_ops.unit_plan(bank, AdapterBatch.build(set_ids, len(bank.slots)))
+    assert plan.sets == {1, 2, 3}
+    y_kernel, cap_kernel = run(bank, gb, x, set_ids, cpu_ops.CpuBackend())
+    _, cap_torch = run(bank, gb, x, set_ids, TorchRefBackend())
+    assert cap_kernel.routing.keys() == cap_torch.routing.keys()
+    for key in cap_torch.routing:
+        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
+        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
+    expected = delta_in_fp32(bank, gb, x, set_ids, cap_kernel)
+    error = (y_kernel.float() - expected).abs()
+    assert (error <= expected.abs() * 2**-8 + 1e-6).all(), error.max()

@@ -1,9 +1,13 @@
-"""The CPU backend: the whole sparse mixture of one set's tokens in one C call (kernels/cpu/ldmole_cpu.c).
+"""The CPU backend: the sparse mixture in C (kernels/cpu/ldmole_cpu.c), two ways.
 
-Only the matmuls that BLAS does best (λ hidden layer, router logits) stay in torch; λ, routing and
-the active experts' LoRA run fused, writing into y. The kernel takes fp32 or bf16; in bf16, routing
-stays fp32 as in the torch reference (the λ-network is fp32, the logits are summed in fp32 from the
-bf16 router rows), and a decode step's tokens are routed inside the kernel. Where it does not
+* A step's few-token sets (decode: one or two tokens each) all go through one call per projection
+  group, `ldmole_group_units`: the call reads each set's facts from the bank's tables by slot, as
+  the Triton kernels do, routes the tokens itself and shares the sets out among the threads.
+* A set with many tokens (prefill, scoring) gets a call of its own, after BLAS has computed its λ
+  hidden layer and router logits in fp32, the two matmuls it does best.
+
+The kernel takes fp32 or bf16. In bf16, routing stays fp32 as in the torch reference: the
+λ-network is fp32, and the logits are summed in fp32 from the bf16 router rows. Where it does not
 apply (fp16, autograd, unusual strides, no C compiler), the torch reference computes the same
 numbers.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +28,10 @@ from ldmole_runtime.lora.ops import torch_ref
 from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 from ldmole_runtime.paths import default_cache_dir
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two element types
+UNIT_TOKENS = 4  # a set with at most this many tokens in a step is mixed by ldmole_group_units (its UNIT_TOKENS)
+MAX_PROJECTIONS = 3  # the widest group (q/k/v): the C kernel's MAX_P
+
 
 class CpuBackend:
     name = "cpu"
@@ -32,7 +41,15 @@ class CpuBackend:
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
+        mixed = frozenset()
+        if dropout == 0.0 and group_applies(y, x, gb):
+            plan = unit_plan(bank, batch)
+            if plan.count:
+                mix_units(y, x, bank, gb, batch, plan, capture)
+                mixed = plan.sets
         for seg in batch.segments:
+            if seg.set_index in mixed:
+                continue
             slot = bank.at(seg.set_index)
             if gb.group not in slot.group_masks:
                 continue
@@ -42,81 +59,116 @@ class CpuBackend:
                 torch_ref.apply_segment(y, x, slot, gb, seg, capture, dropout)
 
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two entry points
-# bf16: up to this many tokens of a set (a decode step's), the kernel routes them itself; more (prefill,
-# scoring) take the λ hidden layer and the logits from one fp32 BLAS matmul each
-ROUTE_IN_KERNEL_MAX_TOKENS = 4
-
-
 @functools.cache
 def _library():
     return cpu_kernels(default_cache_dir() / "kernels")
 
 
-def kernel_applies(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
+def group_applies(y, x, gb: GroupBank) -> bool:
+    """What the kernel needs of the tensors (the same for every set of the step)."""
     return (_library() is not None and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
             and y.dtype == x.dtype == gb.A.dtype and x.is_contiguous() and y.is_contiguous()
-            and not torch.is_grad_enabled()
-            and slot.num_experts <= 64 and gb.A.shape[2] <= 256 and slot.kernel_kind in CPU_KERNEL_KINDS
+            and not torch.is_grad_enabled() and gb.A.shape[2] <= 256 and len(gb.projections) <= MAX_PROJECTIONS)
+
+
+def slot_applies(slot: SetSlot) -> bool:
+    return slot.num_experts <= 64 and slot.kernel_kind in CPU_KERNEL_KINDS
+
+
+def kernel_applies(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
+    return (group_applies(y, x, gb) and slot_applies(slot)
             and (seg.index is None or seg.index.dtype == torch.int64))
 
 
+# ---- every few-token set of a step in one call --------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """A step's few-token sets as the C kernel's unit table, worked out once per step (not per layer)."""
+    count: int
+    units: ctypes.Array | None  # [count, 3] int32: slot, first position in the step's sorted rows, tokens
+    rows: torch.Tensor | None  # the step's token rows, set by set (None: position = row)
+    segments: tuple[tuple, ...] = ()  # (segment, first position) of each unit
+    sets: frozenset = frozenset()
+
+
+def unit_plan(bank: AdapterBank, batch: AdapterBatch) -> UnitPlan:
+    plan = batch.scratch.get("cpu_units")
+    if plan is None:
+        plan = batch.scratch["cpu_units"] = _plan(bank, batch)
+    return plan
+
+
+def _plan(bank: AdapterBank, batch: AdapterBatch) -> UnitPlan:
+    rows = batch.sorted_tokens
+    if rows is None and not (len(batch.segments) == 1 and batch.segments[0].index is None):
+        return UnitPlan(0, None, None)
+    chosen, position = [], 0
+    for seg in batch.segments:  # stored set by set in sorted_tokens, in this order
+        if seg.num_tokens <= UNIT_TOKENS and slot_applies(bank.at(seg.set_index)):
+            chosen.append((seg, position))
+        position += seg.num_tokens
+    if rows is not None and rows.dtype != torch.int64:
+        return UnitPlan(0, None, None)
+    flat = [v for seg, start in chosen for v in (seg.set_index, start, seg.num_tokens)]
+    return UnitPlan(len(chosen), (ctypes.c_int32 * len(flat))(*flat), rows, tuple(chosen),
+                    frozenset(seg.set_index for seg, _ in chosen))
+
+
+def mix_units(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
+              plan: UnitPlan, capture) -> None:
+    tables = bank.kernel_tables()
+    lam_net = tables.lambdas.get(gb.fan_in)
+    w1, b1, w2, b2 = lam_net if lam_net is not None else (None,) * 4
+    P, emax = len(gb.projections), tables.max_experts
+    m = batch.num_tokens if plan.rows is None else plan.rows.shape[0]
+    p_out = lam_out = None
+    if capture is not None:
+        p_out = batch.scratch_buffer("cpu_units_p", m * P * emax, x.device)[:m * P * emax].view(m, P, emax)
+        lam_out = torch.full((m,), float("nan"))
+    B_ptrs, outs, cols = _kernel_layout(gb)
+    _library().ldmole_group_units(
+        int(x.dtype == torch.bfloat16), plan.count, plan.units, ptr(plan.rows),
+        x.data_ptr(), x.shape[1], gb.fan_in,
+        tables.set_info.data_ptr(), tables.scaling.data_ptr(), tables.masks[gb.group].data_ptr(),
+        ptr(w1), ptr(b1), ptr(w2), ptr(b2), 0 if w1 is None else w1.shape[1], SPARSEGEN_EPS,
+        gb.router.data_ptr(), gb.A.data_ptr(), gb.A.shape[2], B_ptrs, outs, cols, P, emax,
+        y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out))
+    if capture is not None:
+        for seg, start in plan.segments:
+            slot = bank.at(seg.set_index)
+            if gb.group in slot.group_masks:
+                span = slice(start, start + seg.num_tokens)
+                torch_ref.record(capture, slot, gb, seg.index, p_out[span, :, :slot.num_experts],
+                                 lam_out[span] if slot.router.needs_lambda else None)
+
+
+# ---- one set's many tokens -------------------------------------------------------------------------
+
 def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: GroupBank, capture) -> None:
-    n = seg.num_tokens
-    if x.dtype == torch.bfloat16:
-        _segment_bf16(y, x, seg, slot, gb, capture)
-        return
-    E, P = slot.num_experts, len(gb.projections)
-    xs = x if seg.index is None else x[seg.index]
+    """λ hidden layer and router logits from one fp32 BLAS matmul each, the rest in C."""
+    n, E, P = seg.num_tokens, slot.num_experts, len(gb.projections)
+    xs = (x if seg.index is None else x[seg.index]).float()
     router = slot.router
-    hid = w2 = None
+    hid = w2 = logits = None
     b2 = 0.0
     if router.needs_lambda:
         w1, b1, w2, _ = slot.lambda_nets[gb.fan_in]
         hid = torch.addmm(b1, xs, w1.T)
         b2 = slot.lambda_out_bias[gb.fan_in]
-    logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).T if router.needs_logits else None
-    p_out = x.new_empty(n, P, E)
-    lambdas_out = x.new_full((n,), float("nan")) if capture is not None else None
-    B_ptrs, outs, cols = _kernel_layout(gb)
-    _library().ldmole_group_decode(
-        n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
-        ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
-        ptr(logits), slot.kernel_kind, E, P,
-        gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
-        outs, cols, ptr(slot.group_masks[gb.group]), slot.scaling,
-        y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
-    if capture is not None:
-        torch_ref.record(capture, slot, gb, seg.index, p_out, lambdas_out if router.needs_lambda else None)
-
-
-def _segment_bf16(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: GroupBank, capture) -> None:
-    """bf16 activations and weights; routing in fp32 (the λ-network's own dtype, and logits summed in
-    fp32 from the bf16 router rows, as torch_ref.route does). A few tokens are routed inside the
-    kernel; for many, the λ hidden layer and the logits are one BLAS matmul each."""
-    E, P, n = slot.num_experts, len(gb.projections), seg.num_tokens
-    router = slot.router
-    w1 = b1 = w2 = hid = logits = None
-    b2 = 0.0
-    if router.needs_lambda:
-        w1, b1, w2, _ = slot.lambda_nets[gb.fan_in]
-        b2 = slot.lambda_out_bias[gb.fan_in]
-    if n > ROUTE_IN_KERNEL_MAX_TOKENS:
-        xs = (x if seg.index is None else x[seg.index]).float()
-        if router.needs_lambda:
-            hid = torch.addmm(b1, xs, w1.T)
-        if router.needs_logits:
-            logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).float().T
+    if router.needs_logits:
+        logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).float().T
     p_out = x.new_empty(n, P, E, dtype=torch.float32)
     lambdas_out = x.new_full((n,), float("nan"), dtype=torch.float32) if capture is not None else None
     B_ptrs, outs, cols = _kernel_layout(gb)
-    _library().ldmole_group_decode_bf16(
-        n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
-        ptr(hid), ptr(w1), ptr(b1), 0 if w1 is None else w1.shape[0], ptr(w2), b2, SPARSEGEN_EPS,
-        ptr(logits), gb.router.data_ptr(), slot.kernel_kind, E, P,
-        gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
-        outs, cols, ptr(slot.group_masks[gb.group]), slot.scaling,
-        y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
+    lib = _library()
+    entry = lib.ldmole_group_decode if x.dtype == torch.float32 else lib.ldmole_group_decode_bf16
+    entry(n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
+          ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
+          ptr(logits), slot.kernel_kind, E, P,
+          gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
+          outs, cols, ptr(slot.group_masks[gb.group]), slot.scaling,
+          y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
     if capture is not None:
         torch_ref.record(capture, slot, gb, seg.index, p_out, lambdas_out if router.needs_lambda else None)
 
