@@ -35,7 +35,7 @@ setup(
     packages=[*find_packages(include=["ldmole_runtime*"]), *FOLDERS, "ldmole_kernels.triton"],
     package_dir=FOLDERS,
     package_data={
-        "ldmole_kernels": ["cpu/*.c"],
+        "ldmole_kernels": ["cpu/*.c", "cpu/*.h"],
         "ldmole_runtime": ["assets/default_adapter/*"],
         "ldmole_eval": ["tasks/*.yaml", "tasks/*.py"],
     },

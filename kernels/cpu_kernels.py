@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu") / "ldmole_cpu.c"
+CPU_DIR = Path(__file__).with_name("cpu")
+SOURCES = (CPU_DIR / "ldmole_cpu.c", CPU_DIR / "paged_decode.c")  # one library; both include common.h
+HEADERS = (CPU_DIR / "common.h",)
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 
@@ -38,7 +40,7 @@ def no_bf16() -> bool:
 
 
 def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
-    source = SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     flags = ["-DLDMOLE_PORTABLE_BF16"] if portable_bf16 else []
     key = hashlib.sha256(source + _cpu_id().encode() + " ".join(flags).encode()).hexdigest()[:16]
     out = Path(cache_dir) / f"ldmole_cpu-{key}.so"
@@ -48,7 +50,7 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
             subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", *flags,
-                            str(SOURCE), "-o", str(tmp_out), "-lm"], check=True, capture_output=True)
+                            *map(str, SOURCES), "-o", str(tmp_out), "-lm"], check=True, capture_output=True)
             os.replace(tmp_out, out)  # atomic: a concurrent build never sees half a library
     lib = ctypes.CDLL(str(out))
     p, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -74,6 +76,11 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
         p, p, i32, p,  # router, A, r_max, B
         p, p, i32, i32,  # outs, cols, P, emax
         p, i32, p, p]  # y, y_stride, p_out, lam_out
+    lib.ldmole_paged_decode.restype = None
+    lib.ldmole_paged_decode.argtypes = [
+        i32, i32, p, p, i32, i32,  # bf16?, B, rows, q, H, D
+        p, p, i32, i32,  # k_cache, v_cache, block_size, H_kv
+        p, i32, p, f32, p]  # tables, width, ctx_lens, scale, out
     lib.ldmole_has_dpbf16.restype = i32
     lib.ldmole_has_dpbf16.argtypes = []
     return lib

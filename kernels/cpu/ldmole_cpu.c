@@ -4,7 +4,7 @@
  * the router logits of each projection of the group, then only the experts with p > 0:
  *     y[row, cols_i] += (p_e * alpha / r) * B_i,e (A_i,e x_row)
  * written straight into the fused base output. The torch reference is
- * ldmole_runtime/lora/mixture.py (route + sparse_expert_delta); tests compare the two.
+ * the torch backend (ldmole_runtime/lora/ops/torch_ref.py); tests compare the two.
  *
  * Plain C with OpenMP, no torch headers: built in a second by kernels/cpu_kernels.py, called
  * through ctypes. Entry points: one set's many tokens (prefill, scoring) in fp32 and in bf16
@@ -12,48 +12,7 @@
  * few-token set of a step in one call (decode; either dtype). The bf16 dot products use
  * AVX512-BF16's dpbf16 where the CPU has it (the build is -march=native), else widen to fp32.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__AVX512BF16__) && !defined(LDMOLE_PORTABLE_BF16)
-#include <immintrin.h>
-#define LDMOLE_DPBF16 1
-#endif
-
-#define MAX_E 64
-#define MAX_R 256
-
-/* the numbering of RouterKind in router_kinds.py */
-enum { ROUTER_SPARSEGEN = 0, ROUTER_SOFTMAX = 1, ROUTER_SINGLE = 2 };
-
-static float dot(const float *a, const float *b, int n) {
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int j = 0; j < n; j++) acc += a[j] * b[j];
-    return acc;
-}
-
-typedef uint16_t bf16; /* the top half of an fp32: torch.bfloat16's bits */
-
-static inline float bf16_to_f32(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* round to nearest even, as torch rounds fp32 to bf16 */
-static inline bf16 f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16)(u >> 16);
-}
+#include "common.h"
 
 /* 1 when dpbf16 computes the bf16 dot products in this build (reported to Python) */
 int ldmole_has_dpbf16(void) {
@@ -64,21 +23,11 @@ int ldmole_has_dpbf16(void) {
 #endif
 }
 
-static float dot_bf16(const bf16 *a, const bf16 *b, int n) {
-    float acc = 0.0f;
-#ifdef LDMOLE_DPBF16
-    int j = 0;
-    __m512 v = _mm512_setzero_ps();
-    for (; j + 32 <= n; j += 32)
-        v = _mm512_dpbf16_ps(v, (__m512bh)_mm512_loadu_si512(a + j), (__m512bh)_mm512_loadu_si512(b + j));
-    acc = _mm512_reduce_add_ps(v);
-    for (; j < n; j++) acc += bf16_to_f32(a[j]) * bf16_to_f32(b[j]);
-#else
-#pragma omp simd reduction(+ : acc)
-    for (int j = 0; j < n; j++) acc += bf16_to_f32(a[j]) * bf16_to_f32(b[j]);
-#endif
-    return acc;
-}
+#define MAX_E 64
+#define MAX_R 256
+
+/* the numbering of RouterKind in router_kinds.py */
+enum { ROUTER_SPARSEGEN = 0, ROUTER_SOFTMAX = 1, ROUTER_SINGLE = 2 };
 
 /* p over E experts from logits u[e * stride]; mirrors routing.sparsegen_lin step by step */
 static void sparsegen(const float *u, int stride, float lam, float eps, int E, float *p) {

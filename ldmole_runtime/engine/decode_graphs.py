@@ -109,7 +109,7 @@ class DecodeGraphs:
         keys = torch.arange(width * runner.block_size, device=bufs.lens.device)
         torch.lt(keys[None, :], bufs.lens[:, None], out=bufs.mask.view(bp, -1))
         attention = PagedAttention(runner.kv_cache, bufs.slots, torch.arange(bp, device=bufs.lens.device),
-                                   bufs.tables, bufs.mask, [], None)
+                                   bufs.tables, bufs.mask, bufs.lens, [], None)
         return runner.forward(bufs.input_ids, bufs.positions, attention, bufs.adapters)
 
     def _capture(self, bufs: _Buffers) -> None:

@@ -8,11 +8,16 @@ chunks of sequences whose earlier tokens live in a paged KV cache (the engine).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from ldmole_kernels.cpu_kernels import cpu_kernels
+from ldmole_runtime.paths import default_cache_dir
 
 
 class AttentionBackend(Protocol):
@@ -41,7 +46,8 @@ class PagedAttention:
 
     kv_cache is [layers, 2, num_blocks, block_size, H_kv, head_dim]. Each step first writes the new
     k/v at `slot_mapping`, then every query attends over its sequence's cached keys. Decodes (one
-    query each) are batched into one padded SDPA call, and so are short prompt chunks (scoring's
+    query each) are read straight from the cache by a C kernel on the CPU (kernels/cpu/paged_decode.c),
+    elsewhere batched into one padded SDPA call; so are short prompt chunks (scoring's
     forks, small prompts: many per step, where one call each would cost more in dispatch than in
     math); long prompt chunks run one call each, so no padding is wasted on them.
     """
@@ -50,6 +56,7 @@ class PagedAttention:
     decode_rows: torch.Tensor | None  # [Bd] token rows of single-token sequences
     decode_blocks: torch.Tensor | None  # [Bd, max_blocks] their block tables (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] valid keys
+    decode_lens: torch.Tensor | None  # [Bd] int64 context lengths (the new token included)
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (first row, query len, block ids, context len)
     short: _ShortPrefills | None = None
 
@@ -69,7 +76,7 @@ class PagedAttention:
             short = []
         prefills = [(starts[i], q_lens[i], torch.tensor(block_tables[i], device=device), ctx_lens[i])
                     for i, n in enumerate(q_lens) if n > 1 and i not in set(short)]
-        rows = blocks = mask = None
+        rows = blocks = mask = lens = None
         if decodes:
             width = max(len(block_tables[i]) for i in decodes)
             rows = torch.tensor([starts[i] for i in decodes], device=device)
@@ -81,7 +88,7 @@ class PagedAttention:
         batch = _ShortPrefills.build([starts[i] for i in short], [q_lens[i] for i in short],
                                      [ctx_lens[i] for i in short], [block_tables[i] for i in short],
                                      block_size, device) if short else None
-        return cls(kv_cache, slot_mapping, rows, blocks, mask, prefills, batch)
+        return cls(kv_cache, slot_mapping, rows, blocks, mask, lens, prefills, batch)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         N, H, D = q.shape
@@ -91,7 +98,13 @@ class PagedAttention:
         v_cache.view(-1, H_kv, D).index_copy_(0, self.slot_mapping, v)
         gqa = H_kv != H
         out = q.new_empty(N, H, D)
-        if self.decode_rows is not None:
+        if self.decode_rows is not None and (lib := self._decode_kernel(q)) is not None:
+            lib.ldmole_paged_decode(int(q.dtype == torch.bfloat16), self.decode_rows.shape[0],
+                                    self.decode_rows.data_ptr(), q.data_ptr(), H, D, k_cache.data_ptr(),
+                                    v_cache.data_ptr(), k_cache.shape[1], H_kv, self.decode_blocks.data_ptr(),
+                                    self.decode_blocks.shape[1], self.decode_lens.data_ptr(), 1.0 / math.sqrt(D),
+                                    out.data_ptr())
+        elif self.decode_rows is not None:
             B = self.decode_rows.shape[0]
             keys = k_cache[self.decode_blocks].view(B, -1, H_kv, D).transpose(1, 2)
             values = v_cache[self.decode_blocks].view(B, -1, H_kv, D).transpose(1, 2)
@@ -118,6 +131,20 @@ class PagedAttention:
                 o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, enable_gqa=gqa)
             out[start:start + q_len] = o.transpose(0, 1)
         return out.view(N, H * D)
+
+    def _decode_kernel(self, q: torch.Tensor):
+        """The C library when it can serve this step's decode attention (CPU, fp32 or bf16, no autograd)."""
+        if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or self.kv_cache.dtype != q.dtype
+                or not q.is_contiguous() or not self.kv_cache.is_contiguous() or torch.is_grad_enabled()
+                or self.decode_lens is None or not all(t.dtype == torch.int64 for t in (
+                    self.decode_rows, self.decode_blocks, self.decode_lens))):
+            return None
+        return _cpu_library()
+
+
+@functools.cache
+def _cpu_library():
+    return cpu_kernels(default_cache_dir() / "kernels")
 
 
 @dataclass
