@@ -354,6 +354,8 @@ class LLMEngine:
             self.block_manager.commit(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         self._record_prompt_logprobs(step)
+        for seq, sampled, entry in step.routing:  # the sampled token's entry: its token is appended just below
+            (seq.routing if sampled else seq.prompt_routing).append(entry)
         if step.sample_seqs:
             self._sample(step.sample_seqs, step.sample_logits)
         if step.expert_means is not None:

@@ -8,7 +8,7 @@ that samples next, and prompt positions whose logprobs were asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from ldmole_runtime.engine.config import EngineConfig
 from ldmole_runtime.engine.decode_graphs import BATCH_BUCKETS, DecodeGraphs
 from ldmole_runtime.engine.expert_stats import ActiveExpertCount
+from ldmole_runtime.engine.routing_trace import StepRouting, wants_routing
 from ldmole_runtime.engine.sequence import Sequence
 from ldmole_runtime.errors import LDMoleError
 from ldmole_runtime.lora.adapter_batch import BASE, AdapterBatch, AdapterBatchBuffers
+from ldmole_runtime.lora.capture import TeeSink
 from ldmole_runtime.lora.ops import select_lora_backend
 from ldmole_runtime.model.attention import PagedAttention
 from ldmole_runtime.model.decoder import ForwardContext
@@ -37,6 +39,9 @@ class StepLogits:
     # sampled steps only: mean active experts per token [N] and each token's set index [N] (-1: base)
     expert_means: torch.Tensor | None = None
     token_sets: torch.Tensor | None = None
+    # requests that asked for routing: (sequence, whether it is the sampled token's (else a scored
+    # prompt token's), RoutingEntry), in the order their tokens come
+    routing: list = field(default_factory=list)
 
 
 class ModelRunner:
@@ -80,8 +85,9 @@ class ModelRunner:
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention, adapters: AdapterBatch,
-                counter: ActiveExpertCount | None = None) -> torch.Tensor:
-        """The one forward assembly, for eager and graph-replayed steps: final hidden states [N, hidden]."""
+                counter=None) -> torch.Tensor:
+        """The one forward assembly, for eager and graph-replayed steps: final hidden states [N, hidden].
+        `counter`: the step's routing sink (ActiveExpertCount, StepRouting or both), or None."""
         ctx = ForwardContext(adapters, self.runtime.bank, attention, self.lora_backend, counter)
         return self.runtime.model(input_ids, positions, ctx)
 
@@ -92,7 +98,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], count_experts: bool = False) -> StepLogits:
         self.warm_up()  # a no-op unless the bank changed since the last warm-up
-        if self.graphs is not None and not count_experts and all(
+        if self.graphs is not None and not count_experts and not any(wants_routing(seq) for seq, _ in batch) and all(
                 n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.next_prompt_logprob is None
                 for seq, n in batch):
             step = self._static_decode([seq for seq, _ in batch])
@@ -127,6 +133,7 @@ class ModelRunner:
         q_lens, ctx_lens, starts, tables = [], [], [], []
         set_ids = self._set_indices([seq for seq, _ in batch])
         sample_seqs, sample_rows, prompt_spans, prompt_index = [], [], [], []
+        routed = []  # (sequence, sampled token?, row) of the rows whose routing a request asked for
         for seq, n in batch:
             c = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -135,6 +142,7 @@ class ModelRunner:
             ctx_lens.append(c + n)
             starts.append(c)
             tables.append(seq.block_table)
+            wanted = wants_routing(seq)
             if c + n == seq.num_tokens:
                 sample_seqs.append(seq)
                 sample_rows.append(row0 + n - 1)
@@ -144,6 +152,13 @@ class ModelRunner:
                 if first < end:
                     prompt_spans.append((seq, first, end))
                     prompt_index.extend(range(row0 + first - 1 - c, row0 + end - 1 - c))
+                    if wanted:
+                        routed += [(seq, False, row) for row in range(row0 + first - 1 - c, row0 + end - 1 - c)]
+            if wanted and c + n == seq.num_tokens:
+                if seq.params.max_tokens != 0:
+                    routed.append((seq, True, row0 + n - 1))  # the token sampled from this row
+                elif seq.target_token is not None:
+                    routed.append((seq, False, row0 + n - 1))  # scoring: the target read off this row
 
         q_len_t = torch.tensor(q_lens, device=device)
         owner = torch.repeat_interleave(torch.arange(len(batch), device=device), q_len_t)
@@ -158,7 +173,10 @@ class ModelRunner:
         attention = PagedAttention.build(self.kv_cache, q_lens, ctx_lens, tables, slots)
         adapters = self.adapter_buffers.fill(list(zip(set_ids, q_lens, strict=True)), self.runtime.bank.capacity)
         counter = ActiveExpertCount(len(input_ids), device) if count_experts and not adapters.is_bare else None
-        hidden = self.forward(torch.tensor(input_ids, device=device), positions, attention, adapters, counter)
+        tracer = StepRouting(len(input_ids), self.runtime.cfg.num_layers, self.runtime.bank.kernel_tables().max_experts,
+                             device) if routed else None
+        sink = TeeSink(counter, tracer) if counter is not None and tracer is not None else (counter or tracer)
+        hidden = self.forward(torch.tensor(input_ids, device=device), positions, attention, adapters, sink)
 
         rows = torch.tensor(sample_rows + prompt_index, device=device, dtype=torch.long)
         logits = F.linear(hidden[rows], self.runtime.model.lm_head_weight).float()
@@ -166,4 +184,7 @@ class ModelRunner:
         if counter is not None:
             step.expert_means = counter.per_token_mean()
             step.token_sets = torch.tensor(set_ids, device=device)[owner]
+        if tracer is not None:
+            entries = tracer.read([row for _, _, row in routed])
+            step.routing = [(seq, sampled, entry) for (seq, sampled, _), entry in zip(routed, entries, strict=True)]
         return step

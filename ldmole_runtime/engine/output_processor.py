@@ -28,6 +28,7 @@ class CompletionOutput:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
+    routing: list | None = None  # a RoutingEntry per token, when the request asked (routing_trace.py)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed inside a step (finish_reason "error")
+    prompt_routing: list | None = None  # as prompt_logprobs: position 0 has none
 
 
 class OutputProcessor:
@@ -78,11 +80,15 @@ class OutputProcessor:
     def request_output(self, request) -> RequestOutput:
         outs = [CompletionOutput(seq.index, seq.output_ids, seq.text,
                                  seq.output_logprobs if seq.params.logprobs is not None else None,
-                                 seq.finish_reason)
+                                 seq.finish_reason, seq.routing if seq.params.routing is not None else None)
                 for seq in request.seqs]
         first = request.seqs[0]
         prompt_lp = None
         if first.prompt_logprobs_start is not None:
             prompt_lp = [None] * first.prompt_logprobs_start + list(first.prompt_logprobs)
+        prompt_routing = None
+        if first.prompt_logprobs_start is not None and first.params.routing is not None:
+            prompt_routing = [None] * first.prompt_logprobs_start + list(first.prompt_routing)
         return RequestOutput(request.request_id, first.prompt_ids, request.adapter, outs, prompt_lp,
-                             all(s.is_finished for s in request.seqs), first.num_cached_tokens, request.error)
+                             all(s.is_finished for s in request.seqs), first.num_cached_tokens, request.error,
+                             prompt_routing)

@@ -53,6 +53,8 @@ class SamplingParams:
     min_tokens: int = 0  # eos / stop_token_ids are masked until this many tokens are generated
     # token id -> bias added to its logit (OpenAI: [-100, 100])
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # per-token expert routing in the outputs: "counts" or "weights" (routing_trace.py); None: off
+    routing: str | None = None
 
     def __post_init__(self) -> None:
         self.n = self._int("n", self.n, low=1)
@@ -119,6 +121,8 @@ class SamplingParams:
                 raise LDMoleError(f"logit_bias values must be in [-100, 100], got {value:g} for token {token}")
             bias[int(token)] = value
         self.logit_bias = bias
+        if self.routing is not None and self.routing not in ("counts", "weights"):
+            raise LDMoleError(f"routing must be \"counts\", \"weights\" or None, got {self.routing!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:

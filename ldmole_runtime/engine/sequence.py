@@ -44,6 +44,8 @@ class Sequence:
     prompt_logprobs_start: int | None = None
     prompt_logprobs: list = field(default_factory=list)  # one entry per scored prompt token, in order
     output_logprobs: list = field(default_factory=list)
+    routing: list = field(default_factory=list)  # a RoutingEntry per output token, when params.routing asks
+    prompt_routing: list = field(default_factory=list)  # one per scored prompt token, as prompt_logprobs
     finish_reason: str | None = None
     hold: bool = False  # keep the KV blocks when finished, for forks (scoring)
     # scoring: a token after the prompt whose logprob is read from the last position's logits and

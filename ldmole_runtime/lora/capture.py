@@ -42,3 +42,14 @@ class RoutingCapture:
             self.lambdas[key][rows] = lam
         if threshold is not None:
             self.thresholds[key][rows] = threshold
+
+
+class TeeSink:
+    """Hands every record to each of several sinks (a step can feed the metrics and a request's routing)."""
+
+    def __init__(self, *sinks):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def record(self, key: str, index, p: torch.Tensor, **kw) -> None:  # a RoutingSink
+        for sink in self.sinks:
+            sink.record(key, index, p, **kw)
