@@ -41,7 +41,8 @@ class StepRouting:
 
     def __init__(self, num_tokens: int, num_layers: int, num_experts: int, device):
         P = len(ALL_PROJECTIONS)
-        self.where = {f"{layer}.{proj}": (layer, i) for layer in range(num_layers) for i, proj in enumerate(ALL_PROJECTIONS)}
+        self.where = {f"{layer}.{proj}": (layer, i)
+                      for layer in range(num_layers) for i, proj in enumerate(ALL_PROJECTIONS)}
         self.p = torch.zeros(num_tokens, num_layers, P, num_experts, device=device)
         self.scalar = torch.full((num_tokens, num_layers, P), float("nan"), device=device)
 

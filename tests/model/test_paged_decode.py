@@ -29,7 +29,8 @@ def step(dtype, seed=0):
         used += need
     slots = torch.tensor([tables[i][(c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK if q == 1 else 0
                           for i, (q, c) in enumerate(zip(q_lens, ctx_lens, strict=True))])
-    slots = torch.cat([slots[:1], torch.tensor([tables[1][p // BLOCK] * BLOCK + p % BLOCK for p in range(5)]), slots[2:]])
+    chunk = torch.tensor([tables[1][p // BLOCK] * BLOCK + p % BLOCK for p in range(5)])
+    slots = torch.cat([slots[:1], chunk, slots[2:]])
     n = sum(q_lens)
     q, k, v = (torch.randn(n, heads, D, generator=g).to(dtype) for heads in (H, H_KV, H_KV))
     return cache, q_lens, ctx_lens, tables, slots, q, k, v
