@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from ldmole_server.completions import Prompt, collect, sampling_params, state_of, stop_holdback, usage
 from ldmole_server.errors import APIError, classify_exception, error_body
 from ldmole_server.protocol import ChatCompletionRequest, ChatMessage
+from ldmole_server.routing import routing_object
 from ldmole_server.state import ServerState, request_id
 from ldmole_server.streaming import SSE_DONE, deltas, sse
 
@@ -72,6 +73,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": chat_logprobs(state, c.logprobs) if c.logprobs is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": None}
+               | _routing(body.routing, out, c.routing)
                for c in out.outputs]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage([prompt], finals)}
@@ -93,7 +95,8 @@ async def _stream(state: ServerState, rid: str, model: str, prompt: Prompt, para
                               wanted=lambda d: bool(d.text or d.output.finish_reason)):
             logprobs = chat_logprobs(state, d.logprobs) if d.output.logprobs is not None else None
             yield chunk([{"index": d.output.index, "delta": {"content": d.text} if d.text else {},
-                          "logprobs": logprobs, "finish_reason": d.output.finish_reason}])
+                          "logprobs": logprobs, "finish_reason": d.output.finish_reason}
+                         | _routing(params.routing, finals[0], d.routing)])
         if include_usage and finals[0] is not None:
             yield chunk([], usage=usage([prompt], finals))
     except Exception as exc:
@@ -101,3 +104,10 @@ async def _stream(state: ServerState, rid: str, model: str, prompt: Prompt, para
         tracker.fail(status)
         yield sse(error_body(status, message, type_))
     yield SSE_DONE
+
+
+def _routing(fmt: str | None, out, entries) -> dict:
+    """A choice's `ldmole` field, when the request asked for routing (server/routing.py)."""
+    if fmt is None:
+        return {}
+    return {"ldmole": {"routing": routing_object(fmt, out.routing_info, list(entries or []))}}

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_server.errors import APIError, classify_exception, error_body
 from ldmole_server.protocol import CompletionRequest, SamplingFields
+from ldmole_server.routing import routing_object
 from ldmole_server.state import ServerState, request_id
 from ldmole_server.streaming import SSE_DONE, Delta, deltas, merge_streams, sse, until_disconnected
 
@@ -45,7 +46,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         seed=body.seed, stop=body.stop or [], stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-        min_tokens=body.min_tokens, logit_bias=body.logit_bias or {})
+        min_tokens=body.min_tokens, logit_bias=body.logit_bias or {}, routing=body.routing)
 
 
 async def completion_prompts(state: ServerState, prompt) -> list[Prompt]:
@@ -124,6 +125,8 @@ async def create_completion(body: CompletionRequest, raw: Request):
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences: at most {MAX_SEQUENCES_PER_REQUEST} "
                             "per request; split it", "prompt")
     echo_logprobs = body.logprobs if body.echo else None
+    if body.echo and body.routing is not None and echo_logprobs is None:
+        echo_logprobs = 0  # the echoed prompt's routing comes with its scored positions
     params = [sampling_params(body, body.max_tokens, body.logprobs, echo_logprobs)] * len(prompts)
     rid = request_id("cmpl")
     streams = state.engine.generate_many(rid, [p.token_ids for p in prompts], params, adapter)
@@ -146,8 +149,12 @@ async def create_completion(body: CompletionRequest, raw: Request):
                 if body.echo:
                     ids, entries = prompt.token_ids + ids, list(out.prompt_logprobs) + entries
                 logprobs = completion_logprobs(state, ids, entries, 0)
-            choices.append({"index": i * body.n + c.index, "text": prompt_text + c.text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": None})
+            choice = {"index": i * body.n + c.index, "text": prompt_text + c.text, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason, "stop_reason": None}
+            if body.routing is not None:
+                entries = (list(out.prompt_routing or []) if body.echo else []) + list(c.routing or [])
+                choice["ldmole"] = {"routing": routing_object(body.routing, out.routing_info, entries)}
+            choices.append(choice)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(prompts, finals)}
 
@@ -161,8 +168,8 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str, model: 
     created = int(time.time())
     finals = [None] * len(prompts)
 
-    def echo_ready(i: int, out) -> bool:  # echoed prompt logprobs come whole, with the first chunk
-        return not (body.echo and body.logprobs is not None) or (
+    def echo_ready(i: int, out) -> bool:  # echoed prompt logprobs (and routing) come whole, with the first chunk
+        return not (body.echo and params[i].prompt_logprobs is not None) or (
             out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompts[i].token_ids))
 
     def wanted(d: Delta) -> bool:
@@ -176,9 +183,13 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str, model: 
                 prompt_entries = out.prompt_logprobs or [None] * len(prompt.token_ids)
                 ids, entries = prompt.token_ids + ids, list(prompt_entries) + entries
             logprobs = completion_logprobs(state, ids, entries, 0) if body.logprobs is not None else None
+            choice = {"index": d.prompt * body.n + d.output.index, "text": text, "logprobs": logprobs,
+                      "finish_reason": d.output.finish_reason, "stop_reason": None}
+            if body.routing is not None:
+                routed = (list(out.prompt_routing or []) if d.first and body.echo else []) + d.routing
+                choice["ldmole"] = {"routing": routing_object(body.routing, out.routing_info, routed)}
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                       "choices": [{"index": d.prompt * body.n + d.output.index, "text": text, "logprobs": logprobs,
-                                    "finish_reason": d.output.finish_reason, "stop_reason": None}]})
+                       "choices": [choice]})
         if include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": usage(prompts, finals)})

@@ -33,6 +33,12 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class LDMoleOptions(OpenAIModel):
+    """ldmole's own request options (`"ldmole": {...}` in a body): `routing` asks for each token's
+    expert routing in the choices (server/routing.py), as counts or as the weights themselves."""
+    routing: Literal["counts", "weights"] | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Sampling settings common to completions and chat completions."""
     model: str | None = None
@@ -53,6 +59,11 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ldmole: LDMoleOptions | None = None
+
+    @property
+    def routing(self) -> str | None:
+        return None if self.ldmole is None else self.ldmole.routing
 
 
 class CompletionRequest(SamplingFields):

@@ -90,6 +90,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list  # one entry (TokenLogprob or None) per new token
+    routing: list  # one RoutingEntry per new token, when the request asked for routing (else empty)
 
 
 async def deltas(streams: list[AsyncIterator], holdback: list[int], tracker, finals: list,
@@ -113,7 +114,8 @@ async def deltas(streams: list[AsyncIterator], holdback: list[int], tracker, fin
                 text = text[:max(n_chr, len(text) - holdback[i])]
             ids = list(c.token_ids[n_tok:])
             entries = list(c.logprobs[n_tok:]) if c.logprobs is not None else [None] * len(ids)
-            delta = Delta(i, c, key not in sent, text[n_chr:], ids, entries)
+            routing = list(c.routing[n_tok:]) if c.routing is not None else []
+            delta = Delta(i, c, key not in sent, text[n_chr:], ids, entries, routing)
             if wanted(delta):
                 sent[key] = (len(c.token_ids), len(text))
                 yield delta

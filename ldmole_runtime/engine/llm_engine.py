@@ -26,6 +26,7 @@ from ldmole_runtime.engine.output_processor import (  # noqa: F401 (API)
     RequestOutput,
     TokenLogprob,
 )
+from ldmole_runtime.engine.routing_trace import describe_set
 from ldmole_runtime.engine.sampler import gather_logprobs, sample
 from ldmole_runtime.engine.sampling_params import SamplingParams
 from ldmole_runtime.engine.scheduler import Scheduler
@@ -349,6 +350,8 @@ class LLMEngine:
         count_experts = every > 0 and self.scheduler.stats.steps % every == 0
         step = self.runner.run(batch, count_experts)
         for seq, n in batch:
+            if seq.params.routing is not None and seq.routing_info is None:
+                seq.routing_info = describe_set(None if seq.handle is None else seq.handle.slot)
             seq.num_computed_tokens += n
             self.computed_tokens += n
             self.block_manager.commit(seq)

@@ -42,6 +42,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed inside a step (finish_reason "error")
     prompt_routing: list | None = None  # as prompt_logprobs: position 0 has none
+    routing_info: dict | None = None  # what the routing entries are about (routing_trace.describe_set)
 
 
 class OutputProcessor:
@@ -91,4 +92,4 @@ class OutputProcessor:
             prompt_routing = [None] * first.prompt_logprobs_start + list(first.prompt_routing)
         return RequestOutput(request.request_id, first.prompt_ids, request.adapter, outs, prompt_lp,
                              all(s.is_finished for s in request.seqs), first.num_cached_tokens, request.error,
-                             prompt_routing)
+                             prompt_routing, first.routing_info)

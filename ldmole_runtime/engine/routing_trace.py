@@ -65,6 +65,19 @@ class StepRouting:
         return [RoutingEntry(p[j], scalar[j]) for j in range(n)]
 
 
+def describe_set(slot) -> dict:
+    """What a request's routing entries are about (the API sends it once per choice): the set's number
+    of experts, its router and the projections it adapts, in ALL_PROJECTIONS order; or, for the bare
+    base and single-expert sets, why there is no routing."""
+    if slot is None:
+        return {"none": "the bare base model routes no experts"}
+    if slot.num_experts <= 1:
+        return {"none": "this set has a single expert (plain LoRA): it routes nothing"}
+    adapted = slot.config.target_modules if slot.config is not None else ALL_PROJECTIONS
+    return {"experts": slot.num_experts, "router": slot.router_kind,
+            "projections": [p for p in ALL_PROJECTIONS if p in adapted]}
+
+
 def wants_routing(seq) -> bool:
     """A sequence whose request asked for routing and whose set routes (the bare base and plain-LoRA
     sets, E = 1, have none: the API says so instead)."""

@@ -32,7 +32,7 @@ def runtime(tmp_path_factory):
     return rt
 
 
-def recorded_forwards(runtime, backend, adapters, monkeypatch, **engine):
+def recorded_forwards(runtime, backend, adapters, monkeypatch, routing=None, **engine):
     """Greedy-generate 3 tokens for 3 prompts; return [(tokens in the forward, OpCounter)] per forward."""
     records, current = [], [None]
     model = runtime.model
@@ -52,7 +52,8 @@ def recorded_forwards(runtime, backend, adapters, monkeypatch, **engine):
     with count_triton_launches(monkeypatch, current), count_cpu_kernel_calls(monkeypatch, current):
         llm = LLM(runtime, lora_backend=backend, enable_prefix_caching=False, **engine)
         prompts = [[5, 9, 11, 3, 7, 2], [4, 4, 8, 1, 6, 6, 2], [10, 3, 3, 9, 12]]
-        llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), adapter=adapters)
+        llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, routing=routing),
+                     adapter=adapters)
     return records
 
 
@@ -90,3 +91,14 @@ def test_triton_decode_launches_at_most_three_kernels_per_group(runtime, monkeyp
         assert per_group == 3, f"{per_group} launches per adapted group"
         assert step.allocations - base.allocations == 3  # routing work rows, p and h: once for the whole step
 
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_routing_on_request_adds_no_sync_to_the_forward(runtime, backend, monkeypatch):
+    """Per-token routing for the API (`routing`): every projection writes into the step's tensor; the
+    one read-back happens after the forward (tests/engine/test_routing_trace.py counts it)."""
+    records = recorded_forwards(runtime, backend, ["a", "b", None], monkeypatch, routing="weights")
+    decode = [c for n, c in records if n == 3]
+    assert len(decode) == 2
+    for counter in decode:
+        assert counter.syncs == []
