@@ -36,7 +36,13 @@ class StreamOptions(OpenAIModel):
 class LDMoleOptions(OpenAIModel):
     """ldmole's own request options (`"ldmole": {...}` in a body): `routing` asks for each token's
     expert routing in the choices (server/routing.py), as counts or as the weights themselves."""
-    routing: Literal["counts", "weights"] | None = None
+    routing: Literal["counts", "weights"] | None = Field(None, description=(
+        "Per-token expert routing in each choice, at choices[i].ldmole.routing: {format, layers, experts, "
+        "router, projections, tokens}. tokens has one entry per token of the choice (echoed prompt first), "
+        "each [layers][projections]: with 'counts' the number of active experts, with 'weights' "
+        "{experts: [...], p: [...], lambda}. A token's entry is the routing of the position whose logits "
+        "chose it (as logprobs), so the first echoed prompt token's is null. The bare base and "
+        "single-expert sets send {format, none: <why>}. Streamed chunks carry their tokens' entries."))
 
 
 class SamplingFields(OpenAIModel):

@@ -98,7 +98,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], count_experts: bool = False) -> StepLogits:
         self.warm_up()  # a no-op unless the bank changed since the last warm-up
-        if self.graphs is not None and not count_experts and not any(wants_routing(seq) for seq, _ in batch) and all(
+        routed = any(seq.params.routing and wants_routing(seq) for seq, _ in batch)
+        if self.graphs is not None and not count_experts and not routed and all(
                 n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.next_prompt_logprob is None
                 for seq, n in batch):
             step = self._static_decode([seq for seq, _ in batch])
@@ -142,7 +143,7 @@ class ModelRunner:
             ctx_lens.append(c + n)
             starts.append(c)
             tables.append(seq.block_table)
-            wanted = wants_routing(seq)
+            wanted = seq.params.routing is not None and wants_routing(seq)  # (asked: the common case skips the call)
             if c + n == seq.num_tokens:
                 sample_seqs.append(seq)
                 sample_rows.append(row0 + n - 1)
