@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from ldmole_server.completions import Prompt, collect, sampling_params, state_of, stop_holdback, usage
 from ldmole_server.errors import APIError, classify_exception, error_body
 from ldmole_server.protocol import ChatCompletionRequest, ChatMessage
-from ldmole_server.routing import routing_object
+from ldmole_server.routing import check_routing_budget, routing_object
 from ldmole_server.state import ServerState, request_id
 from ldmole_server.streaming import SSE_DONE, deltas, sse
 
@@ -57,6 +57,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    check_routing_budget(body.routing, body.n, max_tokens)
     params = sampling_params(body, max_tokens, logprobs)
     rid = request_id("chatcmpl")
     [stream] = state.engine.generate_many(rid, [prompt.token_ids], [params], adapter)

@@ -18,6 +18,24 @@ from __future__ import annotations
 import math
 
 from ldmole_runtime.adapters.spec import ALL_PROJECTIONS
+from ldmole_server.errors import APIError
+
+# Routing multiplies a response by layers x projections per token, and the JSON is built on the event
+# loop: a request may ask for it on at most this many tokens (choices x (max_tokens + echoed prompt)).
+MAX_ROUTED_TOKENS = 2048
+
+
+def check_routing_budget(fmt: str | None, choices: int, max_tokens: int | None, echoed: int = 0) -> None:
+    """A 400 before any work when a request's routing could exceed MAX_ROUTED_TOKENS."""
+    if fmt is None:
+        return
+    if max_tokens is None:
+        raise APIError(400, "routing needs max_tokens (or max_completion_tokens): it is returned per token, "
+                            f"for at most {MAX_ROUTED_TOKENS} tokens per request", "max_tokens")
+    total = choices * max_tokens + echoed
+    if total > MAX_ROUTED_TOKENS:
+        raise APIError(400, f"routing is returned for at most {MAX_ROUTED_TOKENS} tokens per request; this one "
+                            f"could reach {total} (choices x max_tokens, plus echoed prompts)", "ldmole")
 
 
 def routing_object(fmt: str, info: dict | None, entries: list) -> dict:

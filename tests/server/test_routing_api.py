@@ -104,3 +104,14 @@ def test_an_unknown_routing_format_is_a_400(client):
 
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="math", prompt=PROMPT, max_tokens=2, extra_body={"ldmole": {"routing": "all"}})
+
+
+def test_routing_is_bounded_per_request(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="at most 2048 tokens"):
+        client.completions.create(model="math", prompt=PROMPT, max_tokens=300, n=8,
+                                  extra_body={"ldmole": {"routing": "weights"}})
+    with pytest.raises(openai.BadRequestError, match="needs max_tokens"):
+        client.chat.completions.create(model="math", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"ldmole": {"routing": "counts"}})
