@@ -42,6 +42,18 @@ def run_group(bank, gb, x, set_ids, use_kernel):
     return y, capture
 
 
+def assert_same(y_kernel, cap_kernel, y_torch, cap_torch):
+    """The kernel's output and routing (p, its support, λ, which routers have a threshold) are the
+    reference's."""
+    assert (y_kernel - y_torch).abs().max() <= 1e-5
+    assert cap_kernel.routing.keys() == cap_torch.routing.keys()
+    for key in cap_torch.routing:
+        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
+        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
+        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)
+        assert torch.equal(cap_kernel.thresholds[key].isnan(), cap_torch.thresholds[key].isnan())
+
+
 @pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
 @pytest.mark.parametrize("n", [1, 7, 40])
 def test_kernel_matches_torch_reference(bank, group, n):
@@ -51,13 +63,7 @@ def test_kernel_matches_torch_reference(bank, group, n):
     set_ids = torch.randint(-1, len(bank.slots), (n,), generator=g)
     y_kernel, cap_kernel = run_group(bank, gb, x, set_ids, use_kernel=True)
     y_torch, cap_torch = run_group(bank, gb, x, set_ids, use_kernel=False)
-    assert (y_kernel - y_torch).abs().max() <= 1e-5
-    assert cap_kernel.routing.keys() == cap_torch.routing.keys()
-    for key in cap_torch.routing:
-        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
-        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
-        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)
-        assert torch.equal(cap_kernel.thresholds[key].isnan(), cap_torch.thresholds[key].isnan())
+    assert_same(y_kernel, cap_kernel, y_torch, cap_torch)
 
 
 def test_kernel_changes_only_adapted_rows(bank):
@@ -100,9 +106,4 @@ def test_a_step_of_few_token_sets_is_one_call_that_matches_the_reference(bank, g
     y_kernel, cap_kernel = run_group(bank, gb, x, set_ids, use_kernel=True)
     assert counting.calls == {"ldmole_group_units": 1, "ldmole_group_decode": 1}
     y_torch, cap_torch = run_group(bank, gb, x, set_ids, use_kernel=False)
-    assert (y_kernel - y_torch).abs().max() <= 1e-5
-    assert cap_kernel.routing.keys() == cap_torch.routing.keys()
-    for key in cap_torch.routing:
-        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
-        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
-        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)
+    assert_same(y_kernel, cap_kernel, y_torch, cap_torch)
