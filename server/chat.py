@@ -57,7 +57,8 @@ async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    check_routing_budget(body.routing, body.n, max_tokens)
+    if body.routing is not None:
+        check_routing_budget(body.n, max_tokens)
     params = sampling_params(body, max_tokens, logprobs)
     rid = request_id("chatcmpl")
     [stream] = state.engine.generate_many(rid, [prompt.token_ids], [params], adapter)

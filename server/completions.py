@@ -124,8 +124,9 @@ async def create_completion(body: CompletionRequest, raw: Request):
     if isinstance(body.n, int) and len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
         raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences: at most {MAX_SEQUENCES_PER_REQUEST} "
                             "per request; split it", "prompt")
-    check_routing_budget(body.routing, len(prompts) * body.n, body.max_tokens,
-                         sum(len(p.token_ids) for p in prompts) * body.n if body.echo else 0)
+    if body.routing is not None:
+        check_routing_budget(len(prompts) * body.n, body.max_tokens,
+                             sum(len(p.token_ids) for p in prompts) * body.n if body.echo else 0)
     echo_logprobs = body.logprobs if body.echo else None
     if body.echo and body.routing is not None and echo_logprobs is None:
         echo_logprobs = 0  # the echoed prompt's routing comes with its scored positions

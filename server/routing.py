@@ -25,10 +25,8 @@ from ldmole_server.errors import APIError
 MAX_ROUTED_TOKENS = 2048
 
 
-def check_routing_budget(fmt: str | None, choices: int, max_tokens: int | None, echoed: int = 0) -> None:
+def check_routing_budget(choices: int, max_tokens: int | None, echoed: int = 0) -> None:
     """A 400 before any work when a request's routing could exceed MAX_ROUTED_TOKENS."""
-    if fmt is None:
-        return
     if max_tokens is None:
         raise APIError(400, "routing needs max_tokens (or max_completion_tokens): it is returned per token, "
                             f"for at most {MAX_ROUTED_TOKENS} tokens per request", "max_tokens")

@@ -85,10 +85,10 @@ class ModelRunner:
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention, adapters: AdapterBatch,
-                counter=None) -> torch.Tensor:
+                sink=None) -> torch.Tensor:
         """The one forward assembly, for eager and graph-replayed steps: final hidden states [N, hidden].
-        `counter`: the step's routing sink (ActiveExpertCount, StepRouting or both), or None."""
-        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.lora_backend, counter)
+        `sink`: where the adapters' routing goes (ActiveExpertCount, StepRouting or both), or None."""
+        ctx = ForwardContext(adapters, self.runtime.bank, attention, self.lora_backend, sink)
         return self.runtime.model(input_ids, positions, ctx)
 
     @torch.inference_mode()
@@ -98,8 +98,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]], count_experts: bool = False) -> StepLogits:
         self.warm_up()  # a no-op unless the bank changed since the last warm-up
-        routed = any(seq.params.routing and wants_routing(seq) for seq, _ in batch)
-        if self.graphs is not None and not count_experts and not routed and all(
+        routing_asked = any(seq.params.routing and wants_routing(seq) for seq, _ in batch)
+        if self.graphs is not None and not count_experts and not routing_asked and all(
                 n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.next_prompt_logprob is None
                 for seq, n in batch):
             step = self._static_decode([seq for seq, _ in batch])
@@ -143,7 +143,8 @@ class ModelRunner:
             ctx_lens.append(c + n)
             starts.append(c)
             tables.append(seq.block_table)
-            wanted = seq.params.routing is not None and wants_routing(seq)  # (asked: the common case skips the call)
+            # requests without routing (the common case) never call into routing_trace
+            wanted = seq.params.routing is not None and wants_routing(seq)
             if c + n == seq.num_tokens:
                 sample_seqs.append(seq)
                 sample_rows.append(row0 + n - 1)
