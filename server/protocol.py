@@ -109,6 +109,7 @@ class ScoreItem(OpenAIModel):
     model: str | None = None
     context: str | TokenIds
     choices: list[str | TokenIds] = Field(min_length=1)
+    ldmole: LDMoleOptions | None = None  # routing: each choice's tokens' routing, in choices[i].ldmole
 
 
 class ClassifyRequest(OpenAIModel):

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from ldmole_server.completions import state_of
 from ldmole_server.errors import APIError, classify_exception
 from ldmole_server.protocol import ClassifyRequest, ScoreItem
+from ldmole_server.routing import check_routing_budget, routing_object
 from ldmole_server.state import ServerState, request_id
 from ldmole_server.streaming import until_disconnected
 
@@ -18,17 +19,23 @@ router = APIRouter()
 
 async def score_item(state: ServerState, item: ScoreItem, rid: str) -> dict:
     adapter = state.resolve_model(item.model)
+    fmt = None if item.ldmole is None else item.ldmole.routing
+    if fmt is not None:  # the choices' tokens are what routing is returned for
+        check_routing_budget(1, sum([len(await state.engine.encode_async(c)) for c in item.choices]))
     tracker = state.metrics.tracker(state.label(adapter))
     try:
-        result = await state.engine.score(rid, item.context, item.choices, adapter)
+        result = await state.engine.score(rid, item.context, item.choices, adapter, fmt)
     except Exception as exc:
         tracker.fail(classify_exception(exc)[0])
         raise
     tracker.finish()
+    choices = [{"index": i, "sum_logprob": c.sum_logprob, "mean_logprob": c.mean_logprob,
+                "num_tokens": c.num_tokens, "is_greedy": c.is_greedy} for i, c in enumerate(result.choices)]
+    if fmt is not None:
+        for choice, entries in zip(choices, result.routing, strict=True):
+            choice["ldmole"] = {"routing": routing_object(fmt, result.routing_info, entries)}
     return {
-        "object": "score", "model": state.label(adapter),
-        "choices": [{"index": i, "sum_logprob": c.sum_logprob, "mean_logprob": c.mean_logprob,
-                     "num_tokens": c.num_tokens, "is_greedy": c.is_greedy} for i, c in enumerate(result.choices)],
+        "object": "score", "model": state.label(adapter), "choices": choices,
         "best": result.best, "best_normalized": result.best_normalized,
     }
 

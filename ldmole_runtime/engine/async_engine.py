@@ -27,7 +27,7 @@ from ldmole_runtime.adapters.adapter_set import AdapterSet
 from ldmole_runtime.engine.adapter_cache import AdapterHandle
 from ldmole_runtime.engine.llm_engine import LLMEngine, RequestOutput
 from ldmole_runtime.engine.sampling_params import SamplingParams
-from ldmole_runtime.engine.scoring import ScoreResult, first_token_logprobs, score_choices
+from ldmole_runtime.engine.scoring import ScoreResult, choice_routing, first_token_logprobs, score_choices
 from ldmole_runtime.errors import EngineOverloadedError, LDMoleError, StepFailedError, UnknownAdapterError
 
 logger = logging.getLogger("ldmole.engine")
@@ -228,8 +228,9 @@ class AsyncLLMEngine:
 
     # ---- scoring ----------------------------------------------------------------------------------
     async def score(self, request_id: str, context: str | list[int], choices: list[str | list[int]],
-                    adapter: str | AdapterHandle | None = None) -> ScoreResult:
-        """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it."""
+                    adapter: str | AdapterHandle | None = None, routing: str | None = None) -> ScoreResult:
+        """LLM.score for many concurrent callers: the context is prefilled once and every choice forks it.
+        `routing` ("counts" or "weights"): the result also carries each choice token's routing."""
         self.check_accepting(adapter, new=len(choices) + 1)
         engine = self.engine
         ctx_ids = await self.encode_async(context)
@@ -239,7 +240,7 @@ class AsyncLLMEngine:
         for c in choice_ids:  # the forks are validated now, not inside the loop
             engine.prepare_request("check", ctx_ids + c, SamplingParams(max_tokens=0), adapter)
         ctx_id = f"{request_id}-context"
-        async for _ in self._stream(engine.prepare_context(ctx_id, ctx_ids, adapter)):
+        async for _ in self._stream(engine.prepare_context(ctx_id, ctx_ids, adapter, routing)):
             pass
         ids = [f"{request_id}-{i}" for i in range(len(choice_ids))]
         queues = [self._register(rid) for rid in ids]
@@ -247,13 +248,15 @@ class AsyncLLMEngine:
         def fork_all(engine: LLMEngine):
             try:
                 first = first_token_logprobs(engine.context_logprobs(ctx_id), choice_ids)
-                return first, [engine.fork_or_recompute(ctx_id, rid, c) for rid, c in zip(ids, choice_ids, strict=True)]
+                forks = [engine.fork_or_recompute(ctx_id, rid, c, routing=routing)
+                         for rid, c in zip(ids, choice_ids, strict=True)]
+                return first, forks, engine.context_routing(ctx_id)
             finally:
                 engine.release_context(ctx_id)
 
         done: set[str] = set()
         try:
-            first, forked = await self.call_between_steps(fork_all)
+            first, forked, (first_routing, routing_info) = await self.call_between_steps(fork_all)
             outputs = []
             for rid, queue in zip(ids, queues, strict=True):
                 outputs.append(await _final(queue))
@@ -263,7 +266,11 @@ class AsyncLLMEngine:
                 self._queues.pop(rid, None)
                 if rid not in done:
                     self.abort(rid)
-        return score_choices(len(ctx_ids), first, choice_ids, outputs, forked)
+        result = score_choices(len(ctx_ids), first, choice_ids, outputs, forked)
+        if routing is not None:
+            result.routing = choice_routing(len(ctx_ids), first_routing, outputs, forked)
+            result.routing_info = routing_info
+        return result
 
     # ---- between steps ------------------------------------------------------------------------------
     async def call_between_steps(self, fn):

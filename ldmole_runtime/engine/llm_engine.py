@@ -227,8 +227,9 @@ class LLMEngine:
         self.admit(self.prepare_context(request_id, prompt, adapter))
 
     def prepare_context(self, request_id: str, prompt: str | list[int],
-                        adapter: str | AdapterHandle | None = None) -> _Request:
-        request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0), adapter)
+                        adapter: str | AdapterHandle | None = None, routing: str | None = None) -> _Request:
+        """`routing`: keep the routing of the context's last position too (`context_routing`)."""
+        request = self.prepare_request(request_id, prompt, SamplingParams(max_tokens=0, routing=routing), adapter)
         request.seqs[0].hold = True
         return request
 
@@ -236,14 +237,21 @@ class LLMEngine:
         """log_softmax at a held context's last position: the logprobs of a continuation's first token."""
         return self.held[context_id].final_logprobs
 
+    def context_routing(self, context_id: str) -> tuple[object | None, dict | None]:
+        """A held context's last-position RoutingEntry (a continuation's first token) and its set's
+        description, when it was prepared with `routing`."""
+        seq = self.held[context_id]
+        return seq.final_routing, seq.routing_info
+
     def fork_request(self, context_id: str, request_id: str, continuation: list[int],
-                     target_token: int | None = None) -> bool:
+                     target_token: int | None = None, routing: str | None = None) -> bool:
         """A prompt-only request for context + continuation that reuses the held context's KV, full
         blocks shared and its last partial block copied. Its prompt logprobs start after the first
         continuation token, whose logprob is the context's `final_logprobs`. False if no cache block
         is free for the copy (nothing is queued then)."""
         parent = self.held[context_id]
-        request = self.prepare_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
+        request = self.prepare_request(request_id, parent.token_ids + list(continuation),
+                                       SamplingParams(max_tokens=0, routing=routing),
                                        parent.handle, parent.num_tokens + 1, target_token)
         child = request.seqs[0]
         child.adapter_key = parent.adapter_key
@@ -253,14 +261,14 @@ class LLMEngine:
         return True
 
     def fork_or_recompute(self, context_id: str, request_id: str, continuation: list[int],
-                          target_token: int | None = None) -> bool:
+                          target_token: int | None = None, routing: str | None = None) -> bool:
         """`fork_request`, or, when no block is free for the copy, a plain request that recomputes the
         context (its prompt logprobs then start at the continuation). True if it was forked."""
-        if self.fork_request(context_id, request_id, continuation, target_token):
+        if self.fork_request(context_id, request_id, continuation, target_token, routing):
             return True
         parent = self.held[context_id]
-        self.add_request(request_id, parent.token_ids + list(continuation), SamplingParams(max_tokens=0),
-                         parent.handle, parent.num_tokens, target_token)
+        self.add_request(request_id, parent.token_ids + list(continuation),
+                         SamplingParams(max_tokens=0, routing=routing), parent.handle, parent.num_tokens, target_token)
         return False
 
     def release_context(self, context_id: str) -> None:
@@ -357,8 +365,11 @@ class LLMEngine:
             self.block_manager.commit(seq)
             touched[seq.request_id] = self.requests[seq.request_id]
         self._record_prompt_logprobs(step)
-        for seq, sampled, entry in step.routing:  # the sampled token's entry: its token is appended just below
-            (seq.routing if sampled else seq.prompt_routing).append(entry)
+        for seq, kind, entry in step.routing:  # a sampled token's entry: its token is appended just below
+            if kind == "final":
+                seq.final_routing = entry
+            else:
+                (seq.routing if kind == "sampled" else seq.prompt_routing).append(entry)
         if step.sample_seqs:
             self._sample(step.sample_seqs, step.sample_logits)
         if step.expert_means is not None:

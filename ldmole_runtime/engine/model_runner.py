@@ -39,8 +39,9 @@ class StepLogits:
     # sampled steps only: mean active experts per token [N] and each token's set index [N] (-1: base)
     expert_means: torch.Tensor | None = None
     token_sets: torch.Tensor | None = None
-    # requests that asked for routing: (sequence, whether it is the sampled token's (else a scored
-    # prompt token's), RoutingEntry), in the order their tokens come
+    # requests that asked for routing: (sequence, kind, RoutingEntry) in the order their tokens come;
+    # kind: "sampled" (the token sampled from the row), "prompt" (a scored prompt token, or a scoring
+    # target) or "final" (a held context's last position, which a fork's first token is read from)
     routing: list = field(default_factory=list)
 
 
@@ -134,7 +135,7 @@ class ModelRunner:
         q_lens, ctx_lens, starts, tables = [], [], [], []
         set_ids = self._set_indices([seq for seq, _ in batch])
         sample_seqs, sample_rows, prompt_spans, prompt_index = [], [], [], []
-        routed = []  # (sequence, sampled token?, row) of the rows whose routing a request asked for
+        routed = []  # (sequence, kind, row) of the rows whose routing a request asked for (StepLogits.routing)
         for seq, n in batch:
             c = seq.num_computed_tokens
             row0 = len(input_ids)
@@ -155,12 +156,14 @@ class ModelRunner:
                     prompt_spans.append((seq, first, end))
                     prompt_index.extend(range(row0 + first - 1 - c, row0 + end - 1 - c))
                     if wanted:
-                        routed += [(seq, False, row) for row in range(row0 + first - 1 - c, row0 + end - 1 - c)]
+                        routed += [(seq, "prompt", row) for row in range(row0 + first - 1 - c, row0 + end - 1 - c)]
             if wanted and c + n == seq.num_tokens:
                 if seq.params.max_tokens != 0:
-                    routed.append((seq, True, row0 + n - 1))  # the token sampled from this row
+                    routed.append((seq, "sampled", row0 + n - 1))
                 elif seq.target_token is not None:
-                    routed.append((seq, False, row0 + n - 1))  # scoring: the target read off this row
+                    routed.append((seq, "prompt", row0 + n - 1))
+                elif seq.hold:
+                    routed.append((seq, "final", row0 + n - 1))
 
         q_len_t = torch.tensor(q_lens, device=device)
         owner = torch.repeat_interleave(torch.arange(len(batch), device=device), q_len_t)
@@ -188,5 +191,5 @@ class ModelRunner:
             step.token_sets = torch.tensor(set_ids, device=device)[owner]
         if tracer is not None:
             entries = tracer.read([row for _, _, row in routed])
-            step.routing = [(seq, sampled, entry) for (seq, sampled, _), entry in zip(routed, entries, strict=True)]
+            step.routing = [(seq, kind, entry) for (seq, kind, _), entry in zip(routed, entries, strict=True)]
         return step

@@ -30,6 +30,8 @@ class ScoreResult:
     choices: list[ChoiceScore]
     best: int  # argmax of sum_logprob
     best_normalized: int  # argmax of mean_logprob
+    routing: list[list] | None = None  # per choice, a RoutingEntry per choice token (when asked)
+    routing_info: dict | None = None  # what the entries are about (routing_trace.describe_set)
 
 
 def first_token_logprobs(context_logprobs: torch.Tensor, choice_ids: list[list[int]]) -> tuple[list[float], int]:
@@ -52,3 +54,13 @@ def score_choices(context_len: int, first: tuple[list[float], int], choice_ids: 
     best = max(range(len(scores)), key=lambda i: scores[i].sum_logprob)
     best_norm = max(range(len(scores)), key=lambda i: scores[i].mean_logprob)
     return ScoreResult(scores, best, best_norm)
+
+
+def choice_routing(context_len: int, first, outputs: list[RequestOutput | None], forked: list[bool]) -> list[list]:
+    """Each choice's routing entries, aligned as its logprobs are in `score_choices`: the first token's
+    from the held context's last position (`first`) when forked, the rest from the choice's own request."""
+    routing = []
+    for out, was_forked in zip(outputs, forked, strict=True):
+        own = [] if out is None or out.prompt_routing is None else list(out.prompt_routing[context_len + was_forked:])
+        routing.append(([first] if was_forked else []) + own)
+    return routing

@@ -47,6 +47,7 @@ class Sequence:
     routing: list = field(default_factory=list)  # a RoutingEntry per output token, when params.routing asks
     prompt_routing: list = field(default_factory=list)  # one per scored prompt token, as prompt_logprobs
     routing_info: dict | None = None  # routing_trace.describe_set of its set, once it has run
+    final_routing: object | None = None  # held contexts: the RoutingEntry of the last position
     finish_reason: str | None = None
     hold: bool = False  # keep the KV blocks when finished, for forks (scoring)
     # scoring: a token after the prompt whose logprob is read from the last position's logits and

@@ -2,6 +2,7 @@
 per-token routing equals what a plain forward over the same tokens records (`ldmole forward`'s
 capture), streamed or not; the bare base says it has none."""
 
+import httpx
 import pytest
 import torch
 from live_server import BASE_NAME, LiveServer, offline_llm, write_model
@@ -19,9 +20,14 @@ def model_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(model_files):
+def server(model_files):
     with LiveServer(*model_files) as srv:
-        yield OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused")
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +121,16 @@ def test_routing_is_bounded_per_request(client):
     with pytest.raises(openai.BadRequestError, match="needs max_tokens"):
         client.chat.completions.create(model="math", messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"ldmole": {"routing": "counts"}})
+
+
+def test_score_returns_each_choice_tokens_routing(server, llm):
+    """Each choice token's entry is the routing at the position before it: the shared context's last
+    position for the first token (read off the held context), the fork's own positions after it."""
+    context, choices = PROMPT, [[20, 21, 22], [30], [40, 41]]
+    body = {"model": "math", "context": context, "choices": choices, "ldmole": {"routing": "counts"}}
+    got = httpx.post(server.url + "/v1/score", json=body, timeout=60).json()
+    for choice, ids in zip(got["choices"], choices, strict=True):
+        routing = choice["ldmole"]["routing"]
+        assert len(routing["tokens"]) == len(ids) == choice["num_tokens"]
+        fwd = llm.engine.runtime.forward(torch.tensor([context + ids]), adapters="math", capture_routing=True)
+        check_counts(routing, routing["tokens"], {k: v[0] for k, v in fwd.routing.items()}, len(context) - 1)
