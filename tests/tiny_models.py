@@ -55,3 +55,15 @@ def write_char_tokenizer(path: Path) -> Path:
                                    unk_token="<unk>")
     fast.save_pretrained(path)
     return path
+
+
+def two_set_runtime(root: Path):
+    """A tiny Llama runtime with two adapter sets of different shapes: "a" (sparsegen, E 4, every
+    projection) and "b" (softmax, E 3, q/v/down): with the bare base, every kind of row a step mixes."""
+    from ldmole_runtime import LDMoleRuntime, new_adapter_set
+
+    rt = LDMoleRuntime.from_pretrained(write_tiny_model(root / "llama", tiny_config("llama", kv_heads=2)))
+    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=1, b_std=0.05))
+    rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=3, rank=2, router="softmax", seed=2, b_std=0.05,
+                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+    return rt

@@ -8,9 +8,8 @@ but not held to zero: only decode is captured in a CUDA graph.
 
 import pytest
 from op_counter import OpCounter, count_cpu_kernel_calls, count_triton_launches
-from tiny_models import tiny_config, write_tiny_model
+from tiny_models import two_set_runtime
 
-from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.sampling_params import SamplingParams
 
@@ -24,12 +23,7 @@ GROUPS_PER_LAYER = 4  # qkv, o, gate_up, down
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    path = write_tiny_model(tmp_path_factory.mktemp("base") / "llama", tiny_config("llama", kv_heads=2))
-    rt = LDMoleRuntime.from_pretrained(path)
-    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=1, b_std=0.05))
-    rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=3, rank=2, router="softmax", seed=2, b_std=0.05,
-                                         target_modules=["q_proj", "v_proj", "down_proj"]))
-    return rt
+    return two_set_runtime(tmp_path_factory.mktemp("base"))
 
 
 def recorded_forwards(runtime, backend, adapters, monkeypatch, routing=None, **engine):

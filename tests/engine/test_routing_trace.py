@@ -4,9 +4,8 @@ base in one batch, every backend's numbers through the default one."""
 
 import pytest
 import torch
-from tiny_models import tiny_config, write_tiny_model
+from tiny_models import two_set_runtime
 
-from ldmole_runtime import LDMoleRuntime, new_adapter_set
 from ldmole_runtime.adapters.spec import ALL_PROJECTIONS
 from ldmole_runtime.engine.llm import LLM
 from ldmole_runtime.engine.routing_trace import StepRouting
@@ -18,12 +17,7 @@ PROMPTS = [[5, 9, 11, 3, 7, 2, 8], [4, 4, 8, 1, 6, 6, 2, 9, 9, 10, 11, 12, 13, 1
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    path = write_tiny_model(tmp_path_factory.mktemp("base") / "llama", tiny_config("llama", kv_heads=2))
-    rt = LDMoleRuntime.from_pretrained(path)
-    rt.load_adapter("a", new_adapter_set(rt.cfg, num_experts=4, rank=4, lambda_hidden=16, seed=1, b_std=0.05))
-    rt.load_adapter("b", new_adapter_set(rt.cfg, num_experts=3, rank=2, router="softmax", seed=2, b_std=0.05,
-                                         target_modules=["q_proj", "v_proj", "down_proj"]))
-    return rt
+    return two_set_runtime(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
