@@ -19,8 +19,6 @@ import torch
 
 from ldmole_runtime.adapters.spec import ALL_PROJECTIONS
 
-ROUTING_FORMATS = ("counts", "weights")
-
 
 @dataclass(frozen=True)
 class RoutingEntry:
