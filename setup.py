@@ -38,6 +38,7 @@ setup(
         "ldmole_kernels": ["cpu/*.c", "cpu/*.h"],
         "ldmole_runtime": ["assets/default_adapter/*"],
         "ldmole_eval": ["tasks/*.yaml", "tasks/*.py"],
+        "ldmole_server": ["ui/*.html", "ui/*.js", "ui/*.css"],
     },
     cmdclass={"build_py": BuildPyWithHook},
 )

@@ -89,7 +89,10 @@ async def tokenize(body: TokenizeRequest, raw: Request):
         state.settings.limits.check_text(body.prompt, param="prompt")
         tokens = await asyncio.to_thread(state.engine.tokenizer.encode, body.prompt,
                                          add_special_tokens=body.add_special_tokens)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
+    out = {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
+    if body.return_token_strs:  # as vLLM: the vocabulary's strings (byte-level BPE shows a space as "Ġ")
+        out["token_strs"] = state.engine.tokenizer.convert_ids_to_tokens(tokens)
+    return out
 
 
 @router.post("/detokenize")
@@ -142,7 +145,9 @@ async def ready(raw: Request):
 async def version(raw: Request):
     state = state_of(raw)
     dtype = str(state.engine.engine.runtime.dtype).removeprefix("torch.")
-    return {"version": ldmole_runtime.__version__, "dtype": dtype, "dtype_choice": state.dtype_choice}
+    # api_key_required: lets a client (the /ui page) ask for the key before a call fails with 401
+    return {"version": ldmole_runtime.__version__, "dtype": dtype, "dtype_choice": state.dtype_choice,
+            "api_key_required": bool(state.settings.api_key)}
 
 
 @router.get("/metrics")

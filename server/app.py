@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import ldmole_runtime
-from ldmole_server import admin, chat, completions, scoring
+from ldmole_server import admin, chat, completions, scoring, ui_page
 from ldmole_server.errors import install_error_handlers
 from ldmole_server.middleware import GuardMiddleware
 from ldmole_server.state import ServerState
@@ -35,7 +35,7 @@ def build_app(state: ServerState, on_ready=None) -> FastAPI:
     app = FastAPI(title="ldmole", version=ldmole_runtime.__version__, lifespan=lifespan,
                   description="OpenAI-compatible server for LD-MoLE adapter sets on one base model.")
     app.state.ldmole = state
-    for module in (completions, chat, scoring, admin):
+    for module in (completions, chat, scoring, admin, ui_page):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, settings=state.settings)

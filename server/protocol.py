@@ -148,6 +148,7 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    return_token_strs: bool = False  # also each token's string from the vocabulary, as vLLM's /tokenize
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -14,8 +14,9 @@ from ldmole_runtime.errors import LDMoleError, UnknownAdapterError
 from ldmole_server.errors import APIError
 from ldmole_server.metrics import ServerMetrics
 
-# Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper.
-OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json", "/redoc")
+# Reachable without the key, as in vLLM: liveness probes and the Prometheus scraper; and the /ui page,
+# which holds no data and asks for the key itself.
+OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/docs", "/openapi.json", "/redoc", "/ui")
 # Runtime adapter management: absent unless enabled, then only with the admin key (vLLM hides these
 # routes unless VLLM_ALLOW_RUNTIME_LORA_UPDATING is set; TGI has none).
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
