@@ -174,7 +174,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             texts.append(getattr(ex, "text", None) or getattr(ex, "prompt", "") + getattr(ex, "completion", ""))
     stats = run_report(args.base, args.adapter, texts, args.out, batch_size=args.batch_size, max_length=args.max_length,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, token_texts=args.token_texts)
     print(f"wrote the routing report for {args.adapter} on {len(texts)} texts to {args.out} "
           f"(mean active experts {stats.get('mean_active_experts', float('nan')):.3f})")
     return 0
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report", help="folder for the plots and stats (default ./report)")
     r.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
     r.add_argument("--max-length", type=int, default=512, help="tokens per example, cut from the left (default 512)")
+    r.add_argument("--token-texts", type=int, default=3,
+                   help="how many examples token_routing.html draws token by token, as the server's /ui page "
+                        "does (default 3)")
     r.set_defaults(func=cmd_report)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base and its adapter sets")
     from ldmole_server.launch import add_serve_flags

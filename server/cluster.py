@@ -404,7 +404,7 @@ def run_cluster(args, adapters: dict, base_name: str) -> int:
              **({"_metrics_export_port": args.metrics_port} if args.metrics_port else {}))
     registry = deploy(args, adapters, base_name)  # noqa: F841 - an actor nobody references is destroyed
     print(f"ldmole is serving on {args.replicas} Ray Serve replica(s) at http://{args.host}:{args.port} "
-          "(OpenAI API under /v1)", flush=True)
+          "(OpenAI API under /v1; routing page at /ui)", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -77,6 +77,7 @@ def serve(args) -> int:
         print(f"dtype: {state.dtype_choice}", flush=True)
         print(memory_split(state.engine.engine), flush=True)
         print(f"\nldmole is serving {served} at {url} (OpenAI API under /v1; metrics at /metrics)\n"
+              f"Routing, live, in a browser: {url}/ui\n"
               "Try:\n" + "\n".join(curl_examples(state, url)) + "\n", flush=True)
 
     app = build_app(state, on_ready)

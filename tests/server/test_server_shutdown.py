@@ -64,6 +64,7 @@ def test_sigterm_drains_running_streams(model_files):
             proc.kill()
     out = proc.stdout.read()
     assert "curl -s" in out and "/v1/score" in out  # the ready-to-paste examples
+    assert f"{url}/ui" in out  # the routing page
 
 
 def test_serve_flag_errors_are_one_line(model_files, tmp_path):

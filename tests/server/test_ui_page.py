@@ -6,6 +6,7 @@ A screenshot is saved under $LDMOLE_TEST_ARTIFACTS (default: test-artifacts/ in 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -28,8 +29,13 @@ ARTIFACTS = Path(os.environ.get("LDMOLE_TEST_ARTIFACTS", Path(__file__).resolve(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(*write_model(tmp_path_factory.mktemp("ui")), api_key=KEY) as srv:
+def model_files(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("ui"))
+
+
+@pytest.fixture(scope="module")
+def server(model_files):
+    with LiveServer(*model_files, api_key=KEY) as srv:
         yield srv
 
 
@@ -225,3 +231,29 @@ def test_the_page_is_served_without_a_key_and_only_its_own_files(server):
             assert answer.status_code in (401, 404) and "import" not in answer.text, name
         assert client.get("/v1/models").status_code == 401  # the API behind it still needs the key
         assert client.get("/version").json()["api_key_required"] is True
+
+
+def test_the_offline_report_draws_what_the_page_draws(model_files, api, browser, tmp_path):
+    """`ldmole report`'s token_routing.json equals the API's routing of the same tokens, and its page,
+    drawn by the same renderer, shows the same cells."""
+    from ldmole_cli.report import run_report
+
+    base, adapters = model_files
+    text = "hello world, routed"
+    run_report(str(base), str(adapters["math"]), [text, "a second text"], str(tmp_path), token_texts=1)
+    saved = json.loads((tmp_path / "token_routing.json").read_text())
+    assert len(saved["views"]) == 1
+    view = saved["views"][0]
+    served = counts_of(api, "math", text, 0)
+    assert view["tokens"] == served["logprobs"]["tokens"]
+    expected = served["ldmole"]["routing"]
+    mine = view["routing"]
+    assert {k: mine[k] for k in ("layers", "experts", "router", "projections")} == \
+        {k: expected[k] for k in ("layers", "experts", "router", "projections")}
+    assert [None if e is None else [[len(c["experts"]) for c in row] for row in e] for e in mine["tokens"]] == \
+        expected["tokens"]
+    browser.get((tmp_path / "token_routing.html").as_uri())
+    wait_for(browser, lambda d: d.find_elements("css selector", "svg.heatmap"), what="the report page")
+    check_against_api(browser, "report-0", expected, expected["projections"])
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
