@@ -226,6 +226,9 @@ async function sideBySide(first, modelB, prompt) {
   const [ids, promptIds] = await Promise.all([api("/tokenize", {model: first.model, prompt: first.text}),
                                               api("/tokenize", {model: first.model, prompt})]);
   const [a, b] = await Promise.all([rescore(first.model, ids.tokens, "a2"), rescore(modelB, ids.tokens, "b")]);
+  // the streamed view gives way to the same tokens under both models, drawn one above the other
+  page.views = page.views.filter((v) => v !== first);
+  first.node.remove();
   addView(a);
   addView(b);
   // the generated text's tokens only: the prompt's are the same for both and not what was compared
