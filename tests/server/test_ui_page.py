@@ -17,7 +17,7 @@ from live_server import BASE_NAME, LiveServer, write_model
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); .ci/run installs "
            "them with apt-get install chromium chromium-driver")
@@ -145,6 +145,7 @@ def counts_of(api, model: str, prompt, max_tokens: int) -> dict:
     return response.json()["choices"][0]
 
 
+@needs_chromium
 def test_the_page_generates_compares_and_scores(server, api, browser):
     driver = browser
     driver.get(server.url + "/ui")
@@ -233,6 +234,7 @@ def test_the_page_is_served_without_a_key_and_only_its_own_files(server):
         assert client.get("/version").json()["api_key_required"] is True
 
 
+@needs_chromium
 def test_the_offline_report_draws_what_the_page_draws(model_files, api, browser, tmp_path):
     """`ldmole report`'s token_routing.json equals the API's routing of the same tokens, and its page,
     drawn by the same renderer, shows the same cells."""
