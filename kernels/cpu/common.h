@@ -55,4 +55,71 @@ static inline float dot_bf16(const bf16 *a, const bf16 *b, int n) {
     return acc;
 }
 
+/* One expert's down-projection for one token: h[k] = A[k] . x for its r rank rows (row stride `in`).
+ * Four rows at a time share each load of x; every row sums in dot_bf16's order, so h is the same. */
+static inline void rank_dots_bf16(const bf16 *A, const bf16 *x, int in, int r, float *h) {
+    int k = 0;
+#ifdef LDMOLE_DPBF16
+    const int body = in & ~31;
+    for (; k + 4 <= r; k += 4) {
+        const bf16 *a0 = A + (int64_t)k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+        __m512 v0 = _mm512_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+        for (int j = 0; j < body; j += 32) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
+            v0 = _mm512_dpbf16_ps(v0, (__m512bh)_mm512_loadu_si512(a0 + j), xv);
+            v1 = _mm512_dpbf16_ps(v1, (__m512bh)_mm512_loadu_si512(a1 + j), xv);
+            v2 = _mm512_dpbf16_ps(v2, (__m512bh)_mm512_loadu_si512(a2 + j), xv);
+            v3 = _mm512_dpbf16_ps(v3, (__m512bh)_mm512_loadu_si512(a3 + j), xv);
+        }
+        float s0 = _mm512_reduce_add_ps(v0), s1 = _mm512_reduce_add_ps(v1);
+        float s2 = _mm512_reduce_add_ps(v2), s3 = _mm512_reduce_add_ps(v3);
+        for (int j = body; j < in; j++) {
+            const float xj = bf16_to_f32(x[j]);
+            s0 += bf16_to_f32(a0[j]) * xj;
+            s1 += bf16_to_f32(a1[j]) * xj;
+            s2 += bf16_to_f32(a2[j]) * xj;
+            s3 += bf16_to_f32(a3[j]) * xj;
+        }
+        h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
+    }
+#endif
+    for (; k < r; k++) h[k] = dot_bf16(A + (int64_t)k * in, x, in);
+}
+
+/* Its up-projection: acc[o] += sum over k of h[k] * B[k][o] (row stride `out`). Each 16 outputs
+ * stay in a register across all r ranks, so acc is read and written once, not r times. */
+static inline void rank_axpy_bf16(const bf16 *B, int out, int r, const float *h, float *acc) {
+    int o = 0;
+#ifdef LDMOLE_DPBF16
+    for (; o + 16 <= out; o += 16) {
+        __m512 a = _mm512_loadu_ps(acc + o);
+        for (int k = 0; k < r; k++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(B + (int64_t)k * out + o));
+            const __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            a = _mm512_fmadd_ps(_mm512_set1_ps(h[k]), b, a);
+        }
+        _mm512_storeu_ps(acc + o, a);
+    }
+#endif
+    for (int k = 0; k < r; k++) {
+        const bf16 *Bk = B + (int64_t)k * out;
+#pragma omp simd
+        for (int j = o; j < out; j++) acc[j] += h[k] * bf16_to_f32(Bk[j]);
+    }
+}
+
+#define RANK_CHUNK 64
+/* acc += w * B_e (A_e x): one token through one expert (A_e [r, in], B_e [r, out]), bf16 weights and
+ * fp32 sums, RANK_CHUNK ranks at a time. */
+static inline void expert_delta_bf16(const bf16 *Ae, const bf16 *Be, const bf16 *x, int in, int out, int r,
+                                     float w, float *acc) {
+    float h[RANK_CHUNK];
+    for (int k0 = 0; k0 < r; k0 += RANK_CHUNK) {
+        const int rc = r - k0 < RANK_CHUNK ? r - k0 : RANK_CHUNK;
+        rank_dots_bf16(Ae + (int64_t)k0 * in, x, in, rc, h);
+        for (int k = 0; k < rc; k++) h[k] *= w;
+        rank_axpy_bf16(Be + (int64_t)k0 * out, out, rc, h, acc);
+    }
+}
+
 #endif

@@ -184,13 +184,7 @@ void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_s
                     const int64_t row = rows ? rows[t] : t;
                     const bf16 *xr = x + row * (int64_t)x_stride;
                     float *ao = acc + (int64_t)(t - t0) * out;
-                    const float w = pe * scale;
-                    for (int k = 0; k < r; k++) {
-                        const float hk = dot_bf16(Ae + (int64_t)k * in, xr, in) * w;
-                        const bf16 *Bk = Be + (int64_t)k * out;
-#pragma omp simd
-                        for (int o = 0; o < out; o++) ao[o] += hk * bf16_to_f32(Bk[o]);
-                    }
+                    expert_delta_bf16(Ae, Be, xr, in, out, r, pe * scale, ao);
                 }
             }
             for (int t = t0; t < t1; t++) {
@@ -303,17 +297,15 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
                 const float w = p[t][i][e] * scale;
                 if (w <= 0.0f) continue;
                 float *ao = acc + (int64_t)t * out;
+                if (u->bf) {
+                    expert_delta_bf16((const bf16 *)Ae, (const bf16 *)Be, (const bf16 *)xr[t], in, out, r, w, ao);
+                    continue;
+                }
                 for (int k = 0; k < r; k++) {
-                    const float hk = dot_any(u->bf, Ae + (int64_t)k * in * esz, xf + (int64_t)t * in, xr[t], in) * w;
-                    if (u->bf) {
-                        const bf16 *Bk = (const bf16 *)Be + (int64_t)k * out;
+                    const float hk = dot((const float *)Ae + (int64_t)k * in, xf + (int64_t)t * in, in) * w;
+                    const float *Bk = (const float *)Be + (int64_t)k * out;
 #pragma omp simd
-                        for (int o = 0; o < out; o++) ao[o] += hk * bf16_to_f32(Bk[o]);
-                    } else {
-                        const float *Bk = (const float *)Be + (int64_t)k * out;
-#pragma omp simd
-                        for (int o = 0; o < out; o++) ao[o] += hk * Bk[o];
-                    }
+                    for (int o = 0; o < out; o++) ao[o] += hk * Bk[o];
                 }
             }
         }
