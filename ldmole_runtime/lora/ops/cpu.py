@@ -29,6 +29,14 @@ from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 from ldmole_runtime.paths import default_cache_dir
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two element types
+# A bf16 engine's segments of at least this many tokens (prefill, scoring, large batches) take the
+# λ-network's hidden layer from a bf16 matmul (oneDNN, AMX where present; fp32 sums, output rounded
+# to bf16) rather than fp32 BLAS. Measured for 576 -> 256 on this project's 2-core CPU: 8 tokens
+# 25 µs against 12 µs in fp32, 32 tokens 27 against 39, 256 tokens 64 against 189. The λ and the
+# routing after it stay fp32. Active sets against an fp32 engine, default adapter, 4,435 SocialIQA
+# tokens: 98.51% of decisions equal, against 98.58% with this layer in fp32; on the reference
+# code's checkpoints no decision changed. Prefill of the random bench adapter: 0.50 -> 0.55 of the base.
+LAMBDA_BF16_MIN_TOKENS = 32
 UNIT_TOKENS = 4  # a set with at most this many tokens in a step is mixed by ldmole_group_units (its UNIT_TOKENS)
 MAX_PROJECTIONS = 3  # the widest group (q/k/v): the C kernel's MAX_P
 
@@ -154,7 +162,11 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
     b2 = 0.0
     if router.needs_lambda:
         w1, b1, w2, _ = slot.lambda_nets[gb.fan_in]
-        hid = torch.addmm(b1, xs, w1.T)
+        if x.dtype == torch.bfloat16 and n >= LAMBDA_BF16_MIN_TOKENS:
+            b1_bf16, w1_bf16 = _bf16_lambda_layer(slot, gb.fan_in, w1, b1)
+            hid = torch.addmm(b1_bf16, x if seg.index is None else x[seg.index], w1_bf16.T).float()
+        else:
+            hid = torch.addmm(b1, xs, w1.T)
         b2 = slot.lambda_out_bias[gb.fan_in]
     if router.needs_logits:
         logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).float().T
@@ -171,6 +183,16 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
           y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
     if capture is not None:
         torch_ref.record(capture, slot, gb, seg.index, p_out, lambdas_out if router.needs_lambda else None)
+
+
+def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.Tensor) -> tuple:
+    """bf16 copies of the λ-network's first layer, made once per load (the bank empties the cache when
+    a load or training rewrites the fp32 rows)."""
+    key = (w1.data_ptr(), b1.data_ptr())
+    cached = slot.lambda_bf16.get(fan_in)
+    if cached is None or cached[0] != key:
+        cached = slot.lambda_bf16[fan_in] = (key, b1.detach().bfloat16(), w1.detach().bfloat16())
+    return cached[1], cached[2]
 
 
 def _kernel_layout(gb: GroupBank) -> tuple:
