@@ -52,8 +52,9 @@ class SetSlot:
     # in-width -> (w1 [h, in], b1 [h], w2 [1, h], b2 [1]) fp32: views of the bank's λ rows (training: parameters)
     lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
     lambda_out_bias: dict[int, float] = field(default_factory=dict)  # in-width -> b2 as a Python float (for kernels)
-    # in-width -> (version key, b1, w1) in bf16, for a bf16 engine's long segments (lora/ops/cpu.py)
-    lambda_bf16: dict[int, tuple] = field(default_factory=dict, repr=False)
+    # copies the CPU kernel's callers make once per load (lora/ops/cpu.py): in-width -> the λ-network's
+    # first layer in bf16 (a bf16 engine's long segments); ("router", group) -> the router rows in fp32
+    kernel_copies: dict = field(default_factory=dict, repr=False)
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
     # groups it adapts nothing in are absent, and skipped
     group_masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
@@ -182,7 +183,7 @@ class AdapterBank:
     def invalidate_kernel_tables(self) -> None:
         """Training changed the sets' tensors: copy trained λ-networks into the rows the kernels read."""
         for slot in self.slots:
-            slot.lambda_bf16 = {}
+            slot.kernel_copies = {}
             for w, net in slot.lambda_nets.items():
                 rows = self._lambda_rows(slot.index, w, net[0].shape[0])
                 for dst, src in zip(rows, net, strict=True):
@@ -218,7 +219,7 @@ class AdapterBank:
         slot = self._by_name.pop(name)
         self._by_index[slot.index] = None
         self._tables.clear(slot.index)
-        slot.index, slot.lambda_nets, slot.lambda_out_bias, slot.lambda_bf16 = None, {}, {}, {}
+        slot.index, slot.lambda_nets, slot.lambda_out_bias, slot.kernel_copies = None, {}, {}, {}
 
     def storage_bytes(self) -> int:
         """Every byte the bank holds on the device: all slots, used or not, and their tables."""
@@ -357,7 +358,7 @@ class AdapterBank:
                 if key("threshold.weight") in t:
                     gb.threshold[s, i] = t[key("threshold.weight")][0]
                     gb.threshold_bias[s, i] = t[key("threshold.bias")][0]
-        slot.lambda_nets, slot.lambda_out_bias, slot.lambda_bf16 = {}, {}, {}
+        slot.lambda_nets, slot.lambda_out_bias, slot.kernel_copies = {}, {}, {}
         for w in self.lambdas:
             for row in self._lambda_rows(s, w, G.lambda_hidden):
                 row.zero_()

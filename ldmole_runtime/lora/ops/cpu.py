@@ -169,7 +169,7 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
             hid = torch.addmm(b1, xs, w1.T)
         b2 = slot.lambda_out_bias[gb.fan_in]
     if router.needs_logits:
-        logits = xs @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).float().T
+        logits = xs @ _fp32_router(slot, gb).T
     p_out = x.new_empty(n, P, E, dtype=torch.float32)
     lambdas_out = x.new_full((n,), float("nan"), dtype=torch.float32) if capture is not None else None
     B_ptrs, outs, cols = _kernel_layout(gb)
@@ -185,13 +185,26 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
         torch_ref.record(capture, slot, gb, seg.index, p_out, lambdas_out if router.needs_lambda else None)
 
 
+def _fp32_router(slot: SetSlot, gb: GroupBank) -> torch.Tensor:
+    """The set's router rows of this group [E * P, in] in fp32: a view in an fp32 bank; in a bf16 bank,
+    a copy made once per load rather than once per forward (slot.kernel_copies)."""
+    rows = gb.router[slot.offset:slot.offset + slot.num_experts].reshape(-1, gb.fan_in)
+    if rows.dtype == torch.float32:
+        return rows
+    key = ("router", gb.group)
+    cached = slot.kernel_copies.get(key)
+    if cached is None or cached[0] != rows.data_ptr():
+        cached = slot.kernel_copies[key] = (rows.data_ptr(), rows.float())
+    return cached[1]
+
+
 def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.Tensor) -> tuple:
     """bf16 copies of the λ-network's first layer, made once per load (the bank empties the cache when
     a load or training rewrites the fp32 rows)."""
     key = (w1.data_ptr(), b1.data_ptr())
-    cached = slot.lambda_bf16.get(fan_in)
+    cached = slot.kernel_copies.get(fan_in)
     if cached is None or cached[0] != key:
-        cached = slot.lambda_bf16[fan_in] = (key, b1.detach().bfloat16(), w1.detach().bfloat16())
+        cached = slot.kernel_copies[fan_in] = (key, b1.detach().bfloat16(), w1.detach().bfloat16())
     return cached[1], cached[2]
 
 
