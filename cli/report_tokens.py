@@ -49,8 +49,8 @@ def write_token_page(views: list[dict], out_dir, title: str) -> list[Path]:
     out = Path(out_dir)
     data = out / TOKENS_JSON
     data.write_text(json.dumps({"title": title, "views": views}, allow_nan=False) + "\n")
-    # "</" cannot end the inlined script early: JSON allows "<\/"
-    payload = json.dumps({"title": title, "views": views}, allow_nan=False).replace("</", "<\\/")
+    # no "<" in the inlined JSON ("</script>" or "<!--" in a token would change how HTML parses it)
+    payload = json.dumps({"title": title, "views": views}, allow_nan=False).replace("<", "\\u003c")
     css, js = (UI_DIR / "ui.css").read_text(), (UI_DIR / "heatmap.js").read_text()
     page = out / TOKENS_HTML
     page.write_text(f"""<!doctype html>

@@ -241,7 +241,7 @@ def test_the_offline_report_draws_what_the_page_draws(model_files, api, browser,
     from ldmole_cli.report import run_report
 
     base, adapters = model_files
-    text = "hello world, routed"
+    text = "hello </script><!-- world, routed"  # nothing in a token may break the page
     run_report(str(base), str(adapters["math"]), [text, "a second text"], str(tmp_path), token_texts=1)
     saved = json.loads((tmp_path / "token_routing.json").read_text())
     assert len(saved["views"]) == 1
