@@ -53,7 +53,7 @@ class SetSlot:
     lambda_nets: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
     lambda_out_bias: dict[int, float] = field(default_factory=dict)  # in-width -> b2 as a Python float (for kernels)
     # copies the CPU kernel's callers make once per load (lora/ops/cpu.py): in-width -> the λ-network's
-    # first layer in bf16 (a bf16 engine's long segments); ("router", group) -> the router rows in fp32
+    # first layer in bf16 (a bf16 engine's long segments); ("router", id(GroupBank)) -> its router rows in fp32
     kernel_copies: dict = field(default_factory=dict, repr=False)
     # group -> [P, 1] mask of the projections this set adapts (None: all of them);
     # groups it adapts nothing in are absent, and skipped

@@ -187,15 +187,16 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
 
 def _fp32_router(slot: SetSlot, gb: GroupBank) -> torch.Tensor:
     """The set's router rows of this group [E * P, in] in fp32: a view in an fp32 bank; in a bf16 bank,
-    a copy made once per load rather than once per forward (slot.kernel_copies)."""
-    rows = gb.router[slot.offset:slot.offset + slot.num_experts].reshape(-1, gb.fan_in)
-    if rows.dtype == torch.float32:
-        return rows
-    key = ("router", gb.group)
-    cached = slot.kernel_copies.get(key)
-    if cached is None or cached[0] != rows.data_ptr():
-        cached = slot.kernel_copies[key] = (rows.data_ptr(), rows.float())
-    return cached[1]
+    a copy made once per load rather than once per forward (slot.kernel_copies). A hit costs no
+    tensor op: it is checked by the bank's address and the set's offset. Every layer has its own
+    GroupBank, hence the id in the key."""
+    key = (gb.router.data_ptr(), slot.offset)
+    cached = slot.kernel_copies.get(("router", id(gb)))
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    rows = gb.router[slot.offset:slot.offset + slot.num_experts].reshape(-1, gb.fan_in).float()
+    slot.kernel_copies[("router", id(gb))] = (key, rows)
+    return rows
 
 
 def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.Tensor) -> tuple:
