@@ -75,7 +75,7 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
         p, p, p, p, i32, f32,  # w1, b1, w2, b2, H, eps
         p, p, i32, p,  # router, A, r_max, B
         p, p, i32, i32,  # outs, cols, P, emax
-        p, i32, p, p]  # y, y_stride, p_out, lam_out
+        p, i32, p, p, p]  # y, y_stride, p_out, lam_out, per-slot bf16 λ first layers
     lib.ldmole_paged_decode.restype = None
     lib.ldmole_paged_decode.argtypes = [
         i32, i32, p, p, i32, i32,  # bf16?, B, rows, q, H, D

@@ -122,4 +122,80 @@ static inline void expert_delta_bf16(const bf16 *Ae, const bf16 *Be, const bf16 
     }
 }
 
+/* The λ-network's hidden layer for a few tokens (bf16 weights and activations, fp32 sums):
+ * out[t] += Σ_j relu(b1[j] + w1[j] . x_t) * w2[j] over hidden units [j0, j1), for tokens t < cnt.
+ * Rows whose w2 is 0 (a slot's padding up to the bank's widest λ-network) are skipped. A tile of R
+ * rows and T tokens keeps R * T dpbf16 chains in flight and loads each row and each token once per
+ * 32 inputs. */
+#ifdef LDMOLE_DPBF16
+#define LAM_TILE(R, T)                                                                                        \
+    static inline void lam_tile_##R##_##T(const bf16 *const *w, const bf16 *const *x, int in, float *s) {  \
+        __m512 v[R][T];                                                                                     \
+        for (int a = 0; a < R; a++)                                                                         \
+            for (int b = 0; b < T; b++) v[a][b] = _mm512_setzero_ps();                                      \
+        for (int k = 0; k < in; k += 32) {                                                                  \
+            const __mmask32 m = in - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (in - k)) - 1u); \
+            __m512bh xv[T];                                                                                 \
+            for (int b = 0; b < T; b++) xv[b] = (__m512bh)_mm512_maskz_loadu_epi16(m, x[b] + k);           \
+            for (int a = 0; a < R; a++) {                                                                   \
+                const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[a] + k);                       \
+                for (int b = 0; b < T; b++) v[a][b] = _mm512_dpbf16_ps(v[a][b], wv, xv[b]);                 \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int a = 0; a < R; a++)                                                                         \
+            for (int b = 0; b < T; b++) s[a * T + b] = _mm512_reduce_add_ps(v[a][b]);                       \
+    }
+LAM_TILE(8, 1)
+LAM_TILE(4, 2)
+LAM_TILE(4, 4)
+#endif
+
+/* R rows (w) by T tokens (x): s[a * T + b] = w[a] . x[b] */
+static inline void lam_tile(const bf16 *const *w, int R, const bf16 *const *x, int T, int in, float *s) {
+#ifdef LDMOLE_DPBF16
+    if (R == 8 && T == 1) { lam_tile_8_1(w, x, in, s); return; }
+    if (R == 4 && T == 2) { lam_tile_4_2(w, x, in, s); return; }
+    if (R == 4 && T == 4) { lam_tile_4_4(w, x, in, s); return; }
+#endif
+    for (int a = 0; a < R; a++)
+        for (int b = 0; b < T; b++) s[a * T + b] = dot_bf16(w[a], x[b], in);
+}
+
+static inline void lambda_hidden_bf16(const bf16 *w1, const float *b1, const float *w2, int j0, int j1,
+                                      const bf16 *const *x, int cnt, int in, float *out) {
+    const int R = cnt == 1 ? 8 : 4; /* one token: more rows, to keep as many chains in flight */
+    int rows[8], nr = 0;
+    for (int j = j0; j <= j1; j++) {
+        if (j < j1) {
+            if (w2[j] == 0.0f) continue;
+            rows[nr++] = j;
+            if (nr < R) continue;
+        }
+        if (nr == 0) break;
+        const bf16 *w[8];
+        for (int a = 0; a < R; a++) w[a] = w1 + (int64_t)rows[a < nr ? a : 0] * in; /* a short tile repeats row 0 */
+        for (int t0 = 0; t0 < cnt; t0 += 4) {
+            const int nt = cnt - t0 < 4 ? cnt - t0 : 4, T = R == 8 ? 1 : (nt <= 2 ? nt : 4);
+            const bf16 *xt[4];
+            float s[8 * 4];
+            for (int b = 0; b < T; b++) xt[b] = x[t0 + (b < nt ? b : 0)];
+            if (T == 1 && R == 4) { /* tile 4 x 1 is not built: pad to 4 x 2 */
+                xt[1] = xt[0];
+                lam_tile(w, 4, xt, 2, in, s);
+                for (int a = 0; a < 4; a++) s[a] = s[a * 2];
+            } else {
+                lam_tile(w, R, xt, T, in, s);
+            }
+            for (int a = 0; a < nr; a++) {
+                const int j = rows[a];
+                for (int b = 0; b < nt; b++) {
+                    const float h = b1[j] + s[a * T + b];
+                    out[t0 + b] += (h > 0.0f ? h : 0.0f) * w2[j];
+                }
+            }
+        }
+        nr = 0;
+    }
+}
+
 #endif

@@ -209,7 +209,8 @@ void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_s
  * weights and each router row are read once for the unit's tokens, and a small matrix product
  * through BLAS would cost more in calls than the dot products do.
  */
-#define UNIT_TOKENS 4
+#define UNIT_TOKENS 8
+#define LAM_CHUNK 32 /* hidden units per work item of the bf16 λ layer */
 #define MAX_P 3 /* projections per group (q/k/v) */
 
 /* set_info columns (KernelTables.set_info) */
@@ -225,10 +226,33 @@ typedef struct {
     const int *outs, *cols; int P; int emax;
     void *y; int y_stride;
     float *p_out, *lam_out;       /* optional: [M, P, emax] and [M], by position in rows */
+    const bf16 *const *w1_bf;     /* per slot: its λ first layer in bf16 [H, in] (NULL: fp32 w1) */
+    float *lam_part; int chunks;  /* [M, chunks] λ sums over LAM_CHUNK hidden units each */
 } Units;
 
 static float dot_any(int bf, const void *a, const float *xf, const void *xr, int n) {
     return bf ? dot_bf16((const bf16 *)a, (const bf16 *)xr, n) : dot((const float *)a, xf, n);
+}
+
+static int unit_lambda_bf16(const Units *u, int s) {
+    return u->bf && u->lam_part && u->w1_bf[s] != NULL;
+}
+
+/* One work item of the bf16 λ layer: hidden units [c * LAM_CHUNK, ...) of one unit's tokens, into
+ * lam_part[token, c]. Items of all units are shared among the threads before the units are mixed,
+ * so that one unit (a single set's decode) still runs on every core. */
+static void lambda_chunk(const Units *u, int s, int start, int cnt, int c) {
+    const int32_t *info = u->set_info + (int64_t)s * INFO_COLS;
+    if (info[INFO_KIND] != ROUTER_SPARSEGEN || !unit_lambda_bf16(u, s) || cnt < 1 || cnt > UNIT_TOKENS) return;
+    const bf16 *xr[UNIT_TOKENS];
+    float out[UNIT_TOKENS] = {0};
+    for (int t = 0; t < cnt; t++) {
+        const int64_t row = u->rows ? u->rows[start + t] : start + t;
+        xr[t] = (const bf16 *)u->x + row * (int64_t)u->x_stride;
+    }
+    const int j0 = c * LAM_CHUNK, j1 = j0 + LAM_CHUNK < u->H ? j0 + LAM_CHUNK : u->H;
+    lambda_hidden_bf16(u->w1_bf[s], u->b1 + (int64_t)s * u->H, u->w2 + (int64_t)s * u->H, j0, j1, xr, cnt, u->in, out);
+    for (int t = 0; t < cnt; t++) u->lam_part[(int64_t)(start + t) * u->chunks + c] = out[t];
 }
 
 /* tokens [start, start + cnt) of `rows`, all of slot s; xf: [UNIT_TOKENS, in], acc: [UNIT_TOKENS, max_out] */
@@ -254,7 +278,10 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
     if (kind == ROUTER_SPARSEGEN && u->w1) {
         float v[UNIT_TOKENS];
         for (int t = 0; t < cnt; t++) v[t] = u->b2[s];
-        for (int j = 0; j < u->H; j++) {
+        if (unit_lambda_bf16(u, s)) /* lambda_chunk summed its share; add the shares in a fixed order */
+            for (int t = 0; t < cnt; t++)
+                for (int c = 0; c < u->chunks; c++) v[t] += u->lam_part[(int64_t)(start + t) * u->chunks + c];
+        else for (int j = 0; j < u->H; j++) {
             const float w2j = u->w2[(int64_t)s * u->H + j];
             if (w2j == 0.0f) continue; /* a padded hidden unit (the slot's H is the bank's widest) */
             const float *w1j = u->w1 + ((int64_t)s * u->H + j) * in, b1j = u->b1[(int64_t)s * u->H + j];
@@ -331,6 +358,8 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
  * set_info, scaling, mask, w1, b1, w2, b2, H: the bank's tables (w1 NULL when no set has a λ-network)
  * router, A, B, r_max: the group's bank tensors; outs, cols, P: as ldmole_group_decode
  * p_out, lam_out: optional routing outputs [M, P, emax], [M] (a routing capture)
+ * w1_bf        per slot, its λ-network's first layer in bf16 [H_slot, in], or NULL (fp32 w1 is used);
+ *              NULL: no slot has one
  */
 void ldmole_group_units(int bf, int U, const int32_t *units, const int64_t *rows,
                         const void *x, int x_stride, int in,
@@ -338,14 +367,27 @@ void ldmole_group_units(int bf, int U, const int32_t *units, const int64_t *rows
                         const float *w1, const float *b1, const float *w2, const float *b2, int H, float eps,
                         const void *router, const void *A, int r_max, const void *const *B,
                         const int *outs, const int *cols, int P, int emax,
-                        void *y, int y_stride, float *p_out, float *lam_out) {
+                        void *y, int y_stride, float *p_out, float *lam_out, const void *const *w1_bf) {
     if (P < 1 || P > MAX_P) return; /* cpu.py sends no such group */
+    int M = 0;
+    for (int k = 0; k < U; k++) if (units[3 * k + 1] + units[3 * k + 2] > M) M = units[3 * k + 1] + units[3 * k + 2];
+    const int chunks = (H + LAM_CHUNK - 1) / LAM_CHUNK;
+    float *lam_part = bf && w1 && w1_bf && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
     const Units u = {bf, rows, x, x_stride, in, set_info, scaling, mask, w1, b1, w2, b2, H, eps,
-                     router, A, r_max, B, outs, cols, P, emax, y, y_stride, p_out, lam_out};
+                     router, A, r_max, B, outs, cols, P, emax, y, y_stride, p_out, lam_out,
+                     (const bf16 *const *)w1_bf, lam_part, chunks};
     int max_out = 0;
     for (int i = 0; i < P; i++) if (outs[i] > max_out) max_out = outs[i];
-#pragma omp parallel if (U > 1)
+    const int items = lam_part ? U * chunks : 0;
+#pragma omp parallel if (U > 1 || items > 1)
     {
+        if (lam_part) {
+#pragma omp for schedule(dynamic, 1)
+            for (int it = 0; it < items; it++) {
+                const int k = it / chunks;
+                lambda_chunk(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], it % chunks);
+            }
+        }
         float *xf = malloc(sizeof(float) * UNIT_TOKENS * (size_t)in);
         float *acc = malloc(sizeof(float) * UNIT_TOKENS * (size_t)max_out);
 #pragma omp for schedule(dynamic, 1)
@@ -354,4 +396,5 @@ void ldmole_group_units(int bf, int U, const int32_t *units, const int64_t *rows
         free(xf);
         free(acc);
     }
+    free(lam_part);
 }

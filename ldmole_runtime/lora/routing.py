@@ -16,7 +16,12 @@ SPARSEGEN_EPS = 0.01  # the reference code's eps: λ < 1 - eps and 1 - λ is flo
 
 
 def lambda_from_mlp(x: torch.Tensor, w1, b1, w2, b2, eps: float = SPARSEGEN_EPS) -> torch.Tensor:
-    """λ = logsigmoid(Linear(h,1)(ReLU(Linear(in,h)(x)))) + (1 - eps), one value per row, in fp32."""
+    """λ = logsigmoid(Linear(h,1)(ReLU(Linear(in,h)(x)))) + (1 - eps), one value per row, in fp32.
+
+    For bf16 activations the first layer multiplies by w1 rounded to bf16 and sums in fp32, as the
+    CPU kernel's dpbf16 does (docs/benchmarks.md measures what that costs in routing agreement)."""
+    if x.dtype == torch.bfloat16:
+        w1 = w1.to(torch.bfloat16).float()
     hidden = F.relu(F.linear(x.float(), w1, b1))
     return F.logsigmoid(F.linear(hidden, w2, b2)).squeeze(-1) + (1.0 - eps)
 

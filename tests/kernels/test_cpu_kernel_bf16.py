@@ -80,16 +80,20 @@ def delta_in_fp32(bank, gb, x, set_ids, capture):
     return y
 
 
-def assert_kernel_matches(bank, gb, x, set_ids):
+def assert_kernel_matches(bank, gb, x, set_ids, rounded_hidden=None):
     """Routing as the torch backend's (p, support, λ) and the delta within one bf16 rounding of fp32
-    arithmetic under it; returns the kernel's output."""
+    arithmetic under it; returns the kernel's output. `rounded_hidden`: rows of sets past
+    UNIT_SET_TOKENS_BF16, whose λ hidden layer oneDNN rounds to bf16: their λ is held to 2e-3 only."""
     y_kernel, cap_kernel = run(bank, gb, x, set_ids, cpu_ops.CpuBackend())
     _, cap_torch = run(bank, gb, x, set_ids, TorchRefBackend())
+    exact = torch.ones(len(set_ids), dtype=torch.bool) if rounded_hidden is None else ~rounded_hidden
     assert cap_kernel.routing.keys() == cap_torch.routing.keys()
     for key in cap_torch.routing:
-        assert (cap_kernel.routing[key] - cap_torch.routing[key]).abs().max() <= 1e-5
-        assert torch.equal(cap_kernel.routing[key] > 0, cap_torch.routing[key] > 0)
-        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=1e-5, equal_nan=True)
+        assert (cap_kernel.routing[key] - cap_torch.routing[key])[exact].abs().max() <= 1e-5
+        assert torch.equal(cap_kernel.routing[key][exact] > 0, cap_torch.routing[key][exact] > 0)
+        assert torch.allclose(cap_kernel.lambdas[key][exact], cap_torch.lambdas[key][exact], atol=1e-5,
+                              equal_nan=True)
+        assert torch.allclose(cap_kernel.lambdas[key], cap_torch.lambdas[key], atol=2e-3, equal_nan=True)
     expected = delta_in_fp32(bank, gb, x, set_ids, cap_kernel)
     error = (y_kernel.float() - expected).abs()
     assert (error <= expected.abs() * 2**-8 + 1e-6).all(), error.max()
@@ -97,7 +101,7 @@ def assert_kernel_matches(bank, gb, x, set_ids):
 
 
 @pytest.mark.parametrize("group", ["qkv", "o", "gate_up", "down"])
-@pytest.mark.parametrize("n", [1, 3, 5, 33])  # 1, 3: one unit call (routed in C); 5, 33: a set past UNIT_TOKENS
+@pytest.mark.parametrize("n", [1, 3, 9, 33, 70])  # random sets of ~n/5 tokens: one unit, or several
 def test_bf16_kernel_against_the_torch_routing_and_fp32_arithmetic(bank, library, group, n):
     gb = bank.group(1, group)
     g = torch.Generator().manual_seed(n)
@@ -114,12 +118,19 @@ def test_bf16_kernel_against_the_torch_routing_and_fp32_arithmetic(bank, library
 
 @pytest.mark.parametrize("group", ["qkv", "down"])
 def test_bf16_step_of_few_token_sets_in_one_call(bank, library, group):
-    """Several sets of one to four tokens and a set of six, with bare-base rows between them: the
-    unit call routes the few-token sets itself, as the torch routing does, and mixes them within one
-    bf16 rounding of fp32 arithmetic."""
+    """Sets of one to twelve tokens and a set past UNIT_SET_TOKENS_BF16, with bare-base rows between
+    them: the unit call routes the smaller sets itself (a set of twelve as several units, the λ layer
+    shared among the threads), as the torch routing does, and mixes them within one bf16
+    rounding of fp32 arithmetic; the big set takes its own call."""
     gb = bank.group(0, group)
-    set_ids = torch.tensor([1, -1, 0, 0, 2, 2, 2, 2, 3, 0, 0, 0, 0, -1, 1, 1])  # set 0: 6 tokens
+    big = cpu_ops.UNIT_SET_TOKENS_BF16 + 3
+    set_ids = torch.tensor([1, -1, 0, 0, 2, 2, 2, 2, 3, *[0] * (big - 2), -1, *[1] * 11, 2])
     x = torch.randn(len(set_ids), gb.fan_in, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     plan = cpu_ops.unit_plan(bank, AdapterBatch.build(set_ids, len(bank.slots)))
     assert plan.sets == {1, 2, 3}
-    assert_kernel_matches(bank, gb, x, set_ids)
+    units = [tuple(plan.units[i:i + 3]) for i in range(0, len(plan.units), 3)]
+    for s, tokens in ((1, 12), (2, 5), (3, 1)):  # each set's tokens, cut into units of UNIT_TOKENS
+        counts = [n for slot, _, n in units if slot == s]
+        assert sum(counts) == tokens and max(counts) <= cpu_ops.UNIT_TOKENS
+    assert len(units) > 3
+    assert_kernel_matches(bank, gb, x, set_ids, rounded_hidden=set_ids == 0)

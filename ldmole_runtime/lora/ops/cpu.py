@@ -37,7 +37,13 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two element t
 # tokens: 98.51% of decisions equal, against 98.58% with this layer in fp32; on the reference
 # code's checkpoints no decision changed. Prefill of the random bench adapter: 0.50 -> 0.55 of the base.
 LAMBDA_BF16_MIN_TOKENS = 32
-UNIT_TOKENS = 4  # a set with at most this many tokens in a step is mixed by ldmole_group_units (its UNIT_TOKENS)
+UNIT_TOKENS = 4  # tokens per unit of ldmole_group_units (its UNIT_TOKENS)
+# Which sets of a step the unit call mixes. fp32: sets of up to 4 tokens (decode). bf16: sets of up
+# to UNIT_SET_TOKENS_BF16 tokens, cut into units of UNIT_TOKENS, since there the λ-network's first
+# layer runs in C on dpbf16 from bf16 copies (lambda_hidden_bf16), shared among the threads;
+# larger sets (prefill, scoring) are left to oneDNN's matmul in fused_segment.
+UNIT_SET_TOKENS_FP32 = 4
+UNIT_SET_TOKENS_BF16 = 24
 MAX_PROJECTIONS = 3  # the widest group (q/k/v): the C kernel's MAX_P
 
 
@@ -96,8 +102,9 @@ class UnitPlan:
     count: int
     units: ctypes.Array | None  # [count, 3] int32: slot, first position in the step's sorted rows, tokens
     rows: torch.Tensor | None  # the step's token rows, set by set (None: position = row)
-    segments: tuple[tuple, ...] = ()  # (segment, first position) of each unit
+    segments: tuple[tuple, ...] = ()  # (segment, first position) of each set the units cover
     sets: frozenset = frozenset()
+    lambda_bf16: dict = None  # fan-in -> per-slot pointers to bf16 λ first layers (a bf16 bank)
 
 
 def unit_plan(bank: AdapterBank, batch: AdapterBatch) -> UnitPlan:
@@ -111,16 +118,34 @@ def _plan(bank: AdapterBank, batch: AdapterBatch) -> UnitPlan:
     rows = batch.sorted_tokens
     if rows is None and not (len(batch.segments) == 1 and batch.segments[0].index is None):
         return UnitPlan(0, None, None)
+    bf16 = bank.dtype == torch.bfloat16
+    most = UNIT_SET_TOKENS_BF16 if bf16 else UNIT_SET_TOKENS_FP32
     chosen, position = [], 0
     for seg in batch.segments:  # stored set by set in sorted_tokens, in this order
-        if seg.num_tokens <= UNIT_TOKENS and slot_applies(bank.at(seg.set_index)):
+        if seg.num_tokens <= most and slot_applies(bank.at(seg.set_index)):
             chosen.append((seg, position))
         position += seg.num_tokens
     if rows is not None and rows.dtype != torch.int64:
         return UnitPlan(0, None, None)
-    flat = [v for seg, start in chosen for v in (seg.set_index, start, seg.num_tokens)]
-    return UnitPlan(len(chosen), (ctypes.c_int32 * len(flat))(*flat), rows, tuple(chosen),
-                    frozenset(seg.set_index for seg, _ in chosen))
+    flat = [v for seg, start in chosen for first in range(0, seg.num_tokens, UNIT_TOKENS)
+            for v in (seg.set_index, start + first, min(UNIT_TOKENS, seg.num_tokens - first))]
+    slots = [bank.at(seg.set_index) for seg, _ in chosen]
+    return UnitPlan(len(flat) // 3, (ctypes.c_int32 * len(flat))(*flat), rows, tuple(chosen),
+                    frozenset(seg.set_index for seg, _ in chosen), _lambda_bf16(bank, slots) if bf16 else None)
+
+
+def _lambda_bf16(bank: AdapterBank, slots: list[SetSlot]) -> dict:
+    """For each λ width, a C array of per-slot pointers to the bf16 copies of the step's sets' first
+    λ layers (made once per load: _bf16_lambda_layer)."""
+    arrays = {}
+    for width in bank.kernel_tables().lambdas:
+        pointers = (ctypes.c_void_p * bank.capacity)()
+        for slot in slots:
+            if slot.router.needs_lambda and width in slot.lambda_nets:
+                w1, b1 = slot.lambda_nets[width][:2]
+                pointers[slot.index] = _bf16_lambda_layer(slot, width, w1, b1)[1].data_ptr()
+        arrays[width] = pointers
+    return arrays
 
 
 def mix_units(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
@@ -141,7 +166,8 @@ def mix_units(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank
         tables.set_info.data_ptr(), tables.scaling.data_ptr(), tables.masks[gb.group].data_ptr(),
         ptr(w1), ptr(b1), ptr(w2), ptr(b2), 0 if w1 is None else w1.shape[1], SPARSEGEN_EPS,
         gb.router.data_ptr(), gb.A.data_ptr(), gb.A.shape[2], B_ptrs, outs, cols, P, emax,
-        y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out))
+        y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out),
+        None if plan.lambda_bf16 is None else plan.lambda_bf16.get(gb.fan_in))
     if capture is not None:
         for seg, start in plan.segments:
             slot = bank.at(seg.set_index)
