@@ -178,13 +178,21 @@ void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_s
                 const int g = g_offset + e;
                 const bf16 *Ae = A + (((int64_t)g * P + i) * r_max) * in;
                 const bf16 *Be = B[i] + (int64_t)g * r_max * out;
-                for (int t = t0; t < t1; t++) {
-                    const float pe = p[((int64_t)t * P + i) * E + e];
-                    if (pe <= 0.0f) continue;
-                    const int64_t row = rows ? rows[t] : t;
-                    const bf16 *xr = x + row * (int64_t)x_stride;
-                    float *ao = acc + (int64_t)(t - t0) * out;
-                    expert_delta_bf16(Ae, Be, xr, in, out, r, pe * scale, ao);
+                const bf16 *xt[4];
+                float w[4], *at[4];
+                int nt = 0;
+                for (int t = t0; t <= t1; t++) { /* the expert's tokens, four at a time */
+                    if (t < t1) {
+                        const float pe = p[((int64_t)t * P + i) * E + e];
+                        if (pe <= 0.0f) continue;
+                        const int64_t row = rows ? rows[t] : t;
+                        xt[nt] = x + row * (int64_t)x_stride;
+                        w[nt] = pe * scale;
+                        at[nt++] = acc + (int64_t)(t - t0) * out;
+                        if (nt < 4) continue;
+                    }
+                    if (nt) expert_tile_bf16(Ae, Be, xt, nt, in, out, r, w, at);
+                    nt = 0;
                 }
             }
             for (int t = t0; t < t1; t++) {
@@ -320,14 +328,24 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
             const int g = off + e;
             const char *Ae = (const char *)u->A + (((int64_t)g * P + i) * u->r_max) * in * esz;
             const char *Be = (const char *)u->B[i] + (int64_t)g * u->r_max * out * esz;
+            if (u->bf) { /* the unit's tokens that chose the expert, as one tile */
+                const bf16 *xt[UNIT_TOKENS];
+                float w[UNIT_TOKENS], *at[UNIT_TOKENS];
+                int nt = 0;
+                for (int t = 0; t < cnt; t++)
+                    if (p[t][i][e] > 0.0f) {
+                        xt[nt] = (const bf16 *)xr[t], w[nt] = p[t][i][e] * scale;
+                        at[nt++] = acc + (int64_t)t * out;
+                    }
+                for (int b = 0; b < nt; b += 4)
+                    expert_tile_bf16((const bf16 *)Ae, (const bf16 *)Be, xt + b, nt - b < 4 ? nt - b : 4, in, out, r,
+                                     w + b, at + b);
+                continue;
+            }
             for (int t = 0; t < cnt; t++) {
                 const float w = p[t][i][e] * scale;
                 if (w <= 0.0f) continue;
                 float *ao = acc + (int64_t)t * out;
-                if (u->bf) {
-                    expert_delta_bf16((const bf16 *)Ae, (const bf16 *)Be, (const bf16 *)xr[t], in, out, r, w, ao);
-                    continue;
-                }
                 for (int k = 0; k < r; k++) {
                     const float hk = dot((const float *)Ae + (int64_t)k * in, xf + (int64_t)t * in, in) * w;
                     const float *Bk = (const float *)Be + (int64_t)k * out;
