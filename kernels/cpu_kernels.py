@@ -66,7 +66,7 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
         p, i32, i32, i32,  # logits, kind, E, P
         *experts]
     lib.ldmole_group_decode_bf16.restype = None
-    lib.ldmole_group_decode_bf16.argtypes = lib.ldmole_group_decode.argtypes
+    lib.ldmole_group_decode_bf16.argtypes = [*lib.ldmole_group_decode.argtypes, p]  # + bf16 router rows
     lib.ldmole_group_units.restype = None
     lib.ldmole_group_units.argtypes = [
         i32, i32, p, p,  # bf16?, number of units, units, rows

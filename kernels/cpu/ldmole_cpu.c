@@ -151,21 +151,43 @@ void ldmole_group_decode(int n, const int64_t *rows, const float *x, int x_strid
     }
 }
 
-/* Routing for the bf16 entry, in fp32, from the λ-network's hidden pre-activations and the router
- * logits that BLAS computed in fp32 for the set's many tokens (route_tokens without its x). */
+/* Router logits [n, ER] of tokens [0, n) from ER bf16 router rows (expert-major, as the bank stores
+ * them), summed in fp32, four tokens by four rows per tile; shared among the enclosing threads. */
+static void router_logits_bf16(int n, const int64_t *rows, const bf16 *x, int x_stride, int in,
+                               const bf16 *router, int ER, float *logits) {
+#pragma omp for schedule(static)
+    for (int tb = 0; tb < (n + 3) / 4; tb++) {
+        const int t0 = tb * 4, nt = n - t0 < 4 ? n - t0 : 4;
+        const bf16 *xt[4];
+        for (int b = 0; b < 4; b++) xt[b] = x + (rows ? rows[t0 + (b < nt ? b : 0)] : t0 + (b < nt ? b : 0)) * (int64_t)x_stride;
+        for (int q = 0; q < ER; q += 4) {
+            const bf16 *w[4];
+            float s[16];
+            for (int a = 0; a < 4; a++) w[a] = router + (int64_t)(q + a < ER ? q + a : q) * in;
+            lam_tile(w, 4, xt, 4, in, s);
+            for (int a = 0; a < 4 && q + a < ER; a++)
+                for (int b = 0; b < nt; b++) logits[(int64_t)(t0 + b) * ER + q + a] = s[a * 4 + b];
+        }
+    }
+}
+
 /* The same in bf16: x, y, A, B hold bf16; hid, logits (fp32, from BLAS), p and λ are fp32. A
  * token's delta of one projection is summed over its experts in fp32 and added to y with a single
- * rounding. */
+ * rounding. logits NULL: summed here from `router`, the group's bf16 router rows [G, P, in]. */
 void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_stride, int in,
                               const float *hid, int h, const float *w2, float b2, float eps,
                               const float *logits, int kind, int E, int P,
                               const bf16 *A, int r_max, int r, const bf16 *const *B, int G, int g_offset,
                               const int *outs, const int *cols, const float *mask, float scale,
-                              bf16 *y, int y_stride, float *p, float *lam_out) {
+                              bf16 *y, int y_stride, float *p, float *lam_out, const bf16 *router) {
     int max_out = 0;
     for (int i = 0; i < P; i++) if (outs[i] > max_out) max_out = outs[i];
+    float *own = NULL; /* logits summed here from the bank's bf16 router rows, when not given */
+    if (!logits && router && kind != ROUTER_SINGLE) logits = own = malloc(sizeof(float) * (size_t)n * E * P);
+    if (!logits && kind != ROUTER_SINGLE) return; /* out of memory: y keeps the base output */
 #pragma omp parallel if (n > 1)
     {
+        if (own) router_logits_bf16(n, rows, x, x_stride, in, router + (int64_t)g_offset * P * in, E * P, own);
         route_tokens(n, hid, h, w2, b2, eps, logits, kind, E, P, mask, p, lam_out);
         int t0, t1;
         thread_rows(n, &t0, &t1);
@@ -205,6 +227,7 @@ void ldmole_group_decode_bf16(int n, const int64_t *rows, const bf16 *x, int x_s
         }
         free(acc);
     }
+    free(own);
 }
 
 /* ---- Every few-token set of a step in one call ----------------------------------------------------

@@ -1,13 +1,16 @@
 """The CPU backend: the sparse mixture in C (kernels/cpu/ldmole_cpu.c), two ways.
 
-* A step's few-token sets (decode: one or two tokens each) all go through one call per projection
-  group, `ldmole_group_units`: the call reads each set's facts from the bank's tables by slot, as
-  the Triton kernels do, routes the tokens itself and shares the sets out among the threads.
-* A set with many tokens (prefill, scoring) gets a call of its own, after BLAS has computed its λ
-  hidden layer and router logits in fp32, the two matmuls it does best.
+* A step's few-token sets (decode: one or two tokens each; in bf16, sets of up to 24 tokens) all go
+  through one call per projection group, `ldmole_group_units`: the call reads each set's facts
+  from the bank's tables by slot, as the Triton kernels do, routes the tokens itself and shares the
+  work out among the threads.
+* A set with many tokens (prefill, scoring) gets a call of its own, after oneDNN has computed its
+  λ hidden layer (and, in fp32, its router logits): the matmuls it does best.
 
-The kernel takes fp32 or bf16. In bf16, routing stays fp32 as in the torch reference: the
-λ-network is fp32, and the logits are summed in fp32 from the bf16 router rows. Where it does not
+The kernel takes fp32 or bf16. Routing is fp32 in both, as in the torch reference: λ and the
+router logits are fp32 sums, the latter of the bank's bf16 router rows in a bf16 engine. In bf16,
+the λ-network's first layer multiplies by bf16 copies of its weights (dpbf16 in the unit call,
+oneDNN for large sets, which also rounds that layer's output to bf16). Where the kernel does not
 apply (fp16, autograd, unusual strides, no C compiler), the torch reference computes the same
 numbers.
 """
@@ -29,14 +32,13 @@ from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 from ldmole_runtime.paths import default_cache_dir
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two element types
-# A bf16 engine's segments of at least this many tokens (prefill, scoring, large batches) take the
-# λ-network's hidden layer from a bf16 matmul (oneDNN, AMX where present; fp32 sums, output rounded
-# to bf16) rather than fp32 BLAS. Measured for 576 -> 256 on this project's 2-core CPU: 8 tokens
-# 25 µs against 12 µs in fp32, 32 tokens 27 against 39, 256 tokens 64 against 189. The λ and the
-# routing after it stay fp32. Active sets against an fp32 engine, default adapter, 4,435 SocialIQA
-# tokens: 98.51% of decisions equal, against 98.58% with this layer in fp32; on the reference
-# code's checkpoints no decision changed. Prefill of the random bench adapter: 0.50 -> 0.55 of the base.
-LAMBDA_BF16_MIN_TOKENS = 32
+# A bf16 engine's sets of at least this many tokens that the unit call does not take (prefill,
+# scoring) get the λ-network's hidden layer from a bf16 matmul (oneDNN, AMX where present; fp32
+# sums, output rounded to bf16) rather than fp32 BLAS. Measured for 576 -> 256 on this project's
+# 2-core CPU: 8 tokens 25 µs against 12 µs in fp32, 32 tokens 27 against 39, 256 tokens 64 against
+# 189. Active sets against an fp32 engine, default adapter, 4,435 SocialIQA tokens: 98.51% of
+# decisions equal, against 98.58% with this layer in fp32.
+LAMBDA_BF16_MIN_TOKENS = 24
 UNIT_TOKENS = 4  # tokens per unit of ldmole_group_units (its UNIT_TOKENS)
 # Which sets of a step the unit call mixes. fp32: sets of up to 4 tokens (decode). bf16: sets of up
 # to UNIT_SET_TOKENS_BF16 tokens, cut into units of UNIT_TOKENS, since there the λ-network's first
@@ -180,49 +182,40 @@ def mix_units(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank
 # ---- one set's many tokens -------------------------------------------------------------------------
 
 def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: GroupBank, capture) -> None:
-    """λ hidden layer and router logits from one fp32 BLAS matmul each, the rest in C."""
+    """The λ hidden layer from one matmul (oneDNN), the rest in C. In fp32 the router logits come
+    from a BLAS matmul too; in bf16 the C entry sums them from the bank's bf16 router rows."""
     n, E, P = seg.num_tokens, slot.num_experts, len(gb.projections)
-    xs = (x if seg.index is None else x[seg.index]).float()
+    xsel = x if seg.index is None else x[seg.index]
+    bf16 = x.dtype == torch.bfloat16
     router = slot.router
     hid = w2 = logits = None
     b2 = 0.0
     if router.needs_lambda:
         w1, b1, w2, _ = slot.lambda_nets[gb.fan_in]
-        if x.dtype == torch.bfloat16 and n >= LAMBDA_BF16_MIN_TOKENS:
+        if bf16 and n >= LAMBDA_BF16_MIN_TOKENS:
             b1_bf16, w1_bf16 = _bf16_lambda_layer(slot, gb.fan_in, w1, b1)
-            hid = torch.addmm(b1_bf16, x if seg.index is None else x[seg.index], w1_bf16.T).float()
+            hid = torch.addmm(b1_bf16, xsel, w1_bf16.T).float()
         else:
-            hid = torch.addmm(b1, xs, w1.T)
+            hid = torch.addmm(b1, xsel.float(), w1.T)
         b2 = slot.lambda_out_bias[gb.fan_in]
-    if router.needs_logits:
-        logits = xs @ _fp32_router(slot, gb).T
+    if router.needs_logits and not bf16:
+        logits = xsel @ gb.router[slot.offset:slot.offset + E].reshape(E * P, gb.fan_in).T
     p_out = x.new_empty(n, P, E, dtype=torch.float32)
     lambdas_out = x.new_full((n,), float("nan"), dtype=torch.float32) if capture is not None else None
     B_ptrs, outs, cols = _kernel_layout(gb)
     lib = _library()
-    entry = lib.ldmole_group_decode if x.dtype == torch.float32 else lib.ldmole_group_decode_bf16
-    entry(n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
-          ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
-          ptr(logits), slot.kernel_kind, E, P,
-          gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
-          outs, cols, ptr(slot.group_masks[gb.group]), slot.scaling,
-          y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
+    args = (n, ptr(seg.index), x.data_ptr(), x.shape[1], gb.fan_in,
+            ptr(hid), 0 if hid is None else hid.shape[1], ptr(w2), b2, SPARSEGEN_EPS,
+            ptr(logits), slot.kernel_kind, E, P,
+            gb.A.data_ptr(), gb.A.shape[2], slot.rank, B_ptrs, gb.A.shape[0], slot.offset,
+            outs, cols, ptr(slot.group_masks[gb.group]), slot.scaling,
+            y.data_ptr(), y.shape[1], p_out.data_ptr(), ptr(lambdas_out))
+    if bf16:
+        lib.ldmole_group_decode_bf16(*args, gb.router.data_ptr() if router.needs_logits else None)
+    else:
+        lib.ldmole_group_decode(*args)
     if capture is not None:
         torch_ref.record(capture, slot, gb, seg.index, p_out, lambdas_out if router.needs_lambda else None)
-
-
-def _fp32_router(slot: SetSlot, gb: GroupBank) -> torch.Tensor:
-    """The set's router rows of this group [E * P, in] in fp32: a view in an fp32 bank; in a bf16 bank,
-    a copy made once per load rather than once per forward (slot.kernel_copies). A hit costs no
-    tensor op: it is checked by the bank's address and the set's offset. Every layer has its own
-    GroupBank, hence the id in the key."""
-    key = (gb.router.data_ptr(), slot.offset)
-    cached = slot.kernel_copies.get(("router", id(gb)))
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    rows = gb.router[slot.offset:slot.offset + slot.num_experts].reshape(-1, gb.fan_in).float()
-    slot.kernel_copies[("router", id(gb))] = (key, rows)
-    return rows
 
 
 def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.Tensor) -> tuple:
