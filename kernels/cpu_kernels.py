@@ -69,13 +69,9 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
     lib.ldmole_group_decode_bf16.argtypes = [*lib.ldmole_group_decode.argtypes, p]  # + bf16 router rows
     lib.ldmole_group_units.restype = None
     lib.ldmole_group_units.argtypes = [
-        i32, i32, p, p,  # bf16?, number of units, units, rows
-        p, i32, i32,  # x, x_stride, in
-        p, p, p,  # set_info, scaling, mask
-        p, p, p, p, i32, f32,  # w1, b1, w2, b2, H, eps
-        p, p, i32, p,  # router, A, r_max, B
-        p, p, i32, i32,  # outs, cols, P, emax
-        p, i32, p, p, p]  # y, y_stride, p_out, lam_out, per-slot bf16 λ first layers
+        p, i32, p, p,  # GroupTables *, number of units, units, rows
+        p, i32, p, i32,  # x, x_stride, y, y_stride
+        p, p, p]  # p_out, lam_out, per-slot bf16 λ first layers
     lib.ldmole_paged_decode.restype = None
     lib.ldmole_paged_decode.argtypes = [
         i32, i32, p, p, i32, i32,  # bf16?, B, rows, q, H, D
@@ -84,6 +80,14 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
     lib.ldmole_has_dpbf16.restype = i32
     lib.ldmole_has_dpbf16.argtypes = []
     return lib
+
+
+class GroupTables(ctypes.Structure):
+    """ldmole_cpu.c's GroupTables: what a unit call reads of one projection group and the bank."""
+    _fields_ = [(name, ctypes.c_int32) for name in ("bf", "fan_in", "H", "r_max", "P", "emax")] + [
+        ("eps", ctypes.c_float), ("unused", ctypes.c_int32)] + [
+        (name, ctypes.c_void_p) for name in ("set_info", "scaling", "mask", "w1", "b1", "w2", "b2",
+                                             "router", "A", "B", "outs", "cols")]
 
 
 def cpu_kernels(cache_dir: Path) -> ctypes.CDLL | None:

@@ -392,31 +392,44 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
     }
 }
 
+/* What a unit call reads of one projection group and the bank's tables: the same for every call
+ * until the bank is laid out again, so Python builds it once (kernels/cpu_kernels.py: GroupTables)
+ * rather than passing twenty arguments 120 times a step. */
+typedef struct {
+    int32_t bf, in, H, r_max, P, emax; /* bf16?, fan-in, λ hidden width, rank stride, projections, p's last axis */
+    float eps;
+    int32_t unused;
+    const int32_t *set_info;           /* the bank's tables: [S, 5], [S], [S, P] */
+    const float *scaling, *mask;
+    const float *w1, *b1, *w2, *b2;    /* λ-networks [S, H, in], [S, H], [S, H], [S] (w1 NULL: none) */
+    const void *router, *A;            /* the group's bank tensors */
+    const void *const *B;
+    const int32_t *outs, *cols;        /* as ldmole_group_decode */
+} GroupTables;
+
 /*
+ * g            the group and the bank's tables (GroupTables)
  * units        [U, 3] int32: (slot, first position in rows, token count <= UNIT_TOKENS); units hold
  *              disjoint tokens, so threads write disjoint rows of y
  * rows         [M] int64 rows of x and y in the step's set-sorted order (NULL: position = row)
- * set_info, scaling, mask, w1, b1, w2, b2, H: the bank's tables (w1 NULL when no set has a λ-network)
- * router, A, B, r_max: the group's bank tensors; outs, cols, P: as ldmole_group_decode
  * p_out, lam_out: optional routing outputs [M, P, emax], [M] (a routing capture)
  * w1_bf        per slot, its λ-network's first layer in bf16 [H_slot, in], or NULL (fp32 w1 is used);
  *              NULL: no slot has one
  */
-void ldmole_group_units(int bf, int U, const int32_t *units, const int64_t *rows,
-                        const void *x, int x_stride, int in,
-                        const int32_t *set_info, const float *scaling, const float *mask,
-                        const float *w1, const float *b1, const float *w2, const float *b2, int H, float eps,
-                        const void *router, const void *A, int r_max, const void *const *B,
-                        const int *outs, const int *cols, int P, int emax,
-                        void *y, int y_stride, float *p_out, float *lam_out, const void *const *w1_bf) {
+void ldmole_group_units(const GroupTables *g, int U, const int32_t *units, const int64_t *rows,
+                        const void *x, int x_stride, void *y, int y_stride, float *p_out, float *lam_out,
+                        const void *const *w1_bf) {
+    const int P = g->P, H = g->H, bf = g->bf;
+    const int *outs = g->outs;
     if (P < 1 || P > MAX_P) return; /* cpu.py sends no such group */
     int M = 0;
     for (int k = 0; k < U; k++) if (units[3 * k + 1] + units[3 * k + 2] > M) M = units[3 * k + 1] + units[3 * k + 2];
     const int chunks = (H + LAM_CHUNK - 1) / LAM_CHUNK;
-    float *lam_part = bf && w1 && w1_bf && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
-    const Units u = {bf, rows, x, x_stride, in, set_info, scaling, mask, w1, b1, w2, b2, H, eps,
-                     router, A, r_max, B, outs, cols, P, emax, y, y_stride, p_out, lam_out,
-                     (const bf16 *const *)w1_bf, lam_part, chunks};
+    float *lam_part = bf && g->w1 && w1_bf && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
+    const Units u = {bf, rows, x, x_stride, g->in, g->set_info, g->scaling, g->mask, g->w1, g->b1, g->w2, g->b2,
+                     H, g->eps, g->router, g->A, g->r_max, g->B, outs, g->cols, P, g->emax, y, y_stride, p_out,
+                     lam_out, (const bf16 *const *)w1_bf, lam_part, chunks};
+    const int in = g->in;
     int max_out = 0;
     for (int i = 0; i < P; i++) if (outs[i] > max_out) max_out = outs[i];
     const int items = lam_part ? U * chunks : 0;

@@ -98,6 +98,7 @@ class GroupBank:
     threshold: torch.Tensor  # [S, P, in]
     threshold_bias: torch.Tensor  # [S, P]
     kernel_cache: tuple | None = field(default=None, repr=False)  # C-side view of B, see ops/cpu._kernel_layout
+    units_cache: tuple | None = field(default=None, repr=False)  # the C GroupTables, see ops/cpu._group_tables
 
     @property
     def column_slices(self) -> list[slice]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldmole_kernels.cpu_kernels import cpu_kernels, ptr
+from ldmole_kernels.cpu_kernels import GroupTables, cpu_kernels, ptr
 from ldmole_kernels.router_kinds import CPU_KERNEL_KINDS
 from ldmole_runtime.lora.adapter_batch import AdapterBatch
 from ldmole_runtime.lora.bank import AdapterBank, GroupBank, SetSlot
@@ -58,7 +58,8 @@ class CpuBackend:
     def apply(self, y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               capture=None, dropout: float = 0.0) -> None:
         mixed = frozenset()
-        if dropout == 0.0 and group_applies(y, x, gb):
+        kernel = dropout == 0.0 and group_applies(y, x, gb)
+        if kernel:
             plan = unit_plan(bank, batch)
             if plan.count:
                 mix_units(y, x, bank, gb, batch, plan, capture)
@@ -69,7 +70,7 @@ class CpuBackend:
             slot = bank.at(seg.set_index)
             if gb.group not in slot.group_masks:
                 continue
-            if dropout == 0.0 and kernel_applies(y, x, seg, slot, gb):
+            if kernel and segment_applies(seg, slot):
                 fused_segment(y, x, seg, slot, gb, capture)
             else:
                 torch_ref.apply_segment(y, x, slot, gb, seg, capture, dropout)
@@ -82,18 +83,21 @@ def _library():
 
 def group_applies(y, x, gb: GroupBank) -> bool:
     """What the kernel needs of the tensors (the same for every set of the step)."""
-    return (_library() is not None and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-            and y.dtype == x.dtype == gb.A.dtype and x.is_contiguous() and y.is_contiguous()
-            and not torch.is_grad_enabled() and gb.A.shape[2] <= 256 and len(gb.projections) <= MAX_PROJECTIONS)
+    return (x.is_cpu and x.dtype in _KERNEL_DTYPES and y.dtype == x.dtype == gb.A.dtype
+            and x.is_contiguous() and y.is_contiguous() and not torch.is_grad_enabled()
+            and gb.A.shape[2] <= 256 and len(gb.projections) <= MAX_PROJECTIONS and _library() is not None)
 
 
 def slot_applies(slot: SetSlot) -> bool:
     return slot.num_experts <= 64 and slot.kernel_kind in CPU_KERNEL_KINDS
 
 
+def segment_applies(seg, slot: SetSlot) -> bool:
+    return slot_applies(slot) and (seg.index is None or seg.index.dtype == torch.int64)
+
+
 def kernel_applies(y, x, seg, slot: SetSlot, gb: GroupBank) -> bool:
-    return (group_applies(y, x, gb) and slot_applies(slot)
-            and (seg.index is None or seg.index.dtype == torch.int64))
+    return group_applies(y, x, gb) and segment_applies(seg, slot)
 
 
 # ---- every few-token set of a step in one call --------------------------------------------------------
@@ -152,22 +156,15 @@ def _lambda_bf16(bank: AdapterBank, slots: list[SetSlot]) -> dict:
 
 def mix_units(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               plan: UnitPlan, capture) -> None:
-    tables = bank.kernel_tables()
-    lam_net = tables.lambdas.get(gb.fan_in)
-    w1, b1, w2, b2 = lam_net if lam_net is not None else (None,) * 4
-    P, emax = len(gb.projections), tables.max_experts
+    tables = _group_tables(bank, gb)
+    P, emax = tables.P, tables.emax
     m = batch.num_tokens if plan.rows is None else plan.rows.shape[0]
     p_out = lam_out = None
     if capture is not None:
         p_out = batch.scratch_buffer("cpu_units_p", m * P * emax, x.device)[:m * P * emax].view(m, P, emax)
         lam_out = torch.full((m,), float("nan"))
-    B_ptrs, outs, cols = _kernel_layout(gb)
     _library().ldmole_group_units(
-        int(x.dtype == torch.bfloat16), plan.count, plan.units, ptr(plan.rows),
-        x.data_ptr(), x.shape[1], gb.fan_in,
-        tables.set_info.data_ptr(), tables.scaling.data_ptr(), tables.masks[gb.group].data_ptr(),
-        ptr(w1), ptr(b1), ptr(w2), ptr(b2), 0 if w1 is None else w1.shape[1], SPARSEGEN_EPS,
-        gb.router.data_ptr(), gb.A.data_ptr(), gb.A.shape[2], B_ptrs, outs, cols, P, emax,
+        ctypes.byref(tables), plan.count, plan.units, ptr(plan.rows), x.data_ptr(), x.shape[1],
         y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out),
         None if plan.lambda_bf16 is None else plan.lambda_bf16.get(gb.fan_in))
     if capture is not None:
@@ -226,6 +223,26 @@ def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.T
     if cached is None or cached[0] != key:
         cached = slot.kernel_copies[fan_in] = (key, b1.detach().bfloat16(), w1.detach().bfloat16())
     return cached[1], cached[2]
+
+
+def _group_tables(bank: AdapterBank, gb: GroupBank) -> GroupTables:
+    """The unit call's GroupTables of this group, built again only when the bank is laid out again
+    or training swaps the group's tensors (checked by identity and address: a hit costs no tensor op)."""
+    tables = bank.kernel_tables()
+    B_ptrs, outs, cols = _kernel_layout(gb)
+    key = (B_ptrs, gb.A.data_ptr(), gb.router.data_ptr())
+    cached = gb.units_cache
+    if cached is not None and cached[0] is tables and cached[1] == key:
+        return cached[2]
+    w1, b1, w2, b2 = tables.lambdas.get(gb.fan_in, (None,) * 4)
+    g = GroupTables(bf=int(gb.A.dtype == torch.bfloat16), fan_in=gb.fan_in, H=0 if w1 is None else w1.shape[1],
+                    r_max=gb.A.shape[2], P=len(gb.projections), emax=tables.max_experts, eps=SPARSEGEN_EPS,
+                    set_info=tables.set_info.data_ptr(), scaling=tables.scaling.data_ptr(),
+                    mask=tables.masks[gb.group].data_ptr(), w1=ptr(w1), b1=ptr(b1), w2=ptr(w2), b2=ptr(b2),
+                    router=gb.router.data_ptr(), A=gb.A.data_ptr(), B=ctypes.addressof(B_ptrs),
+                    outs=ctypes.addressof(outs), cols=ctypes.addressof(cols))
+    gb.units_cache = (tables, key, g)
+    return g
 
 
 def _kernel_layout(gb: GroupBank) -> tuple:
