@@ -436,10 +436,12 @@ void ldmole_group_units(const GroupTables *g, int U, const int32_t *units, const
 #pragma omp parallel if (U > 1 || items > 1)
     {
         if (lam_part) {
-#pragma omp for schedule(dynamic, 1)
+            /* chunk-major and static: each core reads its own share of the λ weights, the same
+             * share every call, and uses it for every unit */
+#pragma omp for schedule(static)
             for (int it = 0; it < items; it++) {
-                const int k = it / chunks;
-                lambda_chunk(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], it % chunks);
+                const int k = it % U;
+                lambda_chunk(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], it / U);
             }
         }
         float *xf = malloc(sizeof(float) * UNIT_TOKENS * (size_t)in);
