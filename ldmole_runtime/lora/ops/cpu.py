@@ -1,6 +1,6 @@
 """The CPU backend: the sparse mixture in C (kernels/cpu/ldmole_cpu.c), two ways.
 
-* A step's few-token sets (decode: one or two tokens each; in bf16, sets of up to 24 tokens) all go
+* A step's few-token sets (decode: one or two tokens each; in bf16, sets of up to 16 tokens) all go
   through one call per projection group, `ldmole_group_units`: the call reads each set's facts
   from the bank's tables by slot, as the Triton kernels do, routes the tokens itself and shares the
   work out among the threads.
@@ -32,20 +32,18 @@ from ldmole_runtime.lora.routing import SPARSEGEN_EPS
 from ldmole_runtime.paths import default_cache_dir
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the C kernel's two element types
-# A bf16 engine's sets of at least this many tokens that the unit call does not take (prefill,
-# scoring) get the λ-network's hidden layer from a bf16 matmul (oneDNN, AMX where present; fp32
-# sums, output rounded to bf16) rather than fp32 BLAS. Measured for 576 -> 256 on this project's
-# 2-core CPU: 8 tokens 25 µs against 12 µs in fp32, 32 tokens 27 against 39, 256 tokens 64 against
-# 189. Active sets against an fp32 engine, default adapter, 4,435 SocialIQA tokens: 98.51% of
-# decisions equal, against 98.58% with this layer in fp32.
-LAMBDA_BF16_MIN_TOKENS = 24
+# In a bf16 engine, a set too large for the unit call (prefill, scoring) gets the λ-network's hidden
+# layer from a bf16 matmul (oneDNN, AMX where present; fp32 sums, output rounded to bf16) rather
+# than fp32 BLAS: for 576 -> 256 on this project's 2-core CPU, 32 tokens 27 µs against 39 in fp32,
+# 256 tokens 64 against 189. Active sets against an fp32 engine, default adapter, 4,435 SocialIQA
+# tokens: 98.51% of decisions equal, against 98.58% with this layer in fp32.
 UNIT_TOKENS = 4  # tokens per unit of ldmole_group_units (its UNIT_TOKENS)
 # Which sets of a step the unit call mixes. fp32: sets of up to 4 tokens (decode). bf16: sets of up
 # to UNIT_SET_TOKENS_BF16 tokens, cut into units of UNIT_TOKENS, since there the λ-network's first
 # layer runs in C on dpbf16 from bf16 copies (lambda_hidden_bf16), shared among the threads;
 # larger sets (prefill, scoring) are left to oneDNN's matmul in fused_segment.
 UNIT_SET_TOKENS_FP32 = 4
-UNIT_SET_TOKENS_BF16 = 24
+UNIT_SET_TOKENS_BF16 = 16
 MAX_PROJECTIONS = 3  # the widest group (q/k/v): the C kernel's MAX_P
 
 
@@ -189,7 +187,7 @@ def fused_segment(y: torch.Tensor, x: torch.Tensor, seg, slot: SetSlot, gb: Grou
     b2 = 0.0
     if router.needs_lambda:
         w1, b1, w2, _ = slot.lambda_nets[gb.fan_in]
-        if bf16 and n >= LAMBDA_BF16_MIN_TOKENS:
+        if bf16:
             b1_bf16, w1_bf16 = _bf16_lambda_layer(slot, gb.fan_in, w1, b1)
             hid = torch.addmm(b1_bf16, xsel, w1_bf16.T).float()
         else:
