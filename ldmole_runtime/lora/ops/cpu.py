@@ -225,13 +225,13 @@ def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.T
 
 def _group_tables(bank: AdapterBank, gb: GroupBank) -> GroupTables:
     """The unit call's GroupTables of this group, built again only when the bank is laid out again
-    or training swaps the group's tensors (checked by identity and address: a hit costs no tensor op)."""
+    (new tables) or training swaps the group's tensors (new objects): a hit costs no tensor op."""
     tables = bank.kernel_tables()
-    B_ptrs, outs, cols = _kernel_layout(gb)
-    key = (B_ptrs, gb.A.data_ptr(), gb.router.data_ptr())
     cached = gb.units_cache
-    if cached is not None and cached[0] is tables and cached[1] == key:
-        return cached[2]
+    if (cached is not None and cached[0] is tables and cached[1] is gb.A and cached[2] is gb.router
+            and cached[3] is gb.B):
+        return cached[4]
+    B_ptrs, outs, cols = _kernel_layout(gb)
     w1, b1, w2, b2 = tables.lambdas.get(gb.fan_in, (None,) * 4)
     g = GroupTables(bf=int(gb.A.dtype == torch.bfloat16), fan_in=gb.fan_in, H=0 if w1 is None else w1.shape[1],
                     r_max=gb.A.shape[2], P=len(gb.projections), emax=tables.max_experts, eps=SPARSEGEN_EPS,
@@ -239,7 +239,7 @@ def _group_tables(bank: AdapterBank, gb: GroupBank) -> GroupTables:
                     mask=tables.masks[gb.group].data_ptr(), w1=ptr(w1), b1=ptr(b1), w2=ptr(w2), b2=ptr(b2),
                     router=gb.router.data_ptr(), A=gb.A.data_ptr(), B=ctypes.addressof(B_ptrs),
                     outs=ctypes.addressof(outs), cols=ctypes.addressof(cols))
-    gb.units_cache = (tables, key, g)
+    gb.units_cache = (tables, gb.A, gb.router, gb.B, g, B_ptrs, outs, cols)  # g points into the last three
     return g
 
 
