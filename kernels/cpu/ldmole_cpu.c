@@ -261,10 +261,6 @@ typedef struct {
     float *lam_part; int chunks;  /* [M, chunks] λ sums over LAM_CHUNK hidden units each */
 } Units;
 
-static float dot_any(int bf, const void *a, const float *xf, const void *xr, int n) {
-    return bf ? dot_bf16((const bf16 *)a, (const bf16 *)xr, n) : dot((const float *)a, xf, n);
-}
-
 static int unit_lambda_bf16(const Units *u, int s) {
     return u->bf && u->lam_part && u->w1_bf[s] != NULL;
 }
@@ -302,8 +298,9 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
         row[t] = u->rows ? u->rows[start + t] : start + t;
         xr[t] = (const char *)u->x + row[t] * (int64_t)u->x_stride * esz;
         float *f = xf + (int64_t)t * in;
-        if (u->bf) for (int j = 0; j < in; j++) f[j] = bf16_to_f32(((const bf16 *)xr[t])[j]);
-        else memcpy(f, xr[t], sizeof(float) * (size_t)in);
+        if (!u->bf) memcpy(f, xr[t], sizeof(float) * (size_t)in);
+        else if (kind == ROUTER_SPARSEGEN && u->w1 && !unit_lambda_bf16(u, s)) /* the fp32 λ layer reads it */
+            for (int j = 0; j < in; j++) f[j] = bf16_to_f32(((const bf16 *)xr[t])[j]);
     }
     float lam[UNIT_TOKENS] = {0};
     if (kind == ROUTER_SPARSEGEN && u->w1) {
@@ -327,12 +324,30 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
         }
     }
     float logit[UNIT_TOKENS][MAX_E * MAX_P], p[UNIT_TOKENS][MAX_P][MAX_E];
-    if (kind != ROUTER_SINGLE)
+    if (kind != ROUTER_SINGLE && u->bf) { /* tiles of four router rows by (up to) four tokens */
+        int q[MAX_E * MAX_P], nq = 0; /* the rows e * P + i of adapted projections */
+        for (int e = 0; e < E; e++)
+            for (int i = 0; i < P; i++) if (mask[i] != 0.0f) q[nq++] = e * P + i;
+        const bf16 *router = (const bf16 *)u->router + (int64_t)off * P * in;
+        for (int t0 = 0; t0 < cnt; t0 += 4) {
+            const int nt = cnt - t0 < 4 ? cnt - t0 : 4;
+            const bf16 *xt[4];
+            for (int b = 0; b < 4; b++) xt[b] = (const bf16 *)xr[t0 + (b < nt ? b : 0)];
+            for (int a0 = 0; a0 < nq; a0 += 4) {
+                const bf16 *w[4];
+                float sums[16];
+                for (int a = 0; a < 4; a++) w[a] = router + (int64_t)q[a0 + a < nq ? a0 + a : a0] * in;
+                lam_tile(w, 4, xt, 4, in, sums);
+                for (int a = 0; a < 4 && a0 + a < nq; a++)
+                    for (int b = 0; b < nt; b++) logit[t0 + b][q[a0 + a]] = sums[a * 4 + b];
+            }
+        }
+    } else if (kind != ROUTER_SINGLE)
         for (int e = 0; e < E; e++)
             for (int i = 0; i < P; i++) {
                 if (mask[i] == 0.0f) continue;
                 const char *rr = (const char *)u->router + (((int64_t)(off + e) * P + i) * in) * esz;
-                for (int t = 0; t < cnt; t++) logit[t][e * P + i] = dot_any(u->bf, rr, xf + (int64_t)t * in, xr[t], in);
+                for (int t = 0; t < cnt; t++) logit[t][e * P + i] = dot((const float *)rr, xf + (int64_t)t * in, in);
             }
     for (int t = 0; t < cnt; t++)
         for (int i = 0; i < P; i++) {
