@@ -261,24 +261,39 @@ typedef struct {
     float *lam_part; int chunks;  /* [M, chunks] λ sums over LAM_CHUNK hidden units each */
 } Units;
 
-static int unit_lambda_bf16(const Units *u, int s) {
-    return u->bf && u->lam_part && u->w1_bf[s] != NULL;
+/* 1 when slot s's λ layer was computed by lambda_chunk: in bf16 from its bf16 copy, in fp32 from
+ * the table's rows */
+static int unit_lambda(const Units *u, int s) {
+    return u->lam_part && (!u->bf || u->w1_bf[s] != NULL);
 }
 
-/* One work item of the bf16 λ layer: hidden units [c * LAM_CHUNK, ...) of one unit's tokens, into
+/* One work item of the λ layer: hidden units [c * LAM_CHUNK, ...) of one unit's tokens, into
  * lam_part[token, c]. Items of all units are shared among the threads before the units are mixed,
  * so that one unit (a single set's decode) still runs on every core. */
 static void lambda_chunk(const Units *u, int s, int start, int cnt, int c) {
     const int32_t *info = u->set_info + (int64_t)s * INFO_COLS;
-    if (info[INFO_KIND] != ROUTER_SPARSEGEN || !unit_lambda_bf16(u, s) || cnt < 1 || cnt > UNIT_TOKENS) return;
-    const bf16 *xr[UNIT_TOKENS];
+    if (info[INFO_KIND] != ROUTER_SPARSEGEN || !unit_lambda(u, s) || cnt < 1 || cnt > UNIT_TOKENS) return;
+    const size_t esz = u->bf ? sizeof(bf16) : sizeof(float);
+    const void *xr[UNIT_TOKENS];
     float out[UNIT_TOKENS] = {0};
     for (int t = 0; t < cnt; t++) {
         const int64_t row = u->rows ? u->rows[start + t] : start + t;
-        xr[t] = (const bf16 *)u->x + row * (int64_t)u->x_stride;
+        xr[t] = (const char *)u->x + row * (int64_t)u->x_stride * esz;
     }
     const int j0 = c * LAM_CHUNK, j1 = j0 + LAM_CHUNK < u->H ? j0 + LAM_CHUNK : u->H;
-    lambda_hidden_bf16(u->w1_bf[s], u->b1 + (int64_t)s * u->H, u->w2 + (int64_t)s * u->H, j0, j1, xr, cnt, u->in, out);
+    const float *b1 = u->b1 + (int64_t)s * u->H, *w2 = u->w2 + (int64_t)s * u->H;
+    if (u->bf) {
+        lambda_hidden_bf16(u->w1_bf[s], b1, w2, j0, j1, (const bf16 *const *)xr, cnt, u->in, out);
+    } else {
+        for (int j = j0; j < j1; j++) {
+            if (w2[j] == 0.0f) continue; /* a padded hidden unit */
+            const float *w1j = u->w1 + ((int64_t)s * u->H + j) * u->in;
+            for (int t = 0; t < cnt; t++) {
+                const float a = b1[j] + dot(w1j, (const float *)xr[t], u->in);
+                out[t] += (a > 0.0f ? a : 0.0f) * w2[j];
+            }
+        }
+    }
     for (int t = 0; t < cnt; t++) u->lam_part[(int64_t)(start + t) * u->chunks + c] = out[t];
 }
 
@@ -299,14 +314,14 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
         xr[t] = (const char *)u->x + row[t] * (int64_t)u->x_stride * esz;
         float *f = xf + (int64_t)t * in;
         if (!u->bf) memcpy(f, xr[t], sizeof(float) * (size_t)in);
-        else if (kind == ROUTER_SPARSEGEN && u->w1 && !unit_lambda_bf16(u, s)) /* the fp32 λ layer reads it */
+        else if (kind == ROUTER_SPARSEGEN && u->w1 && !unit_lambda(u, s)) /* the fp32 λ layer reads it */
             for (int j = 0; j < in; j++) f[j] = bf16_to_f32(((const bf16 *)xr[t])[j]);
     }
     float lam[UNIT_TOKENS] = {0};
     if (kind == ROUTER_SPARSEGEN && u->w1) {
         float v[UNIT_TOKENS];
         for (int t = 0; t < cnt; t++) v[t] = u->b2[s];
-        if (unit_lambda_bf16(u, s)) /* lambda_chunk summed its share; add the shares in a fixed order */
+        if (unit_lambda(u, s)) /* lambda_chunk summed its share; add the shares in a fixed order */
             for (int t = 0; t < cnt; t++)
                 for (int c = 0; c < u->chunks; c++) v[t] += u->lam_part[(int64_t)(start + t) * u->chunks + c];
         else for (int j = 0; j < u->H; j++) {
@@ -440,7 +455,7 @@ void ldmole_group_units(const GroupTables *g, int U, const int32_t *units, const
     int M = 0;
     for (int k = 0; k < U; k++) if (units[3 * k + 1] + units[3 * k + 2] > M) M = units[3 * k + 1] + units[3 * k + 2];
     const int chunks = (H + LAM_CHUNK - 1) / LAM_CHUNK;
-    float *lam_part = bf && g->w1 && w1_bf && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
+    float *lam_part = g->w1 && (w1_bf || !bf) && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
     const Units u = {bf, rows, x, x_stride, g->in, g->set_info, g->scaling, g->mask, g->w1, g->b1, g->w2, g->b2,
                      H, g->eps, g->router, g->A, g->r_max, g->B, outs, g->cols, P, g->emax, y, y_stride, p_out,
                      lam_out, (const bf16 *const *)w1_bf, lam_part, chunks};
