@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 CPU_DIR = Path(__file__).with_name("cpu")
-SOURCES = (CPU_DIR / "ldmole_cpu.c", CPU_DIR / "paged_decode.c")  # one library; both include common.h
-HEADERS = (CPU_DIR / "common.h",)
+SOURCES = (CPU_DIR / "ldmole_cpu.c", CPU_DIR / "units.c", CPU_DIR / "paged_decode.c")  # one library
+HEADERS = (CPU_DIR / "common.h", CPU_DIR / "routing.h")
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 
@@ -83,7 +83,7 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
 
 
 class GroupTables(ctypes.Structure):
-    """ldmole_cpu.c's GroupTables: what a unit call reads of one projection group and the bank."""
+    """ldmole_cpu.c's GroupTables (cpu/units.c): what a unit call reads of one projection group and the bank."""
     _fields_ = [(name, ctypes.c_int32) for name in ("bf", "fan_in", "H", "r_max", "P", "emax")] + [
         ("eps", ctypes.c_float), ("unused", ctypes.c_int32)] + [
         (name, ctypes.c_void_p) for name in ("set_info", "scaling", "mask", "w1", "b1", "w2", "b2",
