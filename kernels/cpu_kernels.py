@@ -77,6 +77,8 @@ def _build(cache_dir: Path, portable_bf16: bool = False) -> ctypes.CDLL:
         i32, i32, p, p, i32, i32,  # bf16?, B, rows, q, H, D
         p, p, i32, i32,  # k_cache, v_cache, block_size, H_kv
         p, i32, p, f32, p]  # tables, width, ctx_lens, scale, out
+    lib.ldmole_max_unit_tokens.restype = i32
+    lib.ldmole_max_unit_tokens.argtypes = []
     lib.ldmole_has_dpbf16.restype = i32
     lib.ldmole_has_dpbf16.argtypes = []
     return lib

@@ -14,6 +14,11 @@
  * through BLAS would cost more in calls than the dot products do.
  */
 #define UNIT_TOKENS 8
+
+/* the most tokens a unit may hold (cpu.py's UNIT_TOKENS must not exceed it: tested) */
+int ldmole_max_unit_tokens(void) {
+    return UNIT_TOKENS;
+}
 #define LAM_CHUNK 32 /* hidden units per work item of the bf16 λ layer */
 #define MAX_P 3 /* projections per group (q/k/v) */
 

@@ -20,6 +20,13 @@ def test_the_c_kernel_builds_here():
     assert cpu_kernels(default_cache_dir() / "kernels") is not None, "the C kernel did not build: is gcc installed?"
 
 
+def test_units_fit_the_kernel():
+    """A unit longer than the C kernel's UNIT_TOKENS would be skipped there, leaving y without its delta."""
+    from ldmole_runtime.lora.ops import cpu
+
+    assert 1 <= cpu.UNIT_TOKENS <= cpu._library().ldmole_max_unit_tokens()
+
+
 @pytest.fixture(scope="module")
 def bank():
     cfg = ModelConfig.from_hf(tiny_config("qwen3", kv_heads=2))
