@@ -106,6 +106,7 @@ class UnitPlan:
     count: int
     units: ctypes.Array | None  # [count, 3] int32: slot, first position in the step's sorted rows, tokens
     rows: torch.Tensor | None  # the step's token rows, set by set (None: position = row)
+    rows_ptr: int | None = None  # their address
     segments: tuple[tuple, ...] = ()  # (segment, first position) of each set the units cover
     sets: frozenset = frozenset()
     lambda_bf16: dict = None  # fan-in -> per-slot pointers to bf16 λ first layers (a bf16 bank)
@@ -134,7 +135,7 @@ def _plan(bank: AdapterBank, batch: AdapterBatch) -> UnitPlan:
     flat = [v for seg, start in chosen for first in range(0, seg.num_tokens, UNIT_TOKENS)
             for v in (seg.set_index, start + first, min(UNIT_TOKENS, seg.num_tokens - first))]
     slots = [bank.at(seg.set_index) for seg, _ in chosen]
-    return UnitPlan(len(flat) // 3, (ctypes.c_int32 * len(flat))(*flat), rows, tuple(chosen),
+    return UnitPlan(len(flat) // 3, (ctypes.c_int32 * len(flat))(*flat), rows, ptr(rows), tuple(chosen),
                     frozenset(seg.set_index for seg, _ in chosen), _lambda_bf16(bank, slots) if bf16 else None)
 
 
@@ -154,15 +155,15 @@ def _lambda_bf16(bank: AdapterBank, slots: list[SetSlot]) -> dict:
 
 def mix_units(y: torch.Tensor, x: torch.Tensor, bank: AdapterBank, gb: GroupBank, batch: AdapterBatch,
               plan: UnitPlan, capture) -> None:
-    tables = _group_tables(bank, gb)
-    P, emax = tables.P, tables.emax
-    m = batch.num_tokens if plan.rows is None else plan.rows.shape[0]
+    tables, tables_ref = _group_tables(bank, gb)
     p_out = lam_out = None
     if capture is not None:
+        P, emax = tables.P, tables.emax
+        m = batch.num_tokens if plan.rows is None else plan.rows.shape[0]
         p_out = batch.scratch_buffer("cpu_units_p", m * P * emax, x.device)[:m * P * emax].view(m, P, emax)
         lam_out = torch.full((m,), float("nan"))
     _library().ldmole_group_units(
-        ctypes.byref(tables), plan.count, plan.units, ptr(plan.rows), x.data_ptr(), x.shape[1],
+        tables_ref, plan.count, plan.units, plan.rows_ptr, x.data_ptr(), x.shape[1],
         y.data_ptr(), y.shape[1], ptr(p_out), ptr(lam_out),
         None if plan.lambda_bf16 is None else plan.lambda_bf16.get(gb.fan_in))
     if capture is not None:
@@ -223,9 +224,10 @@ def _bf16_lambda_layer(slot: SetSlot, fan_in: int, w1: torch.Tensor, b1: torch.T
     return cached[1], cached[2]
 
 
-def _group_tables(bank: AdapterBank, gb: GroupBank) -> GroupTables:
-    """The unit call's GroupTables of this group, built again only when the bank is laid out again
-    (new tables) or training swaps the group's tensors (new objects): a hit costs no tensor op."""
+def _group_tables(bank: AdapterBank, gb: GroupBank) -> tuple[GroupTables, object]:
+    """The unit call's GroupTables of this group and a reference to pass it by, built again only when
+    the bank is laid out again (new tables) or training swaps the group's tensors (new objects): a
+    hit costs no tensor op."""
     tables = bank.kernel_tables()
     cached = gb.units_cache
     if (cached is not None and cached[0] is tables and cached[1] is gb.A and cached[2] is gb.router
@@ -239,8 +241,9 @@ def _group_tables(bank: AdapterBank, gb: GroupBank) -> GroupTables:
                     mask=tables.masks[gb.group].data_ptr(), w1=ptr(w1), b1=ptr(b1), w2=ptr(w2), b2=ptr(b2),
                     router=gb.router.data_ptr(), A=gb.A.data_ptr(), B=ctypes.addressof(B_ptrs),
                     outs=ctypes.addressof(outs), cols=ctypes.addressof(cols))
-    gb.units_cache = (tables, gb.A, gb.router, gb.B, g, B_ptrs, outs, cols)  # g points into the last three
-    return g
+    # g points into B_ptrs, outs and cols: the cache holds them as long as g
+    gb.units_cache = (tables, gb.A, gb.router, gb.B, (g, ctypes.byref(g)), B_ptrs, outs, cols)
+    return gb.units_cache[4]
 
 
 def _kernel_layout(gb: GroupBank) -> tuple:
