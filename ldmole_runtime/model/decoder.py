@@ -122,14 +122,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
-        N = x.shape[0]
-        q, k, v = self.qkv(x, ctx).split(self.qkv.fan_outs, dim=-1)
-        q = q.view(N, self.num_heads, self.head_dim)
-        k = k.view(N, self.num_kv_heads, self.head_dim)
-        v = v.view(N, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        N, H, H_kv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x, ctx)
+        v = qkv[:, (H + H_kv) * D:].view(N, H_kv, D)
+        if self.q_norm is None:  # q and k lie side by side in the fused output: one rotation for both
+            qk = apply_rope(qkv[:, :(H + H_kv) * D].view(N, H + H_kv, D), *rope)
+            q, k = qk[:, :H].contiguous(), qk[:, H:]
+        else:
+            q, k = qkv[:, :H * D].view(N, H, D), qkv[:, H * D:(H + H_kv) * D].view(N, H_kv, D)
+            q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         return self.o(ctx.attention.attend(self.layer, q, k, v), ctx)
 
 
