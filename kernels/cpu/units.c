@@ -35,48 +35,59 @@ typedef struct {
     const int *outs, *cols; int P; int emax;
     void *y; int y_stride;
     float *p_out, *lam_out;       /* optional: [M, P, emax] and [M], by position in rows */
-    const bf16 *const *w1_bf;     /* per slot: its λ first layer in bf16 [H, in] (NULL: fp32 w1) */
+    const bf16 *const *w1_bf;     /* in bf16, per slot: its λ first layer in bf16 [H_slot, in] */
     float *lam_part; int chunks;  /* [M, chunks] λ sums over LAM_CHUNK hidden units each */
 } Units;
 
-/* 1 when slot s's λ layer was computed by lambda_chunk: in bf16 from its bf16 copy, in fp32 from
- * the table's rows */
-static int unit_lambda(const Units *u, int s) {
-    return u->lam_part && (!u->bf || u->w1_bf[s] != NULL);
+/* λ-layer sums of slot s over hidden units [j0, j1) for cnt tokens (rows xr):
+ * out[t] += Σ_j relu(b1[j] + w1[j] . x_t) * w2[j]; in bf16 from the slot's bf16 copy of w1 */
+static void lambda_range(const Units *u, int s, const void *const *xr, int cnt, int j0, int j1, float *out) {
+    const float *b1 = u->b1 + (int64_t)s * u->H, *w2 = u->w2 + (int64_t)s * u->H;
+    if (u->bf) {
+        lambda_hidden_bf16(u->w1_bf[s], b1, w2, j0, j1, (const bf16 *const *)xr, cnt, u->in, out);
+        return;
+    }
+    for (int j = j0; j < j1; j++) {
+        if (w2[j] == 0.0f) continue; /* a padded hidden unit (the slot's H is the bank's widest) */
+        const float *w1j = u->w1 + ((int64_t)s * u->H + j) * u->in;
+        for (int t = 0; t < cnt; t++) {
+            const float a = b1[j] + dot(w1j, (const float *)xr[t], u->in);
+            out[t] += (a > 0.0f ? a : 0.0f) * w2[j];
+        }
+    }
+}
+
+/* whether slot s's tokens need λ in this group (a sparsegen router, a λ-network, a projection adapted) */
+static int needs_lambda(const Units *u, int s) {
+    if (u->set_info[(int64_t)s * INFO_COLS + INFO_KIND] != ROUTER_SPARSEGEN || !u->w1) return 0;
+    for (int i = 0; i < u->P; i++) if (u->mask[(int64_t)s * u->P + i] != 0.0f) return 1;
+    return 0;
+}
+
+/* the rows in x of tokens [start, start + cnt) */
+static void unit_rows(const Units *u, int start, int cnt, const void **xr) {
+    const size_t esz = u->bf ? sizeof(bf16) : sizeof(float);
+    for (int t = 0; t < cnt; t++) {
+        const int64_t row = u->rows ? u->rows[start + t] : start + t;
+        xr[t] = (const char *)u->x + row * (int64_t)u->x_stride * esz;
+    }
 }
 
 /* One work item of the λ layer: hidden units [c * LAM_CHUNK, ...) of one unit's tokens, into
  * lam_part[token, c]. Items of all units are shared among the threads before the units are mixed,
  * so that one unit (a single set's decode) still runs on every core. */
 static void lambda_chunk(const Units *u, int s, int start, int cnt, int c) {
-    const int32_t *info = u->set_info + (int64_t)s * INFO_COLS;
-    if (info[INFO_KIND] != ROUTER_SPARSEGEN || !unit_lambda(u, s) || cnt < 1 || cnt > UNIT_TOKENS) return;
-    const size_t esz = u->bf ? sizeof(bf16) : sizeof(float);
+    if (!needs_lambda(u, s) || cnt < 1 || cnt > UNIT_TOKENS) return;
     const void *xr[UNIT_TOKENS];
     float out[UNIT_TOKENS] = {0};
-    for (int t = 0; t < cnt; t++) {
-        const int64_t row = u->rows ? u->rows[start + t] : start + t;
-        xr[t] = (const char *)u->x + row * (int64_t)u->x_stride * esz;
-    }
+    unit_rows(u, start, cnt, xr);
     const int j0 = c * LAM_CHUNK, j1 = j0 + LAM_CHUNK < u->H ? j0 + LAM_CHUNK : u->H;
-    const float *b1 = u->b1 + (int64_t)s * u->H, *w2 = u->w2 + (int64_t)s * u->H;
-    if (u->bf) {
-        lambda_hidden_bf16(u->w1_bf[s], b1, w2, j0, j1, (const bf16 *const *)xr, cnt, u->in, out);
-    } else {
-        for (int j = j0; j < j1; j++) {
-            if (w2[j] == 0.0f) continue; /* a padded hidden unit */
-            const float *w1j = u->w1 + ((int64_t)s * u->H + j) * u->in;
-            for (int t = 0; t < cnt; t++) {
-                const float a = b1[j] + dot(w1j, (const float *)xr[t], u->in);
-                out[t] += (a > 0.0f ? a : 0.0f) * w2[j];
-            }
-        }
-    }
+    lambda_range(u, s, xr, cnt, j0, j1, out);
     for (int t = 0; t < cnt; t++) u->lam_part[(int64_t)(start + t) * u->chunks + c] = out[t];
 }
 
-/* tokens [start, start + cnt) of `rows`, all of slot s; xf: [UNIT_TOKENS, in], acc: [UNIT_TOKENS, max_out] */
-static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float *acc) {
+/* tokens [start, start + cnt) of `rows`, all of slot s; acc: [UNIT_TOKENS, max_out] scratch */
+static void mix_unit(const Units *u, int s, int start, int cnt, float *acc) {
     const int32_t *info = u->set_info + (int64_t)s * INFO_COLS;
     const int off = info[INFO_OFFSET], E = info[INFO_E], kind = info[INFO_KIND], r = info[INFO_RANK];
     const int P = u->P, in = u->in;
@@ -87,30 +98,17 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
     const size_t esz = u->bf ? sizeof(bf16) : sizeof(float);
     int64_t row[UNIT_TOKENS];
     const void *xr[UNIT_TOKENS];
-    for (int t = 0; t < cnt; t++) {
-        row[t] = u->rows ? u->rows[start + t] : start + t;
-        xr[t] = (const char *)u->x + row[t] * (int64_t)u->x_stride * esz;
-        float *f = xf + (int64_t)t * in;
-        if (!u->bf) memcpy(f, xr[t], sizeof(float) * (size_t)in);
-        else if (kind == ROUTER_SPARSEGEN && u->w1 && !unit_lambda(u, s)) /* the fp32 λ layer reads it */
-            for (int j = 0; j < in; j++) f[j] = bf16_to_f32(((const bf16 *)xr[t])[j]);
-    }
+    unit_rows(u, start, cnt, xr);
+    for (int t = 0; t < cnt; t++) row[t] = u->rows ? u->rows[start + t] : start + t;
     float lam[UNIT_TOKENS] = {0};
-    if (kind == ROUTER_SPARSEGEN && u->w1) {
+    if (needs_lambda(u, s)) {
         float v[UNIT_TOKENS];
         for (int t = 0; t < cnt; t++) v[t] = u->b2[s];
-        if (unit_lambda(u, s)) /* lambda_chunk summed its share; add the shares in a fixed order */
+        if (u->lam_part) /* lambda_chunk summed its share; add the shares in a fixed order */
             for (int t = 0; t < cnt; t++)
                 for (int c = 0; c < u->chunks; c++) v[t] += u->lam_part[(int64_t)(start + t) * u->chunks + c];
-        else for (int j = 0; j < u->H; j++) {
-            const float w2j = u->w2[(int64_t)s * u->H + j];
-            if (w2j == 0.0f) continue; /* a padded hidden unit (the slot's H is the bank's widest) */
-            const float *w1j = u->w1 + ((int64_t)s * u->H + j) * in, b1j = u->b1[(int64_t)s * u->H + j];
-            for (int t = 0; t < cnt; t++) {
-                const float a = b1j + dot(w1j, xf + (int64_t)t * in, in);
-                v[t] += (a > 0.0f ? a : 0.0f) * w2j;
-            }
-        }
+        else /* no scratch (out of memory): the unit's own thread, in one pass */
+            lambda_range(u, s, xr, cnt, 0, u->H, v);
         for (int t = 0; t < cnt; t++) {
             lam[t] = (v[t] < 0.0f ? v[t] : 0.0f) - log1pf(expf(-fabsf(v[t]))) + (1.0f - u->eps);
             if (u->lam_out) u->lam_out[start + t] = lam[t];
@@ -140,7 +138,7 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
             for (int i = 0; i < P; i++) {
                 if (mask[i] == 0.0f) continue;
                 const char *rr = (const char *)u->router + (((int64_t)(off + e) * P + i) * in) * esz;
-                for (int t = 0; t < cnt; t++) logit[t][e * P + i] = dot((const float *)rr, xf + (int64_t)t * in, in);
+                for (int t = 0; t < cnt; t++) logit[t][e * P + i] = dot((const float *)rr, (const float *)xr[t], in);
             }
     for (int t = 0; t < cnt; t++)
         for (int i = 0; i < P; i++) {
@@ -178,7 +176,7 @@ static void mix_unit(const Units *u, int s, int start, int cnt, float *xf, float
                 if (w <= 0.0f) continue;
                 float *ao = acc + (int64_t)t * out;
                 for (int k = 0; k < r; k++) {
-                    const float hk = dot((const float *)Ae + (int64_t)k * in, xf + (int64_t)t * in, in) * w;
+                    const float hk = dot((const float *)Ae + (int64_t)k * in, (const float *)xr[t], in) * w;
                     const float *Bk = (const float *)Be + (int64_t)k * out;
 #pragma omp simd
                     for (int o = 0; o < out; o++) ao[o] += hk * Bk[o];
@@ -221,8 +219,8 @@ typedef struct {
  *              disjoint tokens, so threads write disjoint rows of y
  * rows         [M] int64 rows of x and y in the step's set-sorted order (NULL: position = row)
  * p_out, lam_out: optional routing outputs [M, P, emax], [M] (a routing capture)
- * w1_bf        per slot, its λ-network's first layer in bf16 [H_slot, in], or NULL (fp32 w1 is used);
- *              NULL: no slot has one
+ * w1_bf        in bf16, per slot, its λ-network's first layer in bf16 [H_slot, in] (needed for every
+ *              sparsegen slot of the units); ignored in fp32
  */
 void ldmole_group_units(const GroupTables *g, int U, const int32_t *units, const int64_t *rows,
                         const void *x, int x_stride, void *y, int y_stride, float *p_out, float *lam_out,
@@ -233,11 +231,11 @@ void ldmole_group_units(const GroupTables *g, int U, const int32_t *units, const
     int M = 0;
     for (int k = 0; k < U; k++) if (units[3 * k + 1] + units[3 * k + 2] > M) M = units[3 * k + 1] + units[3 * k + 2];
     const int chunks = (H + LAM_CHUNK - 1) / LAM_CHUNK;
-    float *lam_part = g->w1 && (w1_bf || !bf) && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
+    if (bf && g->w1 && !w1_bf) return; /* cpu.py always sends the bf16 copies with a bf16 λ table */
+    float *lam_part = g->w1 && M > 0 ? malloc(sizeof(float) * (size_t)M * (size_t)chunks) : NULL;
     const Units u = {bf, rows, x, x_stride, g->in, g->set_info, g->scaling, g->mask, g->w1, g->b1, g->w2, g->b2,
                      H, g->eps, g->router, g->A, g->r_max, g->B, outs, g->cols, P, g->emax, y, y_stride, p_out,
                      lam_out, (const bf16 *const *)w1_bf, lam_part, chunks};
-    const int in = g->in;
     int max_out = 0;
     for (int i = 0; i < P; i++) if (outs[i] > max_out) max_out = outs[i];
     const int items = lam_part ? U * chunks : 0;
@@ -252,12 +250,10 @@ void ldmole_group_units(const GroupTables *g, int U, const int32_t *units, const
                 lambda_chunk(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], it / U);
             }
         }
-        float *xf = malloc(sizeof(float) * UNIT_TOKENS * (size_t)in);
         float *acc = malloc(sizeof(float) * UNIT_TOKENS * (size_t)max_out);
 #pragma omp for schedule(dynamic, 1)
         for (int k = 0; k < U; k++)
-            if (xf && acc) mix_unit(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], xf, acc);
-        free(xf);
+            if (acc) mix_unit(&u, units[3 * k], units[3 * k + 1], units[3 * k + 2], acc);
         free(acc);
     }
     free(lam_part);
